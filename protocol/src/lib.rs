@@ -1,0 +1,1 @@
+//! quiesce control protocol v1.

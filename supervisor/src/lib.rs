@@ -1,0 +1,1 @@
+//! quiesce: a PID-1 supervisor for containers.
