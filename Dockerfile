@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+#
+# order-service under the quiesce supervisor, on a distroless runtime (no shell, uid 65532).
+#
+#   docker build -t order-service .
+#   docker run --rm --stop-timeout 30 -e DATABASE_URL=... -e REDIS_URL=... -e AMQP_URL=... order-service
+#
+# The build is these commands, nothing else (CI runs them outside Docker to keep this file honest):
+#   cargo build --release --locked -p quiesce
+#   cargo build --release --locked -p order-service --bin order-service
+# Two invocations on purpose: cargo unifies features across the packages of one invocation, and
+# the supervisor must not pick up the app's tokio/tonic/sqlx features.
+
+FROM rust:1.95-bookworm AS builder
+WORKDIR /src
+# Compile-time queries (if any) are checked against the committed .sqlx data, not a live database.
+ENV SQLX_OFFLINE=true \
+    CARGO_TERM_COLOR=never
+COPY . .
+RUN cargo build --release --locked -p quiesce
+RUN cargo build --release --locked -p order-service --bin order-service
+# Writable socket directory for uid 65532 (the runtime image has no shell to mkdir it).
+RUN install -d -m 0700 -o 65532 -g 65532 /out/run/quiesce
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=builder /src/target/release/quiesce /usr/local/bin/quiesce
+COPY --from=builder /src/target/release/order-service /usr/local/bin/order-service
+COPY --from=builder --chown=65532:65532 /out/run/quiesce /run/quiesce
+COPY deploy/docker/quiesce.toml /etc/quiesce/quiesce.toml
+USER 65532:65532
+# 8080 gRPC API, 50051 grpc.health.v1 (quiesce), 9090 quiesce metrics, 9091 app metrics
+EXPOSE 8080 50051 9090 9091
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/quiesce", "--config", "/etc/quiesce/quiesce.toml", "--"]
+CMD ["/usr/local/bin/order-service"]
