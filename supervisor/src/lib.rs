@@ -1,1 +1,98 @@
 //! quiesce: a PID-1 supervisor for containers.
+//!
+//! It starts one application process, reaps every zombie, owns the signals, and stops the app inside the
+//! pod's grace period, then reports how that went through the exit code and the termination message.
+//!
+//! # Theory of operation
+//!
+//! | what | owner | how |
+//! |---|---|---|
+//! | the main child's pid | [`supervisor::run`] | spawned once with `std::process::Command`, never waited on by it |
+//! | every exit status | [`reaper`] | `waitpid(-1, WNOHANG)` on SIGCHLD, in the run loop only; the main child's end goes out on a watch channel |
+//! | every catchable signal | [`supervisor::run`] | one `signal-hook-tokio` stream registered *before* the child starts |
+//! | SIGTERM / SIGINT | [`stop`] | start the shutdown once; repeats are counted and ignored |
+//! | the shutdown deadlines | [`stop::StopCtx`] | start (earliest trigger) + `grace_period - safety_margin` |
+//! | the termination message | [`report`] | written once, after the child and its leftovers are gone |
+//! | `unsafe` | [`sys`] | the pre-exec hook, signal dispositions, raw `kill` |
+//!
+//! # Layout
+//!
+//! - [`config`], [`cli`]: keys, layers, validation; [`logging`]: tracing setup.
+//! - [`child`]: spawning (argv exec, process group, terminal, ids); [`sys`]: the unsafe bits.
+//! - [`signals`]: names, the forwarded set, rewrites; [`reaper`]: reaping and the leftover sweep.
+//! - [`steps`]: the nine-step table; [`stop`]: step 1, the stop signal, the deadline's force.
+//! - [`supervisor`]: the run loop; [`exit`]: exit codes; [`report`]: the termination message;
+//!   [`state`]: the observable status.
+
+pub mod child;
+pub mod cli;
+pub mod config;
+pub mod exit;
+pub mod logging;
+pub mod reaper;
+pub mod report;
+pub mod signals;
+pub mod state;
+pub mod steps;
+pub mod stop;
+pub mod supervisor;
+pub mod sys;
+
+use std::sync::Arc;
+
+use config::Config;
+use exit::code;
+
+/// Runs a supervised program to its end and returns the process exit code. Logs the final line
+/// `exiting code=… reason=…`.
+pub fn run(cfg: Config) -> i32 {
+    let foreground = sys::ignore_tty_signals();
+    let ids = match child::resolve_ids(cfg.user.as_deref(), cfg.group.as_deref()) {
+        Ok(ids) => ids,
+        Err(e) => return fail(e.exit_code(), &e.to_string()),
+    };
+    let spec = child::SpawnSpec {
+        argv: cfg.command.clone(),
+        env: cfg.env.clone(),
+        workdir: cfg.workdir.clone(),
+        ids,
+        foreground,
+        mask: sys::current_mask(),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return fail(
+                code::INTERNAL,
+                &format!("cannot start the async runtime: {e}"),
+            );
+        }
+    };
+    let cfg = Arc::new(cfg);
+    let mode = if cfg.control_socket.is_some() {
+        "control"
+    } else {
+        "signal"
+    };
+    let shared = state::Shared::new(mode);
+    let (chans, _watches) = supervisor::channels();
+    let (_events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let result = rt.block_on(supervisor::run(cfg, spec, shared, chans, events_rx));
+    match result {
+        Ok(out) => {
+            tracing::info!(code = out.code, reason = %out.reason, "exiting");
+            out.code
+        }
+        Err(e) => fail(e.exit_code(), &e.to_string()),
+    }
+}
+
+/// The supervisor's own failure: one line on stderr (also logged), and its documented code.
+pub fn fail(code: i32, reason: &str) -> i32 {
+    tracing::error!(code, reason, "exiting");
+    eprintln!("quiesce: {reason}");
+    code
+}

@@ -1,1 +1,213 @@
-fn main() {}
+//! `testbin`: a fixture program for quiesce's process tests. One mode per behaviour a test needs.
+//!
+//! ```text
+//! testbin exit N                    exit with code N
+//! testbin die-by SIG                kill itself with SIG (after restoring its default action)
+//! testbin sleep                     sleep until killed
+//! testbin ignore-sigterm            ignore SIGTERM and SIGINT, sleep until killed
+//! testbin record-signals FILE       append the name of every signal received to FILE; exit 0 on SIGTERM
+//!                                   unless `--stay` is given
+//! testbin spawn-orphans N [MODE]    double-fork N grandchildren that exit at once; then MODE: `exit` (default)
+//!                                   or `sleep`; prints "spawned N" when done
+//! testbin leave-daemon [stubborn]   start a grandchild that outlives us (ignoring SIGTERM if `stubborn`), exit 0
+//! testbin print-sigmask             print SigBlk/SigIgn lines from /proc/self/status
+//! testbin print-ids                 print "uid=U gid=G groups=[..]"
+//! testbin block SIG -- CMD...       block SIG, then exec CMD (to test mask inheritance)
+//! ```
+#![allow(unsafe_code)]
+
+use std::io::Write;
+use std::process::exit;
+use std::time::Duration;
+
+use nix::sys::signal::{SigHandler, SigSet, Signal, signal};
+use nix::unistd::{ForkResult, fork};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["exit", n] => exit(n.parse().unwrap_or_else(|_| usage())),
+        ["die-by", sig] => die_by(parse_sig(sig)),
+        ["sleep"] => sleep_forever(),
+        ["ignore-sigterm"] => {
+            // SAFETY: SIG_IGN installs no handler.
+            unsafe {
+                let _ = signal(Signal::SIGTERM, SigHandler::SigIgn);
+                let _ = signal(Signal::SIGINT, SigHandler::SigIgn);
+            }
+            println!("ignoring SIGTERM");
+            sleep_forever()
+        }
+        ["record-signals", file, rest @ ..] => record_signals(file, rest.contains(&"--stay")),
+        ["spawn-orphans", n, rest @ ..] => {
+            spawn_orphans(n.parse().unwrap_or_else(|_| usage()), rest.first().copied())
+        }
+        ["leave-daemon", rest @ ..] => leave_daemon(rest.first() == Some(&"stubborn")),
+        ["print-sigmask"] => {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            for line in status
+                .lines()
+                .filter(|l| l.starts_with("SigBlk") || l.starts_with("SigIgn"))
+            {
+                println!("{line}");
+            }
+        }
+        ["print-ids"] => {
+            let groups: Vec<u32> = nix::unistd::getgroups()
+                .unwrap_or_default()
+                .iter()
+                .map(|g| g.as_raw())
+                .collect();
+            println!(
+                "uid={} gid={} groups={groups:?}",
+                nix::unistd::getuid(),
+                nix::unistd::getgid()
+            );
+        }
+        ["block", sig, "--", cmd @ ..] if !cmd.is_empty() => {
+            let mut set = SigSet::empty();
+            set.add(Signal::try_from(parse_sig(sig)).unwrap_or_else(|_| usage()));
+            let _ = set.thread_block();
+            let err = std::os::unix::process::CommandExt::exec(
+                std::process::Command::new(cmd[0]).args(&cmd[1..]),
+            );
+            eprintln!("testbin: exec {}: {err}", cmd[0]);
+            exit(127)
+        }
+        _ => usage(),
+    }
+}
+
+fn usage() -> ! {
+    eprintln!("testbin: unknown mode; see the doc comment in testbin/src/main.rs");
+    exit(2)
+}
+
+fn parse_sig(s: &str) -> i32 {
+    if let Ok(n) = s.parse() {
+        return n;
+    }
+    let name = if s.starts_with("SIG") {
+        s.to_string()
+    } else {
+        format!("SIG{s}")
+    };
+    name.parse::<Signal>()
+        .map(|s| s as i32)
+        .unwrap_or_else(|_| usage())
+}
+
+fn sleep_forever() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn die_by(sig: i32) -> ! {
+    // SAFETY: restoring the default action and raising a signal touch no memory of ours.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+    exit(1)
+}
+
+fn signal_name(n: i32) -> String {
+    match Signal::try_from(n) {
+        Ok(s) => s.as_str().to_string(),
+        Err(_) => format!("SIGRTMIN+{}", n - libc::SIGRTMIN()),
+    }
+}
+
+/// Blocks every signal and takes them one by one with sigwaitinfo, as tini does.
+fn record_signals(file: &str, stay: bool) -> ! {
+    // SAFETY: plain libc calls on a stack-allocated sigset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigfillset(&mut set);
+        for s in [
+            libc::SIGKILL,
+            libc::SIGSTOP,
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGILL,
+        ] {
+            libc::sigdelset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .unwrap_or_else(|e| {
+            eprintln!("testbin: cannot open {file}: {e}");
+            exit(2)
+        });
+    let _ = writeln!(out, "ready");
+    loop {
+        // SAFETY: sigwaitinfo with a valid set and a null info pointer.
+        let n = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        if n <= 0 {
+            continue;
+        }
+        let _ = writeln!(out, "{}", signal_name(n));
+        let _ = out.flush();
+        if n == libc::SIGTERM && !stay {
+            exit(0);
+        }
+    }
+}
+
+fn spawn_orphans(n: usize, then: Option<&str>) -> ! {
+    for _ in 0..n {
+        // SAFETY: the children only call fork and _exit.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                // SAFETY: as above.
+                if let Ok(ForkResult::Child) = unsafe { fork() } {
+                    unsafe { libc::_exit(0) };
+                }
+                unsafe { libc::_exit(0) };
+            }
+            Ok(ForkResult::Parent { child }) => {
+                let _ = nix::sys::wait::waitpid(child, None);
+            }
+            Err(e) => {
+                eprintln!("testbin: fork: {e}");
+                exit(3)
+            }
+        }
+    }
+    println!("spawned {n}");
+    let _ = std::io::stdout().flush();
+    match then {
+        Some("sleep") => sleep_forever(),
+        _ => exit(0),
+    }
+}
+
+fn leave_daemon(stubborn: bool) -> ! {
+    // SAFETY: the child only sets a disposition and sleeps.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            if stubborn {
+                unsafe {
+                    let _ = signal(Signal::SIGTERM, SigHandler::SigIgn);
+                }
+            }
+            sleep_forever()
+        }
+        Ok(ForkResult::Parent { child }) => {
+            println!("daemon {child}");
+            let _ = std::io::stdout().flush();
+            exit(0)
+        }
+        Err(e) => {
+            eprintln!("testbin: fork: {e}");
+            exit(3)
+        }
+    }
+}

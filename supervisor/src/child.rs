@@ -1,0 +1,154 @@
+//! Starting the one application process: argv exec (no shell), its own process group, terminal, ids.
+//!
+//! `std::process::Command` does the fork/exec and reports exec failures through its CLOEXEC pipe. We never
+//! wait on the returned handle: the reaper owns every exit status (see the crate docs).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+use nix::unistd::{Gid, Group, Uid, User};
+
+use crate::exit::code;
+use crate::sys::{self, ExecPlan};
+
+/// Everything needed to start the child.
+#[derive(Clone, Debug)]
+pub struct SpawnSpec {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<PathBuf>,
+    pub ids: Option<(Uid, Gid)>,
+    pub foreground: bool,
+    pub mask: nix::sys::signal::SigSet,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(
+        "no command to run: pass it after `--` (quiesce -- /app/server --flag) or set `command` in the config file"
+    )]
+    NoCommand,
+    #[error("cannot run '{program}': command not found ({source}); check the path or PATH")]
+    NotFound { program: String, source: io::Error },
+    #[error(
+        "cannot run '{program}': not executable ({source}); check its mode and that it is a program"
+    )]
+    NotExecutable { program: String, source: io::Error },
+    #[error("cannot start '{program}': {source}")]
+    Other { program: String, source: io::Error },
+    #[error("privilege drop: {0}")]
+    Privilege(String),
+}
+
+impl SpawnError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            SpawnError::NoCommand => code::USAGE,
+            SpawnError::NotFound { .. } => code::NOT_FOUND,
+            SpawnError::NotExecutable { .. } => code::NOT_EXECUTABLE,
+            SpawnError::Other { .. } => code::SPAWN,
+            SpawnError::Privilege(_) => code::PRIVILEGE,
+        }
+    }
+}
+
+/// Resolves `user`/`group` (names or numbers) to ids. The group defaults to the user's primary group.
+pub fn resolve_ids(
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<Option<(Uid, Gid)>, SpawnError> {
+    if user.is_none() && group.is_none() {
+        return Ok(None);
+    }
+    let lookup_user = |u: &str| -> Result<(Uid, Option<Gid>), SpawnError> {
+        let found = match u.parse::<u32>() {
+            Ok(n) => User::from_uid(Uid::from_raw(n))
+                .ok()
+                .flatten()
+                .map(|p| (p.uid, Some(p.gid)))
+                .or(Some((Uid::from_raw(n), None))),
+            Err(_) => User::from_name(u)
+                .ok()
+                .flatten()
+                .map(|p| (p.uid, Some(p.gid))),
+        };
+        found.ok_or_else(|| {
+            SpawnError::Privilege(format!(
+                "user '{u}' does not exist in /etc/passwd; use an existing name or a numeric uid"
+            ))
+        })
+    };
+    let lookup_group = |g: &str| -> Result<Gid, SpawnError> {
+        match g.parse::<u32>() {
+            Ok(n) => Ok(Gid::from_raw(n)),
+            Err(_) => Group::from_name(g).ok().flatten().map(|g| g.gid).ok_or_else(|| {
+                SpawnError::Privilege(format!("group '{g}' does not exist in /etc/group; use an existing name or a numeric gid"))
+            }),
+        }
+    };
+    let (uid, primary) = match user {
+        Some(u) => lookup_user(u)?,
+        None => (Uid::current(), None),
+    };
+    let gid = match group {
+        Some(g) => lookup_group(g)?,
+        None => primary.unwrap_or_else(Gid::current),
+    };
+    if !Uid::effective().is_root() && (uid != Uid::effective() || gid != Gid::effective()) {
+        return Err(SpawnError::Privilege(format!(
+            "switching to uid {uid} gid {gid} needs root, but the supervisor runs as uid {}; run it as root or drop `user`/`group`",
+            Uid::effective()
+        )));
+    }
+    Ok(Some((uid, gid)))
+}
+
+/// Starts the child and returns its pid. Must be called before the reaper starts calling `waitpid(-1)`:
+/// on exec failure `Command::spawn` reaps the failed child itself.
+pub fn spawn(spec: &SpawnSpec) -> Result<i32, SpawnError> {
+    let (program, args) = spec.argv.split_first().ok_or(SpawnError::NoCommand)?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).envs(&spec.env).process_group(0);
+    if let Some(dir) = &spec.workdir {
+        cmd.current_dir(dir);
+    }
+    sys::install(
+        &mut cmd,
+        ExecPlan {
+            mask: spec.mask,
+            foreground: spec.foreground,
+            ids: spec.ids,
+        },
+    );
+    match cmd.spawn() {
+        Ok(child) => Ok(child.id() as i32),
+        Err(source) => {
+            let program = program.clone();
+            Err(match source.raw_os_error() {
+                Some(libc::ENOENT) if spec.workdir.as_ref().is_some_and(|d| !d.is_dir()) => {
+                    SpawnError::Other {
+                        program,
+                        source: io::Error::other(format!(
+                            "working directory {} does not exist",
+                            spec.workdir
+                                .as_ref()
+                                .map(|d| d.display().to_string())
+                                .unwrap_or_default()
+                        )),
+                    }
+                }
+                Some(libc::ENOENT) => SpawnError::NotFound { program, source },
+                Some(libc::EACCES | libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY) => {
+                    SpawnError::NotExecutable { program, source }
+                }
+                Some(libc::EPERM) if spec.ids.is_some() => SpawnError::Privilege(format!(
+                    "the kernel refused to switch ids for '{program}': {source}"
+                )),
+                _ => SpawnError::Other { program, source },
+            })
+        }
+    }
+}

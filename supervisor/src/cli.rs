@@ -1,0 +1,180 @@
+//! The command line: `quiesce [OPTIONS] [-- CMD ARGS...]` and the subcommands.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Config, ConfigError, Layer};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "quiesce",
+    version,
+    about = "PID-1 supervisor for containers: reaps zombies, forwards signals, serves kubelet's gRPC probes and \
+             stops the app in order inside the pod's grace period.",
+    args_conflicts_with_subcommands = true,
+    after_help = "Every option has a QUIESCE_* environment twin and a key in the --config file.\n\
+                  Precedence: flags > environment > file > defaults."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(subcommand)]
+    pub sub: Option<Sub>,
+}
+
+/// Options of a supervised run (also accepted by `check-config`).
+#[derive(Args, Debug, Default, Clone)]
+pub struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "QUIESCE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub layer: Layer,
+    /// Extra environment variable for the child (repeatable; file: the `[env]` table).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub env: Vec<(String, String)>,
+    /// The program to supervise and its arguments.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Sub {
+    /// Validate the configuration (file, environment, flags) and print the resolved shutdown plan.
+    CheckConfig(RunArgs),
+    /// preStop exec hook: start step 1 in the running supervisor and return when the preStop delay has passed.
+    Prestop(ClientArgs),
+    /// Operator commands for the running supervisor.
+    Ctl {
+        #[command(subcommand)]
+        cmd: CtlCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCmd {
+    /// Phase, child, control connection, and each shutdown step's outcome and timing.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start the shutdown sequence, as SIGTERM would.
+    Shutdown(ClientArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The supervisor's admin socket.
+    #[arg(
+        long,
+        env = "QUIESCE_ADMIN_SOCKET",
+        default_value = "/run/quiesce/admin.sock",
+        value_name = "PATH"
+    )]
+    pub admin_socket: PathBuf,
+    /// Give up after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_dur, value_name = "DURATION")]
+    pub timeout: Duration,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("'{s}' is not KEY=VALUE")),
+    }
+}
+
+fn parse_dur(s: &str) -> Result<Duration, String> {
+    s.parse::<config::Dur>().map(|d| d.0)
+}
+
+impl RunArgs {
+    /// Merges flags/env over the file over the defaults.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(p) => config::load_file(p)?,
+            None => Layer::default(),
+        };
+        let mut top = self.layer.clone();
+        if !self.command.is_empty() {
+            top.command = Some(self.command.clone());
+        }
+        if !self.env.is_empty() {
+            top.env = Some(self.env.iter().cloned().collect());
+        }
+        Config::resolve(top.merge(file))
+    }
+}
+
+/// The resolved plan `check-config` prints.
+pub fn describe(cfg: &Config) -> String {
+    use std::fmt::Write as _;
+    let h = |d: Duration| humantime::format_duration(d).to_string();
+    let mut out = String::new();
+    let mode = if cfg.control_socket.is_some() {
+        "control"
+    } else {
+        "signal"
+    };
+    let _ = writeln!(out, "configuration is valid");
+    let _ = writeln!(out, "mode: {mode}");
+    if cfg.command.is_empty() {
+        let _ = writeln!(out, "command: (none: give it after `--` when running)");
+    } else {
+        let _ = writeln!(out, "command: {:?}", cfg.command);
+    }
+    let _ = writeln!(
+        out,
+        "grace_period: {}  safety_margin: {}  stop window: {}",
+        h(cfg.grace_period),
+        h(cfg.safety_margin),
+        h(cfg.stop_window())
+    );
+    let _ = writeln!(
+        out,
+        "stop_signal: {}  stop_exit_code: {:?}",
+        cfg.stop_signal, cfg.stop_exit_code
+    );
+    let _ = writeln!(
+        out,
+        "health: {}",
+        cfg.health
+            .address
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".into())
+    );
+    let _ = writeln!(
+        out,
+        "metrics: {}",
+        cfg.metrics_address
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".into())
+    );
+    let _ = writeln!(out, "shutdown steps:");
+    let mut total = Duration::ZERO;
+    for (i, s) in crate::steps::STEPS.iter().enumerate() {
+        total += cfg.budgets[i];
+        let verb = s.verb.unwrap_or("-");
+        let _ = writeln!(
+            out,
+            "  {} {:<20} {:<14} {:>8}  ({})",
+            s.number,
+            s.name,
+            verb,
+            h(cfg.budgets[i]),
+            s.config_key
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  budgets total {} of a {} window",
+        h(total),
+        h(cfg.stop_window())
+    );
+    out
+}

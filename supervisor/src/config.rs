@@ -1,0 +1,754 @@
+//! Configuration: one set of keys, four layers (flags > `QUIESCE_*` env > TOML file > defaults).
+//!
+//! Each layer struct derives both `clap::Args` and `serde::Deserialize`, so a key is declared once with its
+//! flag, its env twin and its TOML name; [`Config::resolve`] merges the layers and checks the result.
+//! TOML errors name the file, the line and the key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Deserializer};
+
+use crate::signals::{Rewrite, Sig};
+use crate::steps::{STEPS, StepId};
+
+/// A human duration (`5s`, `250ms`, `1m30s`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| format!("invalid duration '{s}' ({e}): write a number with a unit, such as 5s, 250ms or 1m30s"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl FromStr for Sig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Sig::parse(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Sig::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a stop that the supervisor started, and the app finished in time, reports as the exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopExitCode {
+    /// Exit 0 even if the app died of the stop signal (kubectl shows "Completed", not "Error").
+    Zero,
+    /// Keep 128+N, exactly as tini does.
+    Signal,
+}
+
+/// Where forwarded signals go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardTo {
+    Child,
+    Group,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Human,
+}
+
+/// Top-level keys. Flags are `--key-name`, env `QUIESCE_KEY_NAME`.
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    /// The program to run, if not given after `--`.
+    #[arg(skip)]
+    pub command: Option<Vec<String>>,
+    /// Time kubelet gives the pod to stop (terminationGracePeriodSeconds). [default: 30s]
+    #[arg(long, env = "QUIESCE_GRACE_PERIOD", value_name = "DURATION")]
+    pub grace_period: Option<Dur>,
+    /// How long before kubelet's SIGKILL the supervisor must have exited. [default: 2s]
+    #[arg(long, env = "QUIESCE_SAFETY_MARGIN", value_name = "DURATION")]
+    pub safety_margin: Option<Dur>,
+    /// Step 1: after readiness goes NOT_SERVING, wait this long for endpoint removal. [default: 0s]
+    #[arg(long, env = "QUIESCE_PRESTOP_DELAY", value_name = "DURATION")]
+    pub prestop_delay: Option<Dur>,
+    /// Signal that asks the app to stop (signal mode). [default: SIGTERM]
+    #[arg(long, env = "QUIESCE_STOP_SIGNAL", value_name = "SIGNAL")]
+    pub stop_signal: Option<Sig>,
+    /// Exit code of a stop we started that the app finished in time. [default: zero]
+    #[arg(long, env = "QUIESCE_STOP_EXIT_CODE", value_enum)]
+    pub stop_exit_code: Option<StopExitCode>,
+    /// Forward signals to the child only, or to its whole process group. [default: child]
+    #[arg(long, env = "QUIESCE_FORWARD_TO", value_enum)]
+    pub forward_to: Option<ForwardTo>,
+    /// After the app exits, leftover processes get SIGTERM, this long, then SIGKILL. [default: 2s]
+    #[arg(long, env = "QUIESCE_CLEANUP_TIMEOUT", value_name = "DURATION")]
+    pub cleanup_timeout: Option<Dur>,
+    /// Termination message file; written only if its directory exists. `off` disables. [default: /dev/termination-log]
+    #[arg(long, env = "QUIESCE_TERMINATION_LOG", value_name = "PATH")]
+    pub termination_log: Option<PathBuf>,
+    /// Run the child as this user (name or uid); supplementary groups are cleared.
+    #[arg(long, env = "QUIESCE_USER")]
+    pub user: Option<String>,
+    /// Run the child with this group (name or gid); defaults to the user's primary group.
+    #[arg(long, env = "QUIESCE_GROUP")]
+    pub group: Option<String>,
+    /// Working directory of the child.
+    #[arg(long, env = "QUIESCE_WORKDIR", value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
+    /// Log format: json when stderr is not a terminal, human when it is. [default: auto]
+    #[arg(long, env = "QUIESCE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (tracing syntax). [default: info]
+    #[arg(long, env = "QUIESCE_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Admin socket for `quiesce prestop` and `quiesce ctl`. `off` disables. [default: /run/quiesce/admin.sock]
+    #[arg(long, env = "QUIESCE_ADMIN_SOCKET", value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// Extra environment for the child (file: an `[env]` table).
+    #[arg(skip)]
+    pub env: Option<BTreeMap<String, String>>,
+
+    #[command(flatten)]
+    #[serde(default)]
+    pub signals: SignalsLayer,
+    #[command(flatten)]
+    #[serde(default)]
+    pub control: ControlLayer,
+    #[command(flatten)]
+    #[serde(default)]
+    pub steps: StepsLayer,
+    #[command(flatten)]
+    #[serde(default)]
+    pub health: HealthLayer,
+    #[command(flatten)]
+    #[serde(default)]
+    pub metrics: MetricsLayer,
+}
+
+/// `[signals]`
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SignalsLayer {
+    /// Rewrite forwarded signals, e.g. SIGHUP=SIGUSR1,SIGWINCH=SIGUSR2 (file: a table).
+    #[arg(long = "signals-rewrite", id = "signals-rewrite", env = "QUIESCE_SIGNALS_REWRITE", value_name = "FROM=TO,...", value_parser = parse_rewrite)]
+    #[serde(default, deserialize_with = "de_rewrite")]
+    pub rewrite: Option<Rewrite>,
+}
+
+/// `[control]`: control mode is on when `socket` is set.
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ControlLayer {
+    /// Control socket the app listens on (passed as QUIESCE_CONTROL_SOCKET); enables control mode.
+    #[arg(
+        long = "control-socket",
+        id = "control-socket",
+        env = "QUIESCE_CONTROL_SOCKET_PATH",
+        value_name = "PATH"
+    )]
+    pub socket: Option<PathBuf>,
+    /// How long the app may take to answer `hello` after start. [default: 60s]
+    #[arg(
+        long = "control-connect-timeout",
+        id = "control-connect-timeout",
+        env = "QUIESCE_CONTROL_CONNECT_TIMEOUT",
+        value_name = "DURATION"
+    )]
+    pub connect_timeout: Option<Dur>,
+}
+
+/// `[steps]`: per-step budgets of the nine-step table.
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct StepsLayer {
+    #[arg(
+        long = "steps-stop-accepting",
+        id = "steps-stop-accepting",
+        env = "QUIESCE_STEPS_STOP_ACCEPTING",
+        value_name = "DURATION"
+    )]
+    pub stop_accepting: Option<Dur>,
+    #[arg(
+        long = "steps-drain-in-flight",
+        id = "steps-drain-in-flight",
+        env = "QUIESCE_STEPS_DRAIN_IN_FLIGHT",
+        value_name = "DURATION"
+    )]
+    pub drain_in_flight: Option<Dur>,
+    #[arg(
+        long = "steps-stop-cron",
+        id = "steps-stop-cron",
+        env = "QUIESCE_STEPS_STOP_CRON",
+        value_name = "DURATION"
+    )]
+    pub stop_cron: Option<Dur>,
+    #[arg(
+        long = "steps-stop-consumer",
+        id = "steps-stop-consumer",
+        env = "QUIESCE_STEPS_STOP_CONSUMER",
+        value_name = "DURATION"
+    )]
+    pub stop_consumer: Option<Dur>,
+    #[arg(
+        long = "steps-stop-poller",
+        id = "steps-stop-poller",
+        env = "QUIESCE_STEPS_STOP_POLLER",
+        value_name = "DURATION"
+    )]
+    pub stop_poller: Option<Dur>,
+    #[arg(
+        long = "steps-close-mq",
+        id = "steps-close-mq",
+        env = "QUIESCE_STEPS_CLOSE_MQ",
+        value_name = "DURATION"
+    )]
+    pub close_mq: Option<Dur>,
+    #[arg(
+        long = "steps-close-redis",
+        id = "steps-close-redis",
+        env = "QUIESCE_STEPS_CLOSE_REDIS",
+        value_name = "DURATION"
+    )]
+    pub close_redis: Option<Dur>,
+    #[arg(
+        long = "steps-close-db",
+        id = "steps-close-db",
+        env = "QUIESCE_STEPS_CLOSE_DB",
+        value_name = "DURATION"
+    )]
+    pub close_db: Option<Dur>,
+}
+
+impl StepsLayer {
+    fn get(&self, id: StepId) -> Option<Dur> {
+        match id {
+            StepId::HealthNotServing => None,
+            StepId::StopAccepting => self.stop_accepting,
+            StepId::DrainInFlight => self.drain_in_flight,
+            StepId::StopCron => self.stop_cron,
+            StepId::StopConsumer => self.stop_consumer,
+            StepId::StopPoller => self.stop_poller,
+            StepId::CloseMq => self.close_mq,
+            StepId::CloseRedis => self.close_redis,
+            StepId::CloseDb => self.close_db,
+        }
+    }
+    fn merge(self, lower: StepsLayer) -> StepsLayer {
+        StepsLayer {
+            stop_accepting: self.stop_accepting.or(lower.stop_accepting),
+            drain_in_flight: self.drain_in_flight.or(lower.drain_in_flight),
+            stop_cron: self.stop_cron.or(lower.stop_cron),
+            stop_consumer: self.stop_consumer.or(lower.stop_consumer),
+            stop_poller: self.stop_poller.or(lower.stop_poller),
+            close_mq: self.close_mq.or(lower.close_mq),
+            close_redis: self.close_redis.or(lower.close_redis),
+            close_db: self.close_db.or(lower.close_db),
+        }
+    }
+}
+
+/// `[health]`
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct HealthLayer {
+    /// Serve grpc.health.v1 for kubelet's probes. [default: true]
+    #[arg(long = "health-enabled", id = "health-enabled", env = "QUIESCE_HEALTH_ENABLED", action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub enabled: Option<bool>,
+    /// Probe address. [default: 0.0.0.0:50051]
+    #[arg(
+        long = "health-address",
+        id = "health-address",
+        env = "QUIESCE_HEALTH_ADDRESS",
+        value_name = "ADDR"
+    )]
+    pub address: Option<SocketAddr>,
+    /// How often to ask the app for its dependency health. [default: 2s]
+    #[arg(
+        long = "health-poll-interval",
+        id = "health-poll-interval",
+        env = "QUIESCE_HEALTH_POLL_INTERVAL",
+        value_name = "DURATION"
+    )]
+    pub poll_interval: Option<Dur>,
+    /// Dependencies that must be up for readiness (empty: every check the app marks required).
+    #[arg(
+        long = "health-required",
+        id = "health-required",
+        env = "QUIESCE_HEALTH_REQUIRED",
+        value_delimiter = ',',
+        value_name = "NAME,..."
+    )]
+    pub required: Option<Vec<String>>,
+    /// Liveness fails when the app's control socket does not answer `status` within this. [default: 1s]
+    #[arg(
+        long = "health-liveness-timeout",
+        id = "health-liveness-timeout",
+        env = "QUIESCE_HEALTH_LIVENESS_TIMEOUT",
+        value_name = "DURATION"
+    )]
+    pub liveness_timeout: Option<Dur>,
+    /// End the preStop delay once kubelet has seen readiness NOT_SERVING this many times (0: off). [default: 0]
+    #[arg(
+        long = "health-observed-probes",
+        id = "health-observed-probes",
+        env = "QUIESCE_HEALTH_OBSERVED_PROBES",
+        value_name = "N"
+    )]
+    pub observed_probes: Option<u32>,
+    /// Extra wait after the observed probes, for endpoint propagation. [default: 1s]
+    #[arg(
+        long = "health-propagation-margin",
+        id = "health-propagation-margin",
+        env = "QUIESCE_HEALTH_PROPAGATION_MARGIN",
+        value_name = "DURATION"
+    )]
+    pub propagation_margin: Option<Dur>,
+}
+
+/// `[metrics]`
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsLayer {
+    /// Serve Prometheus metrics on /metrics. [default: true]
+    #[arg(long = "metrics-enabled", id = "metrics-enabled", env = "QUIESCE_METRICS_ENABLED", action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub enabled: Option<bool>,
+    /// Metrics address. [default: 0.0.0.0:9090]
+    #[arg(
+        long = "metrics-address",
+        id = "metrics-address",
+        env = "QUIESCE_METRICS_ADDRESS",
+        value_name = "ADDR"
+    )]
+    pub address: Option<SocketAddr>,
+}
+
+fn parse_rewrite(s: &str) -> Result<Rewrite, String> {
+    Rewrite::parse_list(s)
+}
+
+fn de_rewrite<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Rewrite>, D::Error> {
+    let table = BTreeMap::<String, String>::deserialize(d)?;
+    let mut map = BTreeMap::new();
+    for (from, to) in table {
+        map.insert(
+            Sig::parse(&from).map_err(serde::de::Error::custom)?,
+            Sig::parse(&to).map_err(serde::de::Error::custom)?,
+        );
+    }
+    Ok(Some(Rewrite(map)))
+}
+
+/// The resolved configuration every other module reads.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub command: Vec<String>,
+    pub grace_period: Duration,
+    pub safety_margin: Duration,
+    pub prestop_delay: Duration,
+    pub stop_signal: Sig,
+    pub stop_exit_code: StopExitCode,
+    pub forward_to: ForwardTo,
+    pub cleanup_timeout: Duration,
+    pub termination_log: Option<PathBuf>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub workdir: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub admin_socket: Option<PathBuf>,
+    pub env: BTreeMap<String, String>,
+    pub rewrite: Rewrite,
+    pub control_socket: Option<PathBuf>,
+    pub control_connect_timeout: Duration,
+    /// Budget of each of the nine steps, indexed like [`STEPS`]. Step 1's is the preStop delay.
+    pub budgets: [Duration; 9],
+    pub health: HealthConfig,
+    pub metrics_address: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// `None` when the health server is turned off.
+    pub address: Option<SocketAddr>,
+    pub poll_interval: Duration,
+    pub required: Vec<String>,
+    pub liveness_timeout: Duration,
+    pub observed_probes: u32,
+    pub propagation_margin: Duration,
+}
+
+/// A configuration problem, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, message: impl fmt::Display) -> Self {
+        ConfigError::Invalid {
+            key,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Parses a TOML file into a layer; errors carry the line and the key.
+pub fn load_file(path: &Path) -> Result<Layer, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    parse_toml(path, &text)
+}
+
+pub fn parse_toml(path: &Path, text: &str) -> Result<Layer, ConfigError> {
+    toml::from_str::<Layer>(text).map_err(|e| {
+        let start = e.span().map(|s| s.start).unwrap_or(0);
+        let line = text[..start.min(text.len())].matches('\n').count() + 1;
+        let line_text = text.lines().nth(line - 1).unwrap_or("");
+        let message = e.message().trim().to_string();
+        // Serde names unknown keys itself; for bad values, name the key from the offending line.
+        let message = match line_text.split_once('=') {
+            Some((key, _)) if !message.contains("unknown field") => {
+                format!("{}: {message}", key.trim())
+            }
+            _ => message,
+        };
+        ConfigError::Parse {
+            path: path.into(),
+            line,
+            message,
+        }
+    })
+}
+
+impl Layer {
+    /// `self` wins over `lower`, key by key.
+    pub fn merge(self, lower: Layer) -> Layer {
+        Layer {
+            command: self.command.or(lower.command),
+            grace_period: self.grace_period.or(lower.grace_period),
+            safety_margin: self.safety_margin.or(lower.safety_margin),
+            prestop_delay: self.prestop_delay.or(lower.prestop_delay),
+            stop_signal: self.stop_signal.or(lower.stop_signal),
+            stop_exit_code: self.stop_exit_code.or(lower.stop_exit_code),
+            forward_to: self.forward_to.or(lower.forward_to),
+            cleanup_timeout: self.cleanup_timeout.or(lower.cleanup_timeout),
+            termination_log: self.termination_log.or(lower.termination_log),
+            user: self.user.or(lower.user),
+            group: self.group.or(lower.group),
+            workdir: self.workdir.or(lower.workdir),
+            log_format: self.log_format.or(lower.log_format),
+            log_level: self.log_level.or(lower.log_level),
+            admin_socket: self.admin_socket.or(lower.admin_socket),
+            env: match (self.env, lower.env) {
+                (Some(mut hi), Some(lo)) => {
+                    for (k, v) in lo {
+                        hi.entry(k).or_insert(v);
+                    }
+                    Some(hi)
+                }
+                (hi, lo) => hi.or(lo),
+            },
+            signals: SignalsLayer {
+                rewrite: self.signals.rewrite.or(lower.signals.rewrite),
+            },
+            control: ControlLayer {
+                socket: self.control.socket.or(lower.control.socket),
+                connect_timeout: self
+                    .control
+                    .connect_timeout
+                    .or(lower.control.connect_timeout),
+            },
+            steps: self.steps.merge(lower.steps),
+            health: HealthLayer {
+                enabled: self.health.enabled.or(lower.health.enabled),
+                address: self.health.address.or(lower.health.address),
+                poll_interval: self.health.poll_interval.or(lower.health.poll_interval),
+                required: self.health.required.or(lower.health.required),
+                liveness_timeout: self
+                    .health
+                    .liveness_timeout
+                    .or(lower.health.liveness_timeout),
+                observed_probes: self.health.observed_probes.or(lower.health.observed_probes),
+                propagation_margin: self
+                    .health
+                    .propagation_margin
+                    .or(lower.health.propagation_margin),
+            },
+            metrics: MetricsLayer {
+                enabled: self.metrics.enabled.or(lower.metrics.enabled),
+                address: self.metrics.address.or(lower.metrics.address),
+            },
+        }
+    }
+}
+
+/// Paths that can be turned off: empty (in the file), `off` or `none`.
+fn non_empty(p: Option<PathBuf>) -> Option<PathBuf> {
+    p.filter(|p| !matches!(p.to_str(), Some("" | "off" | "none")))
+}
+
+fn non_blank(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.trim().is_empty())
+}
+
+impl Config {
+    /// Applies defaults and checks that the values fit together.
+    pub fn resolve(l: Layer) -> Result<Config, ConfigError> {
+        let d = |v: Option<Dur>, def: Duration| v.map(|d| d.0).unwrap_or(def);
+        let grace_period = d(l.grace_period, Duration::from_secs(30));
+        let safety_margin = d(l.safety_margin, Duration::from_secs(2));
+        let prestop_delay = d(l.prestop_delay, Duration::ZERO);
+        if grace_period.is_zero() {
+            return Err(ConfigError::invalid(
+                "grace_period",
+                "must be more than 0s (set it to the pod's terminationGracePeriodSeconds)",
+            ));
+        }
+        if safety_margin >= grace_period {
+            return Err(ConfigError::invalid(
+                "safety_margin",
+                format!(
+                    "{} leaves no time to stop within grace_period {}: make it smaller than grace_period",
+                    humantime::format_duration(safety_margin),
+                    humantime::format_duration(grace_period)
+                ),
+            ));
+        }
+        let window = grace_period - safety_margin;
+        if prestop_delay >= window {
+            return Err(ConfigError::invalid(
+                "prestop_delay",
+                format!(
+                    "{} uses the whole stop window ({} = grace_period - safety_margin): make it shorter so the app has time to stop",
+                    humantime::format_duration(prestop_delay),
+                    humantime::format_duration(window)
+                ),
+            ));
+        }
+        let mut budgets = [Duration::ZERO; 9];
+        for (i, step) in STEPS.iter().enumerate() {
+            budgets[i] = if step.id == StepId::HealthNotServing {
+                prestop_delay
+            } else {
+                d(l.steps.get(step.id), step.default_budget)
+            };
+        }
+        let command = l.command.unwrap_or_default();
+        if command.first().is_some_and(|c| c.is_empty()) {
+            return Err(ConfigError::invalid("command", "the program name is empty"));
+        }
+        let health_on = l.health.enabled.unwrap_or(true);
+        let metrics_on = l.metrics.enabled.unwrap_or(true);
+        let health = HealthConfig {
+            address: health_on.then(|| {
+                l.health
+                    .address
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 50051)))
+            }),
+            poll_interval: d(l.health.poll_interval, Duration::from_secs(2)),
+            required: l
+                .health
+                .required
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
+            liveness_timeout: d(l.health.liveness_timeout, Duration::from_secs(1)),
+            observed_probes: l.health.observed_probes.unwrap_or(0),
+            propagation_margin: d(l.health.propagation_margin, Duration::from_secs(1)),
+        };
+        if health.poll_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "health.poll_interval",
+                "must be more than 0s",
+            ));
+        }
+        let metrics_address = metrics_on.then(|| {
+            l.metrics
+                .address
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9090)))
+        });
+        if let (Some(h), Some(m)) = (health.address, metrics_address)
+            && h == m
+        {
+            return Err(ConfigError::invalid(
+                "metrics.address",
+                format!("{m} is also health.address: give them different ports"),
+            ));
+        }
+        let env = l.env.unwrap_or_default();
+        if let Some(bad) = env
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        {
+            return Err(ConfigError::invalid(
+                "env",
+                format!("'{bad}' is not a valid variable name"),
+            ));
+        }
+        Ok(Config {
+            command,
+            grace_period,
+            safety_margin,
+            prestop_delay,
+            stop_signal: l.stop_signal.unwrap_or(Sig::TERM),
+            stop_exit_code: l.stop_exit_code.unwrap_or(StopExitCode::Zero),
+            forward_to: l.forward_to.unwrap_or(ForwardTo::Child),
+            cleanup_timeout: d(l.cleanup_timeout, Duration::from_secs(2)),
+            termination_log: match l.termination_log {
+                None => Some(PathBuf::from("/dev/termination-log")),
+                some => non_empty(some),
+            },
+            user: non_blank(l.user),
+            group: non_blank(l.group),
+            workdir: non_empty(l.workdir),
+            log_format: l.log_format.unwrap_or(LogFormat::Auto),
+            log_level: non_blank(l.log_level).unwrap_or_else(|| "info".into()),
+            admin_socket: match l.admin_socket {
+                None => Some(PathBuf::from("/run/quiesce/admin.sock")),
+                some => non_empty(some),
+            },
+            env,
+            rewrite: l.signals.rewrite.unwrap_or_default(),
+            control_socket: non_empty(l.control.socket),
+            control_connect_timeout: d(l.control.connect_timeout, Duration::from_secs(60)),
+            budgets,
+            health,
+            metrics_address,
+        })
+    }
+
+    /// The overall stop window: shutdown start + this = the moment the supervisor must be done.
+    pub fn stop_window(&self) -> Duration {
+        self.grace_period - self.safety_margin
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::resolve(parse_toml(Path::new("q.toml"), text)?)
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::resolve(Layer::default()).expect("defaults are valid");
+        assert_eq!(c.grace_period, Duration::from_secs(30));
+        assert_eq!(c.stop_window(), Duration::from_secs(28));
+        assert_eq!(c.stop_signal, Sig::TERM);
+        assert_eq!(
+            c.health.address,
+            Some("0.0.0.0:50051".parse().expect("addr"))
+        );
+        assert_eq!(
+            c.termination_log.as_deref(),
+            Some(Path::new("/dev/termination-log"))
+        );
+        assert!(c.control_socket.is_none());
+    }
+
+    #[test]
+    fn file_values_and_tables() {
+        let c = parse(
+            "grace_period = \"45s\"\nstop_signal = \"QUIT\"\n[env]\nA = \"1\"\n[signals]\nrewrite = { SIGHUP = \"SIGUSR1\" }\n[steps]\nclose_db = \"500ms\"\n[health]\nenabled = false\n",
+        )
+        .expect("valid");
+        assert_eq!(c.grace_period, Duration::from_secs(45));
+        assert_eq!(c.stop_signal, Sig(libc::SIGQUIT));
+        assert_eq!(c.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(c.rewrite.apply(Sig(libc::SIGHUP)), Sig(libc::SIGUSR1));
+        assert_eq!(c.budgets[8], Duration::from_millis(500));
+        assert!(c.health.address.is_none());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = parse("grace_period = \"5s\"\n\ngrase = 1\n").expect_err("unknown key");
+        let s = e.to_string();
+        assert!(s.starts_with("q.toml line 3:"), "{s}");
+        assert!(s.contains("grase"), "{s}");
+    }
+
+    #[test]
+    fn bad_value_names_key_and_line() {
+        let s = parse("stop_signal = \"TERM\"\nsafety_margin = \"2 parsecs\"\n")
+            .expect_err("bad")
+            .to_string();
+        assert!(s.starts_with("q.toml line 2: safety_margin:"), "{s}");
+        assert!(s.contains("such as 5s"), "{s}");
+        let s = parse("[health]\naddress = \"nowhere\"\n")
+            .expect_err("bad")
+            .to_string();
+        assert!(s.contains("line 2") && s.contains("address"), "{s}");
+        let s = parse("stop_signal = \"SIGBOGUS\"\n")
+            .expect_err("bad")
+            .to_string();
+        assert!(s.contains("unknown signal 'SIGBOGUS'"), "{s}");
+    }
+
+    #[test]
+    fn windows_must_fit() {
+        let s = parse("grace_period = \"5s\"\nsafety_margin = \"5s\"\n")
+            .expect_err("bad")
+            .to_string();
+        assert!(s.starts_with("safety_margin:"), "{s}");
+        let s = parse("grace_period = \"10s\"\nprestop_delay = \"9s\"\n")
+            .expect_err("bad")
+            .to_string();
+        assert!(s.starts_with("prestop_delay:"), "{s}");
+    }
+
+    #[test]
+    fn higher_layer_wins_key_by_key() {
+        let file = parse_toml(
+            Path::new("f"),
+            "grace_period = \"40s\"\nsafety_margin = \"3s\"\n",
+        )
+        .expect("ok");
+        let flags = Layer {
+            grace_period: Some(Dur(Duration::from_secs(20))),
+            ..Layer::default()
+        };
+        let c = Config::resolve(flags.merge(file)).expect("valid");
+        assert_eq!(c.grace_period, Duration::from_secs(20));
+        assert_eq!(c.safety_margin, Duration::from_secs(3));
+    }
+}

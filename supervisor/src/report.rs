@@ -1,0 +1,221 @@
+//! The termination message: a one-screen story of the shutdown that kubelet shows in `kubectl describe pod`.
+//!
+//! Kubelet reads at most 4096 bytes of it, so the renderer keeps under that by shortening detail columns
+//! and, as a last resort, dropping rows from the middle (never the header, the hung step or the total).
+
+use std::fmt::Write as _;
+use std::io;
+use std::path::Path;
+
+use crate::state::{Status, StepOutcome, StepRecord};
+
+/// Kubelet's limit for the termination message.
+pub const LIMIT: usize = 4096;
+
+/// Everything the message says.
+#[derive(Debug)]
+pub struct Summary<'a> {
+    pub code: i32,
+    pub reason: &'a str,
+    pub status: &'a Status,
+    pub window_ms: u64,
+    pub total_ms: Option<u64>,
+}
+
+pub fn render(s: &Summary<'_>) -> String {
+    let mut detail_width = 100;
+    loop {
+        let text = render_with(s, detail_width, usize::MAX);
+        if text.len() < LIMIT {
+            return text;
+        }
+        if detail_width > 20 {
+            detail_width /= 2;
+            continue;
+        }
+        // Keep the first rows and the last few; the count of dropped rows is printed.
+        let text = render_with(s, detail_width, 12);
+        if text.len() < LIMIT {
+            return text;
+        }
+        let mut t = text;
+        t.truncate(LIMIT - 1);
+        return t;
+    }
+}
+
+fn render_with(s: &Summary<'_>, detail_width: usize, max_rows: usize) -> String {
+    let st = s.status;
+    let mut out = String::new();
+    let _ = writeln!(out, "quiesce: exit code {} - {}", s.code, s.reason);
+    let trigger = st
+        .trigger
+        .as_ref()
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| "none (the app exited by itself)".into());
+    let _ = writeln!(
+        out,
+        "mode: {}   stop requested by: {}   window: {}",
+        st.mode,
+        trigger,
+        secs(s.window_ms)
+    );
+    if !st.steps.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:>2}  {:<20} {:<8} {:>8} {:>8}  detail",
+            "#", "step", "outcome", "start", "took"
+        );
+        let rows = &st.steps;
+        let (head, tail, dropped) = if rows.len() > max_rows {
+            let tail = 4.min(max_rows);
+            (max_rows - tail, tail, rows.len() - max_rows)
+        } else {
+            (rows.len(), 0, 0)
+        };
+        let row = |out: &mut String, r: &StepRecord| {
+            let num = if r.number == 0 {
+                "-".to_string()
+            } else {
+                r.number.to_string()
+            };
+            let mut detail = r.detail.clone();
+            let counts: Vec<String> = r.counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            if !counts.is_empty() {
+                if !detail.is_empty() {
+                    detail.push_str("; ");
+                }
+                detail.push_str(&counts.join(" "));
+            }
+            if detail.chars().count() > detail_width {
+                detail = detail
+                    .chars()
+                    .take(detail_width.saturating_sub(1))
+                    .collect::<String>()
+                    + "…";
+            }
+            let mark = if matches!(r.outcome, StepOutcome::Timeout | StepOutcome::Error) {
+                " <-"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "{num:>2}  {:<20} {:<8} {:>8} {:>8}  {detail}{mark}",
+                r.name,
+                r.outcome.as_str(),
+                secs(r.started_ms),
+                secs(r.duration_ms)
+            );
+        };
+        for r in &rows[..head] {
+            row(&mut out, r);
+        }
+        if dropped > 0 {
+            let _ = writeln!(
+                out,
+                "    ... {dropped} rows left out to fit kubelet's 4096-byte limit ..."
+            );
+        }
+        for r in &rows[rows.len() - tail..] {
+            row(&mut out, r);
+        }
+    }
+    if let Some(total) = s.total_ms {
+        let _ = writeln!(out, "total: {}", secs(total));
+    }
+    out
+}
+
+fn secs(ms: u64) -> String {
+    format!("{}.{:03}s", ms / 1000, ms % 1000)
+}
+
+/// Writes the message if the file's directory exists (so running outside Kubernetes creates nothing).
+pub fn write(path: &Path, text: &str) -> io::Result<bool> {
+    match path.parent() {
+        Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => {}
+        _ => return Ok(false),
+    }
+    std::fs::write(path, text)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Shared;
+
+    fn record(n: u8, name: &str, outcome: StepOutcome, detail: &str) -> StepRecord {
+        StepRecord {
+            number: n,
+            name: name.into(),
+            outcome,
+            started_ms: 1234,
+            duration_ms: 5,
+            counts: [("acked".to_string(), 3u64)].into(),
+            detail: detail.into(),
+        }
+    }
+
+    #[test]
+    fn names_each_step_and_marks_the_hung_one() {
+        let shared = Shared::new("control");
+        shared.record(record(1, "health-not-serving", StepOutcome::Ok, ""));
+        shared.record(record(
+            5,
+            "stop-consumer",
+            StepOutcome::Timeout,
+            "deadline 5s passed",
+        ));
+        let st = shared.lock();
+        let text = render(&Summary {
+            code: 0,
+            reason: "stopped",
+            status: &st,
+            window_ms: 28_000,
+            total_ms: Some(7000),
+        });
+        assert!(
+            text.starts_with("quiesce: exit code 0 - stopped\n"),
+            "{text}"
+        );
+        assert!(text.contains(" 5  stop-consumer        timeout    1.234s   0.005s  deadline 5s passed; acked=3 <-"), "{text}");
+        assert!(text.contains("total: 7.000s"));
+    }
+
+    #[test]
+    fn stays_under_kubelets_limit() {
+        let shared = Shared::new("control");
+        for i in 0..200 {
+            shared.record(record(
+                i as u8 % 9 + 1,
+                "stop-consumer",
+                StepOutcome::Ok,
+                &"x".repeat(300),
+            ));
+        }
+        let st = shared.lock();
+        let text = render(&Summary {
+            code: 137,
+            reason: "killed",
+            status: &st,
+            window_ms: 1,
+            total_ms: Some(1),
+        });
+        assert!(text.len() < LIMIT, "{}", text.len());
+        assert!(text.contains("rows left out"));
+        assert!(text.contains("total: 0.001s"));
+    }
+
+    #[test]
+    fn writes_only_when_the_directory_exists() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("termination-log");
+        assert!(write(&p, "hello").expect("write"));
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), "hello");
+        let missing = dir.path().join("nope/termination-log");
+        assert!(!write(&missing, "hello").expect("no error"));
+        assert!(!missing.exists());
+    }
+}

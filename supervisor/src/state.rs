@@ -1,0 +1,146 @@
+//! The supervisor's observable state: what `quiesce ctl status`, health, metrics and the termination message
+//! read. One `Arc<Mutex<_>>`, written by the run loop and the stop sequence, read by everyone else.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::exit::ChildEnd;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Starting,
+    Running,
+    Stopping,
+    Exiting,
+}
+
+/// Outcome of one step, as the termination message spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepOutcome {
+    Ok,
+    Timeout,
+    Error,
+    Skipped,
+}
+
+impl StepOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepOutcome::Ok => "ok",
+            StepOutcome::Timeout => "timeout",
+            StepOutcome::Error => "error",
+            StepOutcome::Skipped => "skipped",
+        }
+    }
+}
+
+/// One line of the shutdown story.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepRecord {
+    /// Position in the nine-step table, or 0 for the supervisor's own bookkeeping rows (signal, cleanup).
+    pub number: u8,
+    pub name: String,
+    pub outcome: StepOutcome,
+    /// Offset from the start of the shutdown.
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    /// Counts the app reported (requests drained, messages acked…).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub counts: BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// Why the shutdown began.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "detail")]
+pub enum Trigger {
+    Signal(String),
+    Prestop,
+    Operator,
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trigger::Signal(s) => write!(f, "{s}"),
+            Trigger::Prestop => f.write_str("preStop hook"),
+            Trigger::Operator => f.write_str("quiesce ctl shutdown"),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub phase: Phase,
+    pub mode: &'static str,
+    pub child_pid: Option<i32>,
+    #[serde(serialize_with = "ser_end")]
+    pub child_end: Option<ChildEnd>,
+    pub trigger: Option<Trigger>,
+    #[serde(skip)]
+    pub stop_started: Option<Instant>,
+    pub steps: Vec<StepRecord>,
+    /// Control connection: "off" (signal mode), "connecting", "connected", "lost".
+    pub control: String,
+    pub zombies_reaped: u64,
+    pub signals_received: BTreeMap<String, u64>,
+}
+
+fn ser_end<S: serde::Serializer>(end: &Option<ChildEnd>, s: S) -> Result<S::Ok, S::Error> {
+    match end {
+        Some(e) => s.serialize_str(&e.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+/// Cheap to clone handle on the shared status.
+#[derive(Clone, Debug)]
+pub struct Shared(Arc<Mutex<Status>>);
+
+impl Shared {
+    pub fn new(mode: &'static str) -> Shared {
+        Shared(Arc::new(Mutex::new(Status {
+            phase: Phase::Starting,
+            mode,
+            child_pid: None,
+            child_end: None,
+            trigger: None,
+            stop_started: None,
+            steps: Vec::new(),
+            control: if mode == "control" {
+                "connecting".into()
+            } else {
+                "off".into()
+            },
+            zombies_reaped: 0,
+            signals_received: BTreeMap::new(),
+        })))
+    }
+
+    /// Locks the status; a panic elsewhere never makes it unreadable.
+    pub fn lock(&self) -> MutexGuard<'_, Status> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn record(&self, r: StepRecord) {
+        self.lock().steps.push(r);
+    }
+
+    /// Milliseconds since the shutdown began.
+    pub fn since_stop(&self, at: Instant) -> u64 {
+        self.lock()
+            .stop_started
+            .map(|s| ms(at.saturating_duration_since(s)))
+            .unwrap_or(0)
+    }
+}
+
+pub fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}

@@ -1,0 +1,195 @@
+//! The stop: step 1 (readiness off, preStop delay), asking the app to stop, and the deadline's force.
+//!
+//! Every wait here ends as soon as its condition holds: the child's end arrives on a watch channel from the
+//! reaper, so no wait sleeps past it. Deadlines come from the shutdown start (the earlier of the preStop call
+//! and the signal) plus `grace_period - safety_margin`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout_at};
+
+use crate::config::{Config, ForwardTo};
+use crate::exit::{ChildEnd, StopContext};
+use crate::signals::Sig;
+use crate::state::{Shared, StepOutcome, StepRecord, ms};
+
+/// What the stop sequence needs, shared by signal mode and control mode.
+#[derive(Clone, Debug)]
+pub struct StopCtx {
+    pub cfg: Arc<Config>,
+    pub shared: Shared,
+    pub pid: i32,
+    pub end: watch::Receiver<Option<ChildEnd>>,
+    /// Shutdown start.
+    pub start: Instant,
+    /// Flipped to true when step 1 is over (the preStop hook returns then).
+    pub step_one_done: watch::Sender<bool>,
+    /// Flipped to true at step 1's start: health goes NOT_SERVING.
+    pub stopping: watch::Sender<bool>,
+}
+
+impl StopCtx {
+    /// The moment everything must be over: start + grace_period - safety_margin.
+    pub fn deadline(&self) -> Instant {
+        self.start + self.cfg.stop_window()
+    }
+
+    pub fn child_ended(&self) -> bool {
+        self.end.borrow().is_some()
+    }
+
+    /// Waits for the child's end until `until`; true if it ended.
+    pub async fn wait_end_until(&self, until: Instant) -> bool {
+        let mut rx = self.end.clone();
+        timeout_at(until, rx.wait_for(|e| e.is_some()))
+            .await
+            .is_ok()
+    }
+
+    pub fn record(
+        &self,
+        number: u8,
+        name: &str,
+        outcome: StepOutcome,
+        began: Instant,
+        detail: String,
+    ) {
+        let r = StepRecord {
+            number,
+            name: name.to_string(),
+            outcome,
+            started_ms: ms(began.saturating_duration_since(self.start)),
+            duration_ms: ms(began.elapsed()),
+            counts: Default::default(),
+            detail,
+        };
+        tracing::info!(step = %r.name, outcome = r.outcome.as_str(), duration_ms = r.duration_ms, detail = %r.detail, "step end");
+        self.shared.record(r);
+    }
+}
+
+/// Step 1: every service but liveness NOT_SERVING, then the preStop delay (ends early if the app exits).
+pub async fn step_one(ctx: &StopCtx) {
+    let began = Instant::now();
+    ctx.stopping.send_replace(true);
+    let delay = ctx.cfg.prestop_delay;
+    tracing::info!(
+        step = "health-not-serving",
+        delay_ms = ms(delay),
+        "step start"
+    );
+    let until = ctx.start + delay;
+    let ended = ctx.wait_end_until(until).await;
+    let (outcome, detail) = if ended && Instant::now() < until {
+        (
+            StepOutcome::Skipped,
+            format!(
+                "app exited during the {} preStop delay",
+                humantime::format_duration(delay)
+            ),
+        )
+    } else {
+        (
+            StepOutcome::Ok,
+            format!(
+                "readiness NOT_SERVING; preStop delay {}",
+                humantime::format_duration(delay)
+            ),
+        )
+    };
+    ctx.record(1, "health-not-serving", outcome, began, detail);
+    ctx.step_one_done.send_replace(true);
+}
+
+/// Signal mode: step 1, then the stop signal, then wait for the exit until the deadline, then SIGKILL.
+pub async fn signal_mode(ctx: StopCtx, send: Sig) -> StopContext {
+    step_one(&ctx).await;
+    if ctx.child_ended() {
+        return StopContext {
+            asked_with: None,
+            forced: false,
+        };
+    }
+    let began = Instant::now();
+    let target = match ctx.cfg.forward_to {
+        ForwardTo::Child => format!("pid {}", ctx.pid),
+        ForwardTo::Group => format!("process group {}", ctx.pid),
+    };
+    tracing::info!(step = "stop-signal", signal = %send, %target, "step start");
+    deliver(ctx.pid, send, ctx.cfg.forward_to);
+    if ctx.wait_end_until(ctx.deadline()).await {
+        let end = ctx.end.borrow().map(|e| e.to_string()).unwrap_or_default();
+        ctx.record(
+            0,
+            "stop-signal",
+            StepOutcome::Ok,
+            began,
+            format!("sent {send} to {target}; app {end}"),
+        );
+        return StopContext {
+            asked_with: Some(send),
+            forced: false,
+        };
+    }
+    ctx.record(
+        0,
+        "stop-signal",
+        StepOutcome::Timeout,
+        began,
+        format!("sent {send} to {target}; still running at the deadline"),
+    );
+    force(&ctx, false).await;
+    StopContext {
+        asked_with: Some(send),
+        forced: true,
+    }
+}
+
+/// The deadline passed: the app's whole process group gets SIGTERM (optionally), then SIGKILL.
+pub async fn force(ctx: &StopCtx, term_first: bool) {
+    let began = Instant::now();
+    let pg = Pid::from_raw(ctx.pid);
+    let mut detail = String::new();
+    if term_first {
+        let _ = killpg(pg, Signal::SIGTERM);
+        // A short last chance, from the safety margin, so the app can still flush logs.
+        let grace = (ctx.cfg.safety_margin / 4).min(Duration::from_millis(500));
+        if ctx.wait_end_until(Instant::now() + grace).await {
+            ctx.record(
+                0,
+                "deadline",
+                StepOutcome::Timeout,
+                began,
+                "overall deadline: SIGTERM to the process group; app exited".into(),
+            );
+            return;
+        }
+        detail.push_str("overall deadline: SIGTERM, then ");
+    } else {
+        detail.push_str("overall deadline: ");
+    }
+    let _ = killpg(pg, Signal::SIGKILL);
+    let _ = kill(pg, Signal::SIGKILL); // in case the child left its group
+    detail.push_str("SIGKILL to the process group");
+    // SIGKILL cannot be refused; only a task stuck in the kernel (D state) keeps us here, and then not past
+    // half the safety margin.
+    let _ = ctx
+        .wait_end_until(Instant::now() + ctx.cfg.safety_margin / 2)
+        .await;
+    ctx.record(0, "deadline", StepOutcome::Timeout, began, detail);
+}
+
+/// Sends a signal to the child or its group, as configured.
+pub fn deliver(pid: i32, sig: Sig, to: ForwardTo) {
+    let target = match to {
+        ForwardTo::Child => pid,
+        ForwardTo::Group => -pid,
+    };
+    if let Err(e) = crate::sys::kill_raw(target, sig) {
+        tracing::debug!(pid = target, signal = %sig, error = %e, "signal not delivered");
+    }
+}

@@ -1,0 +1,329 @@
+//! The run loop: owns the signal stream and the reaper, starts the stop, and decides the exit.
+//!
+//! One task owns `waitpid(-1)` and every signal. The stop sequence runs as its own task and hears about the
+//! child's end through a watch channel, so the loop keeps reaping and forwarding while it runs.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use signal_hook::iterator::exfiltrator::WithOrigin;
+use signal_hook::low_level::siginfo::{Cause, Origin, Sent};
+use signal_hook_tokio::SignalsInfo;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::child::{self, SpawnError, SpawnSpec};
+use crate::config::Config;
+use crate::exit::{self, ChildEnd, StopContext, code};
+use crate::reaper;
+use crate::report;
+use crate::signals::{self, Sig};
+use crate::state::{Phase, Shared, StepOutcome, Trigger, ms};
+use crate::stop::{self, StopCtx};
+
+/// Requests from outside the loop (admin socket, tests).
+#[derive(Debug)]
+pub enum Event {
+    /// Begin the shutdown (idempotent: a second request joins the first).
+    Stop(Trigger),
+}
+
+/// Watches other parts of the supervisor can hold.
+#[derive(Clone, Debug)]
+pub struct Watches {
+    /// True once step 1 began (health: NOT_SERVING).
+    pub stopping: watch::Receiver<bool>,
+    /// True once step 1's delay is over (`quiesce prestop` returns).
+    pub step_one_done: watch::Receiver<bool>,
+    /// The main child's end.
+    pub end: watch::Receiver<Option<ChildEnd>>,
+}
+
+/// How the supervisor ends.
+#[derive(Debug)]
+pub struct Outcome {
+    pub code: i32,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Spawn(#[from] SpawnError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Spawn(e) => e.exit_code(),
+            RunError::Signals(_) => code::INTERNAL,
+        }
+    }
+}
+
+/// The senders behind [`Watches`], created before the loop so servers can subscribe first.
+#[derive(Debug)]
+pub struct Channels {
+    stopping: watch::Sender<bool>,
+    step_one_done: watch::Sender<bool>,
+    end: watch::Sender<Option<ChildEnd>>,
+}
+
+pub fn channels() -> (Channels, Watches) {
+    let (stopping, stopping_rx) = watch::channel(false);
+    let (step_one_done, step_one_rx) = watch::channel(false);
+    let (end, end_rx) = watch::channel(None);
+    (
+        Channels {
+            stopping,
+            step_one_done,
+            end,
+        },
+        Watches {
+            stopping: stopping_rx,
+            step_one_done: step_one_rx,
+            end: end_rx,
+        },
+    )
+}
+
+/// Starts the child and supervises it until the end. Signal handlers are installed before the child starts
+/// so no signal sent in between is lost.
+pub async fn run(
+    cfg: Arc<Config>,
+    spec: SpawnSpec,
+    shared: Shared,
+    chans: Channels,
+    mut events: mpsc::UnboundedReceiver<Event>,
+) -> Result<Outcome, RunError> {
+    let mut handled = signals::forwarded();
+    handled.push(Sig::CHLD);
+    let mut sigs =
+        SignalsInfo::<WithOrigin>::new(handled.iter().map(|s| s.0)).map_err(RunError::Signals)?;
+
+    if std::process::id() != 1 {
+        // Orphans of our descendants come to us instead of to the real init, so we can reap them.
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            tracing::warn!(error = %e, "cannot become a child subreaper; orphans will go to the host's init");
+        }
+    }
+
+    let pid = child::spawn(&spec)?;
+    {
+        let mut st = shared.lock();
+        st.child_pid = Some(pid);
+        st.phase = Phase::Running;
+    }
+    tracing::info!(pid, command = ?spec.argv, "child started");
+
+    let end_tx = chans.end;
+    let (none_left_tx, none_left_rx) = watch::channel(false);
+    let mut stop_task: Option<JoinHandle<StopContext>> = None;
+    let mut finish: Option<JoinHandle<Outcome>> = None;
+    let mut start: Option<Instant> = None;
+
+    let begin_stop = |trigger: Trigger,
+                      stop_task: &mut Option<JoinHandle<StopContext>>,
+                      start: &mut Option<Instant>,
+                      send: Sig| {
+        if stop_task.is_some() || end_tx.borrow().is_some() {
+            tracing::info!(%trigger, "shutdown already under way; not restarting it");
+            return;
+        }
+        let now = Instant::now();
+        *start = Some(now);
+        {
+            let mut st = shared.lock();
+            st.phase = Phase::Stopping;
+            st.trigger = Some(trigger.clone());
+            st.stop_started = Some(now.into_std());
+        }
+        tracing::info!(%trigger, window_ms = ms(cfg.stop_window()), "shutdown started");
+        let ctx = StopCtx {
+            cfg: cfg.clone(),
+            shared: shared.clone(),
+            pid,
+            end: end_tx.subscribe(),
+            start: now,
+            step_one_done: chans.step_one_done.clone(),
+            stopping: chans.stopping.clone(),
+        };
+        *stop_task = Some(tokio::spawn(stop::signal_mode(ctx, send)));
+    };
+
+    loop {
+        tokio::select! {
+            origin = sigs.next() => {
+                let Some(origin) = origin else { continue };
+                let sig = Sig(origin.signal);
+                if sig == Sig::CHLD {
+                    let r = reaper::reap(pid);
+                    {
+                        let mut st = shared.lock();
+                        st.zombies_reaped += r.count;
+                    }
+                    if let Some(end) = r.main && end_tx.borrow().is_none() {
+                        tracing::info!(pid, status = %end, "child ended");
+                        {
+                            let mut st = shared.lock();
+                            st.child_end = Some(end);
+                            st.phase = Phase::Exiting;
+                        }
+                        end_tx.send_replace(Some(end));
+                        finish = Some(tokio::spawn(finish_up(cfg.clone(), shared.clone(), end, stop_task.take(), start, none_left_rx.clone())));
+                    }
+                    if r.none_left {
+                        none_left_tx.send_replace(true);
+                    }
+                    continue;
+                }
+                if sig == Sig::PIPE && !sent_by_process(&origin) {
+                    continue; // raised by our own socket write, not meant for the app
+                }
+                *shared.lock().signals_received.entry(sig.name()).or_default() += 1;
+                if sig == Sig::TERM || sig == Sig::INT {
+                    // SIGINT keeps its interactive meaning: the app is asked with SIGINT, as tini would pass it.
+                    let send = if sig == Sig::INT { cfg.rewrite.apply(sig) } else { cfg.stop_signal };
+                    begin_stop(Trigger::Signal(sig.name()), &mut stop_task, &mut start, send);
+                    continue;
+                }
+                if end_tx.borrow().is_some() {
+                    continue;
+                }
+                let out = cfg.rewrite.apply(sig);
+                tracing::debug!(received = %sig, forwarded = %out, "forwarding signal");
+                stop::deliver(pid, out, cfg.forward_to);
+            }
+            ev = events.recv() => match ev {
+                Some(Event::Stop(trigger)) => begin_stop(trigger, &mut stop_task, &mut start, cfg.stop_signal),
+                None => {}
+            },
+            out = async { finish.as_mut().expect("guarded").await }, if finish.is_some() => {
+                return Ok(out.unwrap_or_else(|e| Outcome { code: code::INTERNAL, reason: format!("internal error: {e}") }));
+            }
+        }
+    }
+}
+
+fn sent_by_process(o: &Origin) -> bool {
+    matches!(o.cause, Cause::Sent(Sent::User | Sent::TKill | Sent::Queue))
+}
+
+/// After the main child ended: let the stop task finish, sweep leftovers, decide the code, write the report.
+async fn finish_up(
+    cfg: Arc<Config>,
+    shared: Shared,
+    end: ChildEnd,
+    stop_task: Option<JoinHandle<StopContext>>,
+    start: Option<Instant>,
+    none_left: watch::Receiver<bool>,
+) -> Outcome {
+    let stop = match stop_task {
+        Some(t) => t.await.ok(),
+        None => None,
+    };
+    cleanup(&cfg, &shared, start, none_left).await;
+    let code = exit::exit_code(end, stop, cfg.stop_exit_code);
+    let reason = match (&stop, shared.lock().trigger.clone()) {
+        (Some(s), Some(t)) if s.forced => {
+            format!("stop by {t}: app still running at the deadline, killed; it {end}")
+        }
+        (_, Some(t)) if code == 0 && end.raw_code() != 0 => {
+            format!("stop by {t}: app {end} in time (stop_exit_code=zero)")
+        }
+        (_, Some(t)) => format!("stop by {t}: app {end}"),
+        (_, None) => format!("app {end} without a stop being requested"),
+    };
+    let total = start.map(|s| ms(s.elapsed()));
+    {
+        let st = shared.lock();
+        let text = report::render(&report::Summary {
+            code,
+            reason: &reason,
+            status: &st,
+            window_ms: ms(cfg.stop_window()),
+            total_ms: total,
+        });
+        if let Some(path) = &cfg.termination_log {
+            match report::write(path, &text) {
+                Ok(true) => tracing::debug!(path = %path.display(), "termination message written"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write the termination message")
+                }
+            }
+        }
+    }
+    Outcome { code, reason }
+}
+
+/// Leftover descendants (daemons the app started, orphans): SIGTERM, wait up to `cleanup_timeout` for them
+/// to go, then SIGKILL. The wait ends as soon as the reaper reports no children left.
+async fn cleanup(
+    cfg: &Config,
+    shared: &Shared,
+    start: Option<Instant>,
+    mut none_left: watch::Receiver<bool>,
+) {
+    if *none_left.borrow() {
+        return;
+    }
+    let began = Instant::now();
+    // Never past the middle of the safety margin when a stop is running.
+    let mut until = began + cfg.cleanup_timeout;
+    if let Some(s) = start {
+        until = until
+            .min(s + cfg.stop_window() + cfg.safety_margin / 2)
+            .max(began);
+    }
+    let n = reaper::signal_all_descendants(Sig::TERM);
+    if n == 0
+        && tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            none_left.wait_for(|v| *v),
+        )
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    let ok = tokio::time::timeout_at(until, none_left.wait_for(|v| *v))
+        .await
+        .is_ok();
+    let (outcome, detail) = if ok {
+        (
+            StepOutcome::Ok,
+            "leftover processes exited after SIGTERM".to_string(),
+        )
+    } else {
+        reaper::signal_all_descendants(Sig::KILL);
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            none_left.wait_for(|v| *v),
+        )
+        .await;
+        (
+            StepOutcome::Timeout,
+            format!(
+                "leftover processes still running after {}: SIGKILL",
+                humantime::format_duration(cfg.cleanup_timeout)
+            ),
+        )
+    };
+    tracing::info!(outcome = outcome.as_str(), "leftover cleanup done");
+    let base = shared.lock().stop_started;
+    shared.record(crate::state::StepRecord {
+        number: 0,
+        name: "cleanup".into(),
+        outcome,
+        started_ms: base
+            .map(|b| ms(began.into_std().saturating_duration_since(b)))
+            .unwrap_or(0),
+        duration_ms: ms(began.elapsed()),
+        counts: Default::default(),
+        detail,
+    });
+}

@@ -1,0 +1,76 @@
+//! The few calls that need `unsafe`: code run in the forked child before `exec`, and signal dispositions.
+//!
+//! Everything in the `pre_exec` closure must be async-signal-safe: the child of a multi-threaded process
+//! may only make raw syscalls until it execs.
+#![allow(unsafe_code)]
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, pthread_sigmask, signal};
+use nix::unistd::{Gid, Uid, getpid, isatty, setgid, setgroups, setuid, tcsetpgrp};
+
+/// What the child does between fork and exec.
+#[derive(Clone, Debug)]
+pub struct ExecPlan {
+    /// The signal mask the supervisor itself inherited; the child gets it back.
+    pub mask: SigSet,
+    /// Make the child's process group the terminal's foreground group (stdin is a TTY).
+    pub foreground: bool,
+    /// Drop to these ids, clearing supplementary groups.
+    pub ids: Option<(Uid, Gid)>,
+}
+
+/// Installs the plan as the command's `pre_exec` hook.
+pub fn install(cmd: &mut Command, plan: ExecPlan) {
+    let hook = move || -> std::io::Result<()> {
+        if plan.foreground {
+            // Still ignoring SIGTTOU (inherited from the supervisor), so a background group may take the
+            // terminal. Errors (no controlling terminal) are ignored, as tini does.
+            let _ = tcsetpgrp(std::io::stdin(), getpid());
+        }
+        // The supervisor ignores these so its terminal never stops it; the app gets the defaults back.
+        // SAFETY: setting SIG_DFL installs no handler; async-signal-safe.
+        unsafe {
+            signal(Signal::SIGTTIN, SigHandler::SigDfl).map_err(std::io::Error::from)?;
+            signal(Signal::SIGTTOU, SigHandler::SigDfl).map_err(std::io::Error::from)?;
+        }
+        if let Some((uid, gid)) = plan.ids {
+            setgroups(&[]).map_err(std::io::Error::from)?;
+            setgid(gid).map_err(std::io::Error::from)?;
+            setuid(uid).map_err(std::io::Error::from)?;
+        }
+        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&plan.mask), None)
+            .map_err(std::io::Error::from)?;
+        Ok(())
+    };
+    // SAFETY: the hook only makes async-signal-safe syscalls (tcsetpgrp, sigaction, setgroups, setgid, setuid,
+    // sigprocmask) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Ignores SIGTTIN/SIGTTOU in the supervisor (tini does the same) and returns whether stdin is a TTY.
+pub fn ignore_tty_signals() -> bool {
+    // SAFETY: SIG_IGN installs no handler code.
+    unsafe {
+        let _ = signal(Signal::SIGTTIN, SigHandler::SigIgn);
+        let _ = signal(Signal::SIGTTOU, SigHandler::SigIgn);
+    }
+    isatty(std::io::stdin()).unwrap_or(false)
+}
+
+/// The signal mask this process started with.
+pub fn current_mask() -> SigSet {
+    let mut old = SigSet::empty();
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut old));
+    old
+}
+
+/// kill(2) with any signal number, including the realtime range that `nix::Signal` cannot name.
+pub fn kill_raw(pid: i32, sig: crate::signals::Sig) -> nix::Result<()> {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, sig.0) };
+    nix::errno::Errno::result(rc).map(drop)
+}
