@@ -43,7 +43,7 @@ pub struct RunArgs {
 #[derive(Subcommand, Debug)]
 pub enum Sub {
     /// Validate the configuration (file, environment, flags) and print the resolved shutdown plan.
-    CheckConfig(RunArgs),
+    CheckConfig(Box<RunArgs>),
     /// preStop exec hook: start step 1 in the running supervisor and return when the preStop delay has passed.
     Prestop(ClientArgs),
     /// Operator commands for the running supervisor.

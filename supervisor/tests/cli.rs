@@ -1,0 +1,230 @@
+//! Bad input on the command line, in the environment and in the config file: each gets its documented
+//! exit code and a one-line reason naming the problem and the fix, and no child is started.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+struct Run {
+    code: i32,
+    stderr: String,
+    stdout: String,
+}
+
+fn run(s: &Scratch, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut c = quiesce(s);
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = output_timeout(c, T);
+    Run {
+        code: out.status.code().expect("exited"),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+    }
+}
+
+fn file(s: &Scratch, text: &str) -> String {
+    let p = s.path("quiesce.toml");
+    std::fs::write(&p, text).expect("write config");
+    p.display().to_string()
+}
+
+#[test]
+fn usage_errors_exit_120() {
+    let s = Scratch::new();
+    let marker = s.path("ran");
+    let touch = ["--", "/usr/bin/touch", marker.to_str().expect("utf8")];
+    for (args, needle) in [
+        (
+            vec!["--no-such-flag"],
+            "unexpected argument '--no-such-flag'",
+        ),
+        (vec!["--grace-period", "soon"], "invalid duration 'soon'"),
+        (vec!["--stop-signal", "SIGNOPE"], "unknown signal 'SIGNOPE'"),
+        (vec!["--forward-to", "everyone"], "invalid value 'everyone'"),
+        (
+            vec!["--health-address", "localhost"],
+            "invalid value 'localhost'",
+        ),
+        (vec!["--signals-rewrite", "SIGHUP"], "FROM=TO"),
+    ] {
+        let mut a = args.clone();
+        a.extend(touch);
+        let r = run(&s, &a, &[]);
+        assert_eq!(r.code, 120, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{args:?}: {}", r.stderr);
+        assert!(!marker.exists(), "{args:?} started the child");
+    }
+    let r = run(&s, &[], &[]);
+    assert_eq!(r.code, 120);
+    assert!(
+        r.stderr.contains("no command to run: pass it after `--`"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn bad_environment_values_name_the_variable() {
+    let s = Scratch::new();
+    let r = run(
+        &s,
+        &["--", "/bin/true"],
+        &[("QUIESCE_GRACE_PERIOD", "forever")],
+    );
+    assert_eq!(r.code, 120, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("invalid duration 'forever'"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn config_file_errors_exit_121_with_file_line_and_key() {
+    let s = Scratch::new();
+    for (text, needle) in [
+        (
+            "grace_period = \"30s\"\ngrase_period = \"5s\"\n",
+            "line 2: unknown field `grase_period`",
+        ),
+        (
+            "[health]\naddress = \"0.0.0.0:50051\"\npoll_interval = \"often\"\n",
+            "line 3: poll_interval: invalid duration 'often'",
+        ),
+        (
+            "stop_signal = \"SIGNOPE\"\n",
+            "line 1: stop_signal: unknown signal 'SIGNOPE'",
+        ),
+        (
+            "[steps]\nclose_dbb = \"1s\"\n",
+            "line 2: unknown field `close_dbb`",
+        ),
+        ("grace_period = 30\n", "line 1: grace_period:"),
+        (
+            "grace_period = \"10s\"\nsafety_margin = \"10s\"\n",
+            "safety_margin: 10s leaves no time",
+        ),
+        (
+            "prestop_delay = \"29s\"\n",
+            "prestop_delay: 29s uses the whole stop window",
+        ),
+        (
+            "[metrics]\naddress = \"0.0.0.0:50051\"\n",
+            "metrics.address: 0.0.0.0:50051 is also health.address",
+        ),
+        ("not toml at all", "line 1:"),
+    ] {
+        let path = file(&s, text);
+        // Health and metrics on, so their address clash is checked (nothing is bound: the config is refused first).
+        let on = [
+            ("QUIESCE_METRICS_ENABLED", "true"),
+            ("QUIESCE_HEALTH_ENABLED", "true"),
+        ];
+        let r = run(&s, &["--config", &path, "--", "/bin/true"], &on);
+        assert_eq!(r.code, 121, "{text}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{text}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+        let check = run(&s, &["check-config", "--config", &path], &on);
+        assert_eq!(check.code, 121, "check-config {text}");
+    }
+    let r = run(
+        &s,
+        &["--config", "/nonexistent/q.toml", "--", "/bin/true"],
+        &[],
+    );
+    assert_eq!(r.code, 121);
+    assert!(
+        r.stderr
+            .contains("cannot read config file /nonexistent/q.toml"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn precedence_is_flags_then_env_then_file() {
+    let s = Scratch::new();
+    let path = file(
+        &s,
+        "grace_period = \"40s\"\nsafety_margin = \"3s\"\nstop_signal = \"SIGQUIT\"\n",
+    );
+    let r = run(
+        &s,
+        &["check-config", "--config", &path, "--grace-period", "20s"],
+        &[
+            ("QUIESCE_GRACE_PERIOD", "50s"),
+            ("QUIESCE_STOP_SIGNAL", "SIGUSR2"),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("grace_period: 20s  safety_margin: 3s"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("stop_signal: SIGUSR2"), "{}", r.stdout);
+    assert!(r.stdout.contains("9 close-db"), "{}", r.stdout);
+}
+
+#[test]
+fn spawn_failures_use_126_and_127() {
+    let s = Scratch::new();
+    let r = run(&s, &["--", "/definitely/not/here"], &[]);
+    assert_eq!(r.code, 127);
+    assert!(
+        r.stderr
+            .contains("cannot run '/definitely/not/here': command not found"),
+        "{}",
+        r.stderr
+    );
+    let r = run(&s, &["--", "/etc/passwd"], &[]);
+    assert_eq!(r.code, 126);
+    assert!(r.stderr.contains("not executable"), "{}", r.stderr);
+    let r = run(&s, &["--workdir", "/no/such/dir", "--", "/bin/true"], &[]);
+    assert_eq!(r.code, 122, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("working directory /no/such/dir does not exist"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn privilege_drop_failures_exit_123_and_start_nothing() {
+    let s = Scratch::new();
+    let r = run(&s, &["--user", "no-such-user-here", "--", "/bin/true"], &[]);
+    assert_eq!(r.code, 123, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("user 'no-such-user-here' does not exist"),
+        "{}",
+        r.stderr
+    );
+    let r = run(
+        &s,
+        &["--group", "no-such-group-here", "--", "/bin/true"],
+        &[],
+    );
+    assert_eq!(r.code, 123, "{}", r.stderr);
+    // Not root: cannot switch to another user.
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(quiesce_bin())
+        .args(["--user", "root", "--", "/bin/true"]);
+    isolate(&mut c, &s);
+    let out = output_timeout(c, T);
+    assert_eq!(
+        out.status.code(),
+        Some(123),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs root"));
+}

@@ -1,0 +1,319 @@
+//! quiesce as a subreaper (not PID 1) in signal mode: the stop, its deadline, leftovers, mask and ids.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn last_log(stderr: &[u8]) -> serde_json::Value {
+    json_lines(stderr)
+        .pop()
+        .expect("at least one JSON log line")
+}
+
+#[test]
+fn sigterm_stops_the_app_and_exits_zero_with_a_report() {
+    let s = Scratch::new();
+    let mut c = quiesce(&s);
+    c.arg("--").arg(testbin()).arg("sleep");
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    assert!(
+        wait_until(T, || !common::descendants(pid).is_empty()),
+        "app never started"
+    );
+    send(pid, libc::SIGTERM);
+    let status = wait_timeout(&mut child, T);
+    assert_eq!(status.code(), Some(0));
+    let msg =
+        std::fs::read_to_string(s.path("termination-log")).expect("termination message written");
+    assert!(
+        msg.starts_with("quiesce: exit code 0 - stop by SIGTERM: app killed by SIGTERM in time"),
+        "{msg}"
+    );
+    assert!(msg.contains("health-not-serving"), "{msg}");
+    assert!(msg.contains("stop-signal"), "{msg}");
+    assert!(msg.len() < 4096);
+}
+
+#[test]
+fn stop_exit_code_signal_keeps_143_and_final_log_line_says_so() {
+    let s = Scratch::new();
+    let mut c = quiesce(&s);
+    c.args(["--stop-exit-code", "signal", "--"])
+        .arg(testbin())
+        .arg("sleep");
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    assert!(wait_until(T, || !common::descendants(pid).is_empty()));
+    send(pid, libc::SIGTERM);
+    let mut err = child.stderr.take().expect("stderr");
+    let status = wait_timeout(&mut child, T);
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut err, &mut buf).expect("read");
+    assert_eq!(status.code(), Some(143));
+    let last = last_log(&buf);
+    assert_eq!(last["message"], "exiting");
+    assert_eq!(last["code"], 143);
+    assert!(
+        last["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("killed by SIGTERM")
+    );
+}
+
+#[test]
+fn app_ignoring_sigterm_is_killed_before_the_grace_period() {
+    let s = Scratch::new();
+    let mut c = quiesce(&s);
+    c.args(["--grace-period", "3s", "--safety-margin", "1s", "--"])
+        .arg(testbin())
+        .arg("ignore-sigterm");
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    wait_for_line(&mut child, T, |l| l == "ignoring SIGTERM");
+    let began = Instant::now();
+    send(child.id(), libc::SIGTERM);
+    // A second SIGTERM must not restart the sequence (the deadline stays where it was).
+    send(child.id(), libc::SIGTERM);
+    let status = wait_timeout(&mut child, Duration::from_secs(3));
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "outlived the grace period: {:?}",
+        began.elapsed()
+    );
+    assert_eq!(
+        status.code(),
+        Some(137),
+        "a forced kill is reported, never hidden"
+    );
+    let msg = std::fs::read_to_string(s.path("termination-log")).expect("report");
+    assert!(msg.contains("stop-signal          timeout"), "{msg}");
+    assert!(msg.contains("SIGKILL to the process group"), "{msg}");
+}
+
+#[test]
+fn second_sigterm_does_not_restart_the_stop() {
+    let s = Scratch::new();
+    let mut c = quiesce(&s);
+    c.args(["--prestop-delay", "1s", "--"])
+        .arg(testbin())
+        .arg("sleep");
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    assert!(wait_until(T, || !common::descendants(pid).is_empty()));
+    send(pid, libc::SIGTERM);
+    send(pid, libc::SIGTERM);
+    send(pid, libc::SIGINT);
+    let mut err = child.stderr.take().expect("stderr");
+    let status = wait_timeout(&mut child, T);
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut err, &mut buf).expect("read");
+    assert_eq!(status.code(), Some(0));
+    let logs = json_lines(&buf);
+    let starts = logs
+        .iter()
+        .filter(|l| l["message"] == "shutdown started")
+        .count();
+    assert_eq!(starts, 1, "{logs:?}");
+    assert!(
+        logs.iter()
+            .any(|l| l["message"] == "shutdown already under way; not restarting it")
+    );
+}
+
+#[test]
+fn signal_mask_and_ignored_signals_are_restored_like_tini() {
+    let s = Scratch::new();
+    let run = |init: Vec<std::path::PathBuf>| -> String {
+        let mut c = std::process::Command::new(testbin());
+        c.args(["block", "SIGUSR1", "--"])
+            .args(&init)
+            .arg("--")
+            .arg(testbin())
+            .arg("print-sigmask");
+        isolate(&mut c, &s);
+        let out = output_timeout(c, T);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ours = run(vec![quiesce_bin()]);
+    let theirs = run(vec![tini(), "-s".into()]);
+    assert_eq!(ours, theirs);
+    let usr1_bit = 1u64 << (libc::SIGUSR1 - 1);
+    let blk = ours
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .expect("SigBlk");
+    let ign = ours
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .expect("SigIgn");
+    assert_eq!(
+        u64::from_str_radix(blk.trim(), 16).expect("hex"),
+        usr1_bit,
+        "inherited mask restored"
+    );
+    let tty_bits = (1u64 << (libc::SIGTTIN - 1)) | (1u64 << (libc::SIGTTOU - 1));
+    let ign = u64::from_str_radix(ign.trim(), 16).expect("hex");
+    assert_eq!(
+        ign & tty_bits,
+        0,
+        "SIGTTIN/SIGTTOU back to default (the supervisor itself ignores them)"
+    );
+}
+
+#[test]
+fn orphan_storm_leaves_no_zombie_as_subreaper() {
+    let s = Scratch::new();
+    let mut c = quiesce(&s);
+    c.arg("--")
+        .arg(testbin())
+        .args(["spawn-orphans", "5000", "sleep"]);
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id() as i32;
+    wait_for_line(&mut child, T, |l| l == "spawned 5000");
+    assert!(
+        wait_until(T, || zombies_of(pid) == 0),
+        "zombies left: {}",
+        zombies_of(pid)
+    );
+    send(pid as u32, libc::SIGTERM);
+    assert_eq!(wait_timeout(&mut child, T).code(), Some(0));
+}
+
+fn leftover(stubborn: bool) {
+    let s = Scratch::new();
+    let mut c = quiesce(&s);
+    c.args(["--cleanup-timeout", "500ms", "--"])
+        .arg(testbin())
+        .arg("leave-daemon");
+    if stubborn {
+        c.arg("stubborn");
+    }
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let line = wait_for_line(&mut child, T, |l| l.starts_with("daemon "));
+    let daemon: i32 = line["daemon ".len()..].parse().expect("pid");
+    let status = wait_timeout(&mut child, T);
+    assert_eq!(status.code(), Some(0), "the app's own exit code");
+    assert!(!alive(daemon), "leftover daemon {daemon} still running");
+    let msg = std::fs::read_to_string(s.path("termination-log")).expect("report");
+    let expect = if stubborn {
+        "SIGKILL"
+    } else {
+        "exited after SIGTERM"
+    };
+    assert!(msg.contains("cleanup") && msg.contains(expect), "{msg}");
+}
+
+#[test]
+fn leftover_descendants_get_sigterm() {
+    leftover(false);
+}
+
+#[test]
+fn leftover_descendants_ignoring_sigterm_get_sigkill() {
+    leftover(true);
+}
+
+#[test]
+fn child_runs_as_the_configured_user_with_no_supplementary_groups() {
+    let s = Scratch::new();
+    let mut c = quiesce(&s);
+    c.args(["--user", "nobody", "--group", "nogroup", "--"])
+        .arg(testbin())
+        .arg("sleep");
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let mut kids = Vec::new();
+    assert!(wait_until(T, || {
+        kids = common::descendants(pid);
+        !kids.is_empty()
+    }));
+    let mut status = String::new();
+    assert!(wait_until(T, || {
+        status = std::fs::read_to_string(format!("/proc/{}/status", kids[0])).unwrap_or_default();
+        status.contains("testbin") || status.lines().any(|l| l.starts_with("Uid:\t65534"))
+    }));
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid:"), ["65534"; 4], "{status}");
+    assert_eq!(field("Gid:"), ["65534"; 4], "{status}");
+    assert!(field("Groups:").is_empty(), "{status}");
+    send(pid, libc::SIGTERM);
+    assert_eq!(wait_timeout(&mut child, T).code(), Some(0));
+}
+
+#[test]
+fn rewrite_map_and_group_forwarding() {
+    let s = Scratch::new();
+    let rec = s.path("rec");
+    let mut c = quiesce(&s);
+    c.args([
+        "--signals-rewrite",
+        "SIGHUP=SIGUSR2",
+        "--forward-to",
+        "group",
+        "--",
+    ])
+    .arg(testbin())
+    .arg("record-signals")
+    .arg(&rec);
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let read = || std::fs::read_to_string(&rec).unwrap_or_default();
+    assert!(wait_until(T, || read().starts_with("ready")));
+    send(child.id(), libc::SIGHUP);
+    assert!(
+        wait_until(T, || read().contains("SIGUSR2")),
+        "rewritten signal not received: {}",
+        read()
+    );
+    assert!(!read().contains("SIGHUP"));
+    send(child.id(), libc::SIGTERM);
+    assert_eq!(wait_timeout(&mut child, T).code(), Some(0));
+}
