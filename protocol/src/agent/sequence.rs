@@ -1,0 +1,337 @@
+//! The step state machine and the runner that executes one verb's sub-steps under its deadline.
+//!
+//! State changes only here, under the agent's lock, and only in one direction per step:
+//! pending → running → done. A refused request never reaches [`Sequence::claim`]'s mutation.
+//! The runner is spawned, so a connection that vanishes mid-step cannot cancel it: the result is
+//! recorded either way and returned to whoever asks for that verb again.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::handler::{StepCtx, StepFn};
+use crate::wire::{
+    Counts, Outcome, Phase, StepReply, StepState, StepStatus, StepVerb, SubStep, SubStepReply,
+    WireError,
+};
+
+/// How long a cancelled handler task gets to be dropped before the sequence moves on anyway (a
+/// handler blocking its thread cannot be dropped at all).
+const ABORT_GRACE: Duration = Duration::from_millis(100);
+
+type Done = watch::Receiver<Option<StepReply>>;
+
+#[derive(Debug)]
+enum Slot {
+    Pending,
+    Running { started: Instant, done: Done },
+    Done(StepReply),
+}
+
+/// What the caller of [`Sequence::claim`] must do next.
+#[derive(Debug)]
+pub(crate) enum Claim {
+    /// The verb already ran: here is its recorded reply, marked repeated.
+    Recorded(StepReply),
+    /// The verb is running on behalf of someone else: wait for its reply.
+    Wait(Done),
+    /// The verb is now marked running: run it and publish the reply here.
+    Run(watch::Sender<Option<StepReply>>),
+}
+
+/// The five steps' states.
+#[derive(Debug)]
+pub(crate) struct Sequence {
+    slots: [Slot; 5],
+}
+
+impl Sequence {
+    pub(crate) fn new() -> Sequence {
+        Sequence {
+            slots: std::array::from_fn(|_| Slot::Pending),
+        }
+    }
+
+    /// Accepts `verb` if every earlier verb is done; changes nothing when it refuses.
+    pub(crate) fn claim(&mut self, verb: StepVerb) -> Result<Claim, WireError> {
+        match &self.slots[verb.index()] {
+            Slot::Done(reply) => {
+                let mut reply = reply.clone();
+                reply.repeated = true;
+                return Ok(Claim::Recorded(reply));
+            }
+            Slot::Running { done, .. } => return Ok(Claim::Wait(done.clone())),
+            Slot::Pending => {}
+        }
+        for earlier in &StepVerb::ALL[..verb.index()] {
+            match &self.slots[earlier.index()] {
+                Slot::Done(_) => {}
+                Slot::Running { .. } => {
+                    return Err(WireError::out_of_order(
+                        *earlier,
+                        format!(
+                            "`{verb}` must wait: `{earlier}` is still running; send `{verb}` after `{earlier}` has replied"
+                        ),
+                    ));
+                }
+                Slot::Pending => {
+                    return Err(WireError::out_of_order(
+                        *earlier,
+                        format!(
+                            "`{verb}` is out of order: `{earlier}` has not run yet; send `{earlier} deadline_ms=…` first (order: drain, stop-cron, stop-consumer, stop-poller, close)"
+                        ),
+                    ));
+                }
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        self.slots[verb.index()] = Slot::Running {
+            started: Instant::now(),
+            done: rx,
+        };
+        Ok(Claim::Run(tx))
+    }
+
+    /// Records the reply of a verb that finished.
+    pub(crate) fn finish(&mut self, reply: StepReply) {
+        let index = reply.step.index();
+        self.slots[index] = Slot::Done(reply);
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        if matches!(self.slots[StepVerb::Close.index()], Slot::Done(_)) {
+            Phase::Closed
+        } else if self.slots.iter().all(|s| matches!(s, Slot::Pending)) {
+            Phase::Serving
+        } else {
+            Phase::Stopping
+        }
+    }
+
+    /// The first verb that has not finished (it may be running).
+    pub(crate) fn next_step(&self) -> Option<StepVerb> {
+        StepVerb::ALL
+            .into_iter()
+            .find(|v| !matches!(self.slots[v.index()], Slot::Done(_)))
+    }
+
+    pub(crate) fn steps(&self) -> Vec<StepStatus> {
+        StepVerb::ALL
+            .into_iter()
+            .map(|verb| match &self.slots[verb.index()] {
+                Slot::Pending => StepStatus {
+                    verb,
+                    state: StepState::Pending,
+                    outcome: None,
+                    duration_ms: None,
+                },
+                Slot::Running { started, .. } => StepStatus {
+                    verb,
+                    state: StepState::Running,
+                    outcome: None,
+                    duration_ms: Some(millis(started.elapsed())),
+                },
+                Slot::Done(reply) => StepStatus {
+                    verb,
+                    state: StepState::Done,
+                    outcome: Some(reply.outcome),
+                    duration_ms: Some(reply.duration_ms),
+                },
+            })
+            .collect()
+    }
+}
+
+/// Waits for a running verb's reply.
+pub(crate) async fn wait_done(mut done: Done, verb: StepVerb) -> Result<StepReply, WireError> {
+    match done.wait_for(Option::is_some).await {
+        Ok(reply) => match reply.clone() {
+            Some(reply) => Ok(reply),
+            None => Err(lost(verb)),
+        },
+        Err(_) => Err(lost(verb)),
+    }
+}
+
+fn lost(verb: StepVerb) -> WireError {
+    WireError::new(
+        crate::wire::ErrorCode::Internal,
+        format!(
+            "`{verb}` ended without recording a result (its task was dropped, e.g. the runtime is shutting down); the app should exit"
+        ),
+    )
+}
+
+/// Runs every sub-step of `verb` in order under the shared `deadline` and builds its reply.
+/// `received` is when the request arrived, so the verb's duration covers the whole budget.
+pub(crate) async fn run_verb(
+    handlers: &BTreeMap<SubStep, StepFn>,
+    verb: StepVerb,
+    received: Instant,
+    deadline: Instant,
+    local: bool,
+) -> StepReply {
+    let mut substeps = Vec::with_capacity(verb.substeps().len());
+    for &substep in verb.substeps() {
+        let reply = run_substep(handlers.get(&substep), substep, deadline, local).await;
+        tracing::info!(
+            step = %verb,
+            substep = %substep,
+            outcome = %reply.outcome,
+            duration_ms = reply.duration_ms,
+            "sub-step finished"
+        );
+        substeps.push(reply);
+    }
+    let outcome = substeps
+        .iter()
+        .map(|s| s.outcome)
+        .max()
+        .unwrap_or(Outcome::Ok);
+    let mut counts = Counts::new();
+    for s in &substeps {
+        for (k, v) in &s.counts {
+            let total = counts.entry(k.clone()).or_insert(0);
+            *total = total.saturating_add(*v);
+        }
+    }
+    let failures: Vec<String> = substeps
+        .iter()
+        .filter(|s| s.outcome != Outcome::Ok)
+        .map(|s| format!("{}: {}", s.name, s.message.as_deref().unwrap_or("failed")))
+        .collect();
+    StepReply {
+        ok: true,
+        step: verb,
+        outcome,
+        duration_ms: millis(received.elapsed()),
+        message: (!failures.is_empty()).then(|| failures.join("; ")),
+        counts,
+        substeps,
+        repeated: false,
+    }
+}
+
+async fn run_substep(
+    handler: Option<&StepFn>,
+    substep: SubStep,
+    deadline: Instant,
+    local: bool,
+) -> SubStepReply {
+    let started = Instant::now();
+    let mut reply = SubStepReply {
+        name: substep,
+        outcome: Outcome::Ok,
+        duration_ms: 0,
+        message: None,
+        counts: Counts::new(),
+        note: None,
+    };
+    let Some(handler) = handler else {
+        reply.note = Some("nothing registered".to_owned());
+        return reply;
+    };
+    let budget = deadline.saturating_duration_since(started);
+    if budget.is_zero() {
+        reply.outcome = Outcome::Timeout;
+        reply.message = Some(
+            "not started: the step's deadline had passed before this sub-step's turn".to_owned(),
+        );
+        return reply;
+    }
+    let future = handler(StepCtx::new(substep, deadline, local));
+    let mut task = tokio::spawn(future);
+    match tokio::time::timeout_at(deadline, &mut task).await {
+        Ok(Ok(Ok(report))) => {
+            let (counts, note) = report.into_parts();
+            reply.counts = counts;
+            reply.note = note;
+        }
+        Ok(Ok(Err(error))) => {
+            reply.outcome = Outcome::Error;
+            reply.message = Some(error.message().to_owned());
+        }
+        Ok(Err(join_error)) => {
+            reply.outcome = Outcome::Error;
+            reply.message = Some(panic_message(join_error));
+        }
+        Err(_elapsed) => {
+            task.abort();
+            // Give the runtime a moment to drop the future, so the next sub-step does not
+            // overlap with this one; a handler blocking its thread cannot be waited for.
+            let _ = tokio::time::timeout(ABORT_GRACE, task).await;
+            reply.outcome = Outcome::Timeout;
+            reply.message = Some(format!(
+                "did not finish within its deadline ({} ms were left when it started); it was cancelled",
+                millis(budget)
+            ));
+        }
+    }
+    reply.duration_ms = millis(started.elapsed());
+    reply
+}
+
+fn panic_message(error: tokio::task::JoinError) -> String {
+    if error.is_cancelled() {
+        return "the handler task was cancelled".to_owned();
+    }
+    let payload = error.into_panic();
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic payload".to_owned());
+    format!("the handler panicked: {text}")
+}
+
+/// Whole milliseconds, rounded down.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::ErrorCode;
+
+    fn reply(verb: StepVerb) -> StepReply {
+        StepReply {
+            ok: true,
+            step: verb,
+            outcome: Outcome::Ok,
+            duration_ms: 1,
+            message: None,
+            counts: Counts::new(),
+            substeps: vec![],
+            repeated: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn order_is_enforced_and_refusal_changes_nothing() {
+        let mut seq = Sequence::new();
+        assert_eq!(seq.phase(), Phase::Serving);
+        let err = seq.claim(StepVerb::StopCron).unwrap_err();
+        assert_eq!(err.code, ErrorCode::OutOfOrder);
+        assert_eq!(err.expected, Some(StepVerb::Drain));
+        assert_eq!(seq.phase(), Phase::Serving);
+        assert!(matches!(seq.claim(StepVerb::Drain), Ok(Claim::Run(_))));
+        assert_eq!(seq.phase(), Phase::Stopping);
+        assert!(matches!(seq.claim(StepVerb::Drain), Ok(Claim::Wait(_))));
+        let err = seq.claim(StepVerb::StopCron).unwrap_err();
+        assert!(err.message.contains("still running"), "{}", err.message);
+        seq.finish(reply(StepVerb::Drain));
+        match seq.claim(StepVerb::Drain) {
+            Ok(Claim::Recorded(r)) => assert!(r.repeated),
+            other => panic!("expected the recorded reply, got {other:?}"),
+        }
+        for verb in &StepVerb::ALL[1..] {
+            assert!(matches!(seq.claim(*verb), Ok(Claim::Run(_))));
+            seq.finish(reply(*verb));
+        }
+        assert_eq!(seq.phase(), Phase::Closed);
+        assert_eq!(seq.next_step(), None);
+    }
+}

@@ -1,0 +1,232 @@
+//! The app-owned shutdown steps as data: five control verbs, eight sub-steps, one order.
+//!
+//! Steps 2–9 of the nine-step shutdown belong to the app. They are grouped into five verbs so
+//! the supervisor makes five round trips, not eight. Everything that needs the order (the agent's
+//! sequencer, status replies, the supervisor's table) reads it from here.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A step verb of protocol v1, in the only order the agent accepts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepVerb {
+    /// Steps 2 (stop accepting) and 3 (drain in-flight requests).
+    Drain,
+    /// Step 4: stop the cron scheduler, let a running job finish.
+    StopCron,
+    /// Step 5: stop message consumers, ack/nack what was delivered.
+    StopConsumer,
+    /// Step 6: stop the outbox poller after its current batch.
+    StopPoller,
+    /// Steps 7–9: close the MQ connection, Redis, then the DB pool.
+    Close,
+}
+
+impl StepVerb {
+    /// Every step verb, in protocol order.
+    pub const ALL: [StepVerb; 5] = [
+        StepVerb::Drain,
+        StepVerb::StopCron,
+        StepVerb::StopConsumer,
+        StepVerb::StopPoller,
+        StepVerb::Close,
+    ];
+
+    /// The verb as it appears on the wire (`"stop-cron"`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StepVerb::Drain => "drain",
+            StepVerb::StopCron => "stop-cron",
+            StepVerb::StopConsumer => "stop-consumer",
+            StepVerb::StopPoller => "stop-poller",
+            StepVerb::Close => "close",
+        }
+    }
+
+    /// Position in the order, 0 for `drain` to 4 for `close`.
+    pub const fn index(self) -> usize {
+        match self {
+            StepVerb::Drain => 0,
+            StepVerb::StopCron => 1,
+            StepVerb::StopConsumer => 2,
+            StepVerb::StopPoller => 3,
+            StepVerb::Close => 4,
+        }
+    }
+
+    /// The verb at position `index` (see [`StepVerb::index`]).
+    pub fn from_index(index: usize) -> Option<StepVerb> {
+        StepVerb::ALL.get(index).copied()
+    }
+
+    /// The verb that comes after this one, `None` after `close`.
+    pub fn next(self) -> Option<StepVerb> {
+        StepVerb::from_index(self.index() + 1)
+    }
+
+    /// The sub-steps this verb runs, in order, sharing its deadline.
+    pub const fn substeps(self) -> &'static [SubStep] {
+        match self {
+            StepVerb::Drain => &[SubStep::StopAccepting, SubStep::DrainInFlight],
+            StepVerb::StopCron => &[SubStep::StopCron],
+            StepVerb::StopConsumer => &[SubStep::StopConsumer],
+            StepVerb::StopPoller => &[SubStep::StopPoller],
+            StepVerb::Close => &[SubStep::CloseMq, SubStep::CloseRedis, SubStep::CloseDb],
+        }
+    }
+
+    /// Parses the wire spelling; `None` for anything else (case-sensitive).
+    pub fn parse(s: &str) -> Option<StepVerb> {
+        StepVerb::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+impl fmt::Display for StepVerb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for StepVerb {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        StepVerb::parse(s).ok_or_else(|| UnknownName(s.to_owned()))
+    }
+}
+
+/// One of the eight app-owned steps (2–9 of the nine-step shutdown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SubStep {
+    /// Step 2: close listeners (gRPC/HTTP).
+    StopAccepting,
+    /// Step 3: wait for in-flight requests, cancel the rest at the deadline.
+    DrainInFlight,
+    /// Step 4: stop the cron scheduler.
+    StopCron,
+    /// Step 5: stop MQ consumers.
+    StopConsumer,
+    /// Step 6: stop the outbox poller.
+    StopPoller,
+    /// Step 7: close the MQ connection.
+    CloseMq,
+    /// Step 8: close the Redis client.
+    CloseRedis,
+    /// Step 9: close the DB pool.
+    CloseDb,
+}
+
+impl SubStep {
+    /// Every sub-step, in execution order.
+    pub const ALL: [SubStep; 8] = [
+        SubStep::StopAccepting,
+        SubStep::DrainInFlight,
+        SubStep::StopCron,
+        SubStep::StopConsumer,
+        SubStep::StopPoller,
+        SubStep::CloseMq,
+        SubStep::CloseRedis,
+        SubStep::CloseDb,
+    ];
+
+    /// The name as it appears on the wire (`"drain-in-flight"`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SubStep::StopAccepting => "stop-accepting",
+            SubStep::DrainInFlight => "drain-in-flight",
+            SubStep::StopCron => "stop-cron",
+            SubStep::StopConsumer => "stop-consumer",
+            SubStep::StopPoller => "stop-poller",
+            SubStep::CloseMq => "close-mq",
+            SubStep::CloseRedis => "close-redis",
+            SubStep::CloseDb => "close-db",
+        }
+    }
+
+    /// The verb that runs this sub-step.
+    pub const fn verb(self) -> StepVerb {
+        match self {
+            SubStep::StopAccepting | SubStep::DrainInFlight => StepVerb::Drain,
+            SubStep::StopCron => StepVerb::StopCron,
+            SubStep::StopConsumer => StepVerb::StopConsumer,
+            SubStep::StopPoller => StepVerb::StopPoller,
+            SubStep::CloseMq | SubStep::CloseRedis | SubStep::CloseDb => StepVerb::Close,
+        }
+    }
+
+    /// The step's number in the nine-step shutdown (2..=9; step 1 is the supervisor's).
+    pub const fn step_number(self) -> u8 {
+        match self {
+            SubStep::StopAccepting => 2,
+            SubStep::DrainInFlight => 3,
+            SubStep::StopCron => 4,
+            SubStep::StopConsumer => 5,
+            SubStep::StopPoller => 6,
+            SubStep::CloseMq => 7,
+            SubStep::CloseRedis => 8,
+            SubStep::CloseDb => 9,
+        }
+    }
+
+    /// Parses the wire spelling; `None` for anything else.
+    pub fn parse(s: &str) -> Option<SubStep> {
+        SubStep::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+impl fmt::Display for SubStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SubStep {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SubStep::parse(s).ok_or_else(|| UnknownName(s.to_owned()))
+    }
+}
+
+/// A name that is not one of the protocol's step or sub-step names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a step name of protocol v1")]
+pub struct UnknownName(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substeps_cover_all_in_order() {
+        let flat: Vec<SubStep> = StepVerb::ALL
+            .iter()
+            .flat_map(|v| v.substeps().iter().copied())
+            .collect();
+        assert_eq!(flat, SubStep::ALL);
+        for (i, s) in SubStep::ALL.iter().enumerate() {
+            assert_eq!(usize::from(s.step_number()), i + 2);
+            assert!(s.verb().substeps().contains(s));
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for (i, v) in StepVerb::ALL.into_iter().enumerate() {
+            assert_eq!(v.index(), i);
+            assert_eq!(StepVerb::parse(v.as_str()), Some(v));
+            assert_eq!(serde_json::to_string(&v).unwrap(), format!("\"{v}\""));
+        }
+        for s in SubStep::ALL {
+            assert_eq!(SubStep::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+        }
+        assert_eq!(StepVerb::Close.next(), None);
+        assert_eq!(StepVerb::Drain.next(), Some(StepVerb::StopCron));
+        assert!(StepVerb::parse("Drain").is_none());
+    }
+}
