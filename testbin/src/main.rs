@@ -13,6 +13,9 @@
 //! testbin print-sigmask             print SigBlk/SigIgn lines from /proc/self/status
 //! testbin print-ids                 print "uid=U gid=G groups=[..]"
 //! testbin block SIG -- CMD...       block SIG, then exec CMD (to test mask inheritance)
+//! testbin zombie-burst N            orphan N exited processes at once to our parent (the init under test)
+//!                                   and print "reaped N in MICROS us" once none is left unreaped
+//! testbin term-latency              print "ready", then on SIGTERM print "term NANOS" (CLOCK_MONOTONIC) and exit
 //! ```
 #![allow(unsafe_code)]
 
@@ -65,6 +68,8 @@ fn main() {
                 nix::unistd::getgid()
             );
         }
+        ["zombie-burst", n] => zombie_burst(n.parse().unwrap_or_else(|_| usage())),
+        ["term-latency"] => term_latency(),
         ["block", sig, "--", cmd @ ..] if !cmd.is_empty() => {
             let mut set = SigSet::empty();
             set.add(Signal::try_from(parse_sig(sig)).unwrap_or_else(|_| usage()));
@@ -210,4 +215,81 @@ fn leave_daemon(stubborn: bool) -> ! {
             exit(3)
         }
     }
+}
+
+fn monotonic_ns() -> u128 {
+    let t =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or_else(|_| exit(4));
+    t.tv_sec() as u128 * 1_000_000_000 + t.tv_nsec() as u128
+}
+
+/// Zombies whose parent is `parent`, from /proc.
+fn count_zombies_of(parent: i32) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some(i) = stat.rfind(')') else {
+                return false;
+            };
+            let mut f = stat[i + 2..].split(' ');
+            f.next() == Some("Z") && f.next().and_then(|p| p.parse::<i32>().ok()) == Some(parent)
+        })
+        .count()
+}
+
+/// A middle process forks N children that exit at once, waits until all N are zombies, then exits: the
+/// kernel hands the N zombies to the init (our parent) in one go. We time how long until it reaped them all.
+fn zombie_burst(n: usize) -> ! {
+    let init = nix::unistd::getppid().as_raw();
+    let (rd, wr) = nix::unistd::pipe().unwrap_or_else(|_| exit(4));
+    // SAFETY: the middle process only forks, reads /proc, writes a pipe and exits.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            drop(rd);
+            let me = nix::unistd::getpid().as_raw();
+            for _ in 0..n {
+                // SAFETY: the grandchild exits at once.
+                if let Ok(ForkResult::Child) = unsafe { fork() } {
+                    unsafe { libc::_exit(0) };
+                }
+            }
+            while count_zombies_of(me) < n {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let _ = nix::unistd::write(&wr, &monotonic_ns().to_le_bytes());
+            unsafe { libc::_exit(0) };
+        }
+        Ok(ForkResult::Parent { .. }) => {
+            drop(wr);
+            let mut buf = [0u8; 16];
+            let _ = nix::unistd::read(&rd, &mut buf);
+            let start = u128::from_le_bytes(buf);
+            // Our parent also reaps the middle process; wait until nothing it owns is a zombie.
+            while count_zombies_of(init) > 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let took = (monotonic_ns() - start) / 1000;
+            println!("reaped {n} in {took} us");
+            exit(0)
+        }
+        Err(_) => exit(3),
+    }
+}
+
+fn term_latency() -> ! {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    let _ = set.thread_block();
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let _ = set.wait();
+    println!("term {}", monotonic_ns());
+    let _ = std::io::stdout().flush();
+    exit(0)
 }
