@@ -169,12 +169,18 @@ check_migrations() {
     if (( ${#no_tx[@]} )); then
         "$VENV/bin/squawk" --reporter gcc "${no_tx[@]}" || rc=1
     fi
-    (( rc == 0 )) || die "squawk found unsafe migration statements (rules: https://squawkhq.com/docs/rules); a destructive change needs an expand/contract sequence, not an in-place DROP/RENAME/type change"
+    (( rc == 0 )) || die "squawk rejects the migrations above (each rule is explained at https://squawkhq.com/docs/rules). Destructive changes (DROP/RENAME/type change) need an expand/contract sequence over two releases, not an in-place change"
     echo "ok: $(( ${#in_tx[@]} + ${#no_tx[@]} )) files"
+}
+
+need_kubectl() {
+    command -v kubectl >/dev/null \
+        || die "kubectl not found: it renders the kustomization (kubectl kustomize); install kubectl"
 }
 
 check_manifests() {
     header "kubectl kustomize deploy/k8s | kubernetes-validate --strict"
+    need_kubectl
     need_venv
     local rendered
     rendered=$(mktemp --suffix=.yaml)
@@ -189,6 +195,7 @@ check_manifests() {
 
 check_k8s_policy() {
     header "grace period and manifest policy (.ci/k8s_policy.py)"
+    need_kubectl
     need_venv
     "$VENV/bin/python" .ci/k8s_policy.py deploy/k8s --compose deploy/compose.yaml --dockerfile Dockerfile
 }
@@ -231,7 +238,10 @@ check_quiesce_config() {
 check_cargo_deny() {
     header "cargo deny check licenses bans sources"
     need_cargo_deny
-    PATH="$(dirname "$CARGO_DENY"):$PATH" cargo deny --locked check licenses bans sources
+    # Duplicate versions are warnings (listed, not fatal); denied licences, banned crates and
+    # unknown sources fail. --locked: a stale Cargo.lock is an error here, not silently updated.
+    PATH="$(dirname "$CARGO_DENY"):$PATH" cargo deny --locked check --hide-inclusion-graph \
+        licenses bans sources
 }
 
 # --- driver -----------------------------------------------------------------------------------

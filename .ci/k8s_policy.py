@@ -58,6 +58,14 @@ PROBE_SERVICES = {
     "readinessProbe": "readiness",
 }
 
+PROBE_WHY = {
+    "startupProbe": "`startup` turns SERVING once the app has said hello on the control socket",
+    "livenessProbe": "`liveness` ignores dependencies; `readiness` or \"\" would restart every pod "
+    "during a database outage and at every shutdown",
+    "readinessProbe": "`readiness` follows the required dependencies and goes NOT_SERVING at "
+    "shutdown step 1; `liveness` or `startup` would keep traffic on a draining pod",
+}
+
 _UNITS = {
     "ns": 1e-9, "nsec": 1e-9,
     "us": 1e-6, "usec": 1e-6,
@@ -221,9 +229,8 @@ def check_deployment(r: Report, docs: list[dict]) -> float:
         )
         r.check(
             grpc.get("service") == service,
-            f"{name}: {probe}.grpc.service is {grpc.get('service')!r}; it must be {service!r} "
-            f"(quiesce's {service} service has the {probe.removesuffix('Probe')} meaning; other "
-            f"names follow other rules)",
+            f"{name}: {probe}.grpc.service is {grpc.get('service')!r}; it must be {service!r}: "
+            f"{PROBE_WHY[probe]}",
         )
     live = c.get("livenessProbe") or {}
     live_cfg = parse_duration(health.get("liveness_timeout", "1s"), "health.liveness_timeout")
@@ -404,7 +411,7 @@ def main() -> int:
         return 1
     for p in r.problems:
         print(f"FAIL {p}")
-    print(f"k8s-policy: {r.passed} checks ok, {len(r.problems)} problems (grace_period {fmt(grace)})")
+    print(f"k8s-policy: {r.passed} checks ok, {len(r.problems)} problem(s) (grace_period {fmt(grace)})")
     return 1 if r.problems else 0
 
 
