@@ -21,12 +21,15 @@
 //! - [`child`]: spawning (argv exec, process group, terminal, ids); [`sys`]: the unsafe bits.
 //! - [`signals`]: names, the forwarded set, rewrites; [`reaper`]: reaping and the leftover sweep.
 //! - [`steps`]: the nine-step table; [`stop`]: step 1, the stop signal, the deadline's force.
+//! - [`admin`]: the admin socket (`prestop`, `ctl`); [`ctl`]: its client in the same binary.
 //! - [`supervisor`]: the run loop; [`exit`]: exit codes; [`report`]: the termination message;
 //!   [`state`]: the observable status.
 
+pub mod admin;
 pub mod child;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod exit;
 pub mod logging;
 pub mod reaper;
@@ -78,15 +81,36 @@ pub fn run(cfg: Config) -> i32 {
         "signal"
     };
     let shared = state::Shared::new(mode);
-    let (chans, _watches) = supervisor::channels();
-    let (_events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-    let result = rt.block_on(supervisor::run(cfg, spec, shared, chans, events_rx));
+    let (chans, watches) = supervisor::channels();
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let result = rt.block_on(async {
+        // Bound before the child starts, so `quiesce prestop` works from the first moment.
+        if let Some(path) = &cfg.admin_socket {
+            match admin::bind(path) {
+                Ok(listener) => {
+                    tokio::spawn(admin::serve(
+                        listener,
+                        shared.clone(),
+                        events_tx.clone(),
+                        watches.clone(),
+                    ));
+                }
+                Err(e) => return Err(fail(code::BIND, &format!("{e}"))),
+            }
+        }
+        supervisor::run(cfg.clone(), spec, shared, chans, events_rx)
+            .await
+            .map_err(|e| fail(e.exit_code(), &e.to_string()))
+    });
+    if let Some(path) = &cfg.admin_socket {
+        let _ = std::fs::remove_file(path);
+    }
     match result {
         Ok(out) => {
             tracing::info!(code = out.code, reason = %out.reason, "exiting");
             out.code
         }
-        Err(e) => fail(e.exit_code(), &e.to_string()),
+        Err(code) => code,
     }
 }
 

@@ -1,7 +1,10 @@
 //! The `quiesce` binary: parse the command line, hand over to the library, exit with its code.
 
 use clap::Parser;
-use quiesce::cli::{Cli, Sub};
+use std::path::Path;
+use std::time::Duration;
+
+use quiesce::cli::{Cli, CtlCmd, Sub};
 use quiesce::exit::code;
 
 fn main() {
@@ -37,10 +40,46 @@ fn main() {
                 code::CONFIG
             }
         },
-        Some(Sub::Prestop(_)) | Some(Sub::Ctl { .. }) => {
-            eprintln!("quiesce: not available yet");
-            code::INTERNAL
-        }
+        Some(Sub::Prestop(c)) => client(&c.admin_socket, "prestop", c.timeout, |v| {
+            format!("preStop delay over after {} ms", v["waited_ms"])
+        }),
+        Some(Sub::Ctl {
+            cmd: CtlCmd::Status { client: c, json },
+        }) => client(&c.admin_socket, "status", c.timeout, |v| {
+            if json {
+                v.to_string()
+            } else {
+                quiesce::ctl::render_status(v)
+            }
+        }),
+        Some(Sub::Ctl {
+            cmd: CtlCmd::Shutdown(c),
+        }) => client(&c.admin_socket, "shutdown", c.timeout, |v| {
+            if v["already_stopping"] == true {
+                "shutdown already under way".into()
+            } else {
+                "shutdown started".into()
+            }
+        }),
     };
     std::process::exit(exit);
+}
+
+/// Runs one admin-socket verb and prints its result; errors go to stderr with a documented code.
+fn client(
+    socket: &Path,
+    verb: &str,
+    timeout: Duration,
+    show: impl Fn(&serde_json::Value) -> String,
+) -> i32 {
+    match quiesce::ctl::call(socket, verb, timeout) {
+        Ok(v) => {
+            println!("{}", show(&v).trim_end());
+            0
+        }
+        Err((code, reason)) => {
+            eprintln!("quiesce: {reason}");
+            code
+        }
+    }
 }

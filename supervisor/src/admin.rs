@@ -1,0 +1,172 @@
+//! The supervisor's admin socket: `quiesce prestop` and `quiesce ctl` talk to the running supervisor here.
+//!
+//! Same framing as the control protocol (one request line, one JSON reply line; parser and renderer from
+//! `quiesce_protocol::wire`), with the supervisor's own verbs:
+//!
+//! - `status`: phase, child pid, control connection, each shutdown step's outcome and timing.
+//! - `shutdown`: start the shutdown sequence, as SIGTERM would (joins one already running).
+//! - `prestop`: start step 1 (or join it) and reply once the preStop delay has passed.
+//!
+//! The socket is created 0600 and peers must be root or the supervisor's own uid (SO_PEERCRED).
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use quiesce_protocol::wire::{ErrorCode, LineReader, Request, WireError, render_reply};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::state::{Shared, Trigger, ms};
+use crate::supervisor::{Event, Watches};
+
+#[derive(Debug, thiserror::Error)]
+#[error("admin socket {path}: {reason}")]
+pub struct BindError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Binds the socket (removing a stale file, refusing if another supervisor answers there).
+pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    let err = |reason: String| BindError {
+        path: path.into(),
+        reason,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}; mount a writable directory there (an emptyDir) or set admin_socket", dir.display())))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(
+                "another supervisor is already listening there; give this one its own admin_socket"
+                    .into(),
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| err(format!("cannot remove the stale socket file: {e}")))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| err(format!("cannot bind: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(format!("cannot set mode 0600: {e}")))?;
+    Ok(listener)
+}
+
+/// Serves connections until the process ends.
+pub async fn serve(
+    listener: UnixListener,
+    shared: Shared,
+    events: mpsc::UnboundedSender<Event>,
+    watches: Watches,
+) {
+    let me = nix::unistd::geteuid().as_raw();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let allowed = stream
+            .peer_cred()
+            .map(|c| c.uid() == 0 || c.uid() == me)
+            .unwrap_or(false);
+        let (shared, events, watches) = (shared.clone(), events.clone(), watches.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, allowed, shared, events, watches).await {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+async fn connection(
+    stream: UnixStream,
+    allowed: bool,
+    shared: Shared,
+    events: mpsc::UnboundedSender<Event>,
+    mut watches: Watches,
+) -> io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = LineReader::new(tokio::io::BufReader::new(rd));
+    while let Some(next) = reader.next_line().await? {
+        if !allowed {
+            // Every request from a stranger gets the same refusal; nothing is parsed or changed.
+            let e = WireError::new(
+                ErrorCode::PeerRefused,
+                "only root or the supervisor's own user may use the admin socket",
+            );
+            wr.write_all(e.render_reply().as_bytes()).await?;
+            continue;
+        }
+        let line = match next {
+            Ok(line) if quiesce_protocol::wire::is_blank(&line) => continue,
+            Ok(line) => line,
+            Err(e) => {
+                wr.write_all(e.render_reply().as_bytes()).await?;
+                continue;
+            }
+        };
+        let reply = match Request::parse(&line) {
+            Err(e) => e.render_reply(),
+            Ok(req) => answer(&req, &shared, &events, &mut watches).await,
+        };
+        wr.write_all(reply.as_bytes()).await?;
+    }
+    Ok(())
+}
+
+async fn answer(
+    req: &Request,
+    shared: &Shared,
+    events: &mpsc::UnboundedSender<Event>,
+    watches: &mut Watches,
+) -> String {
+    if let Err(e) = req.check_keys(&[]) {
+        return e.render_reply();
+    }
+    match req.verb() {
+        "status" => {
+            let st = shared.lock();
+            let mut v = serde_json::to_value(&*st).unwrap_or_else(|_| json!({}));
+            if let Some(o) = v.as_object_mut() {
+                o.insert("ok".into(), json!(true));
+                o.insert("pid".into(), json!(std::process::id()));
+                if let Some(s) = st.stop_started {
+                    o.insert("stop_elapsed_ms".into(), json!(ms(s.elapsed())));
+                }
+            }
+            render_reply(&v)
+        }
+        "shutdown" => {
+            let already = shared.lock().trigger.is_some();
+            let _ = events.send(Event::Stop(Trigger::Operator));
+            render_reply(&json!({"ok": true, "already_stopping": already}))
+        }
+        "prestop" => {
+            let began = Instant::now();
+            let already = shared.lock().trigger.is_some();
+            let _ = events.send(Event::Stop(Trigger::Prestop));
+            // Returns when step 1 is over, or at once if the app is already gone.
+            let mut done = watches.step_one_done.clone();
+            let mut end = watches.end.clone();
+            tokio::select! {
+                _ = done.wait_for(|d| *d) => {}
+                _ = end.wait_for(|e| e.is_some()) => {}
+            }
+            render_reply(
+                &json!({"ok": true, "already_stopping": already, "waited_ms": ms(began.elapsed())}),
+            )
+        }
+        other => WireError::new(
+            ErrorCode::UnknownVerb,
+            format!(
+                "unknown verb '{other}': the admin socket understands status, shutdown and prestop"
+            ),
+        )
+        .render_reply(),
+    }
+}

@@ -1,0 +1,129 @@
+//! The client side of the admin socket, built into the same binary so distroless images need no shell,
+//! socat or curl: `quiesce prestop`, `quiesce ctl status`, `quiesce ctl shutdown`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use quiesce_protocol::client::Client;
+use serde_json::Value;
+
+use crate::exit::code;
+
+/// Sends one verb and returns the JSON reply, or a one-line reason with the exit code to use.
+pub fn call(socket: &Path, verb: &str, timeout: Duration) -> Result<Value, (i32, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            (
+                code::INTERNAL,
+                format!("cannot start the async runtime: {e}"),
+            )
+        })?;
+    rt.block_on(async {
+        let mut client = Client::connect(socket).await.map_err(|e| {
+            let why = match &e {
+                quiesce_protocol::client::ClientError::Connect { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            (
+                code::UNREACHABLE,
+                format!(
+                    "cannot reach the supervisor at {}: {why}; is quiesce running as this container's entrypoint with this admin_socket?",
+                    socket.display()
+                ),
+            )
+        })?;
+        let v = client.call_raw(verb, timeout).await.map_err(|e| (code::UNREACHABLE, format!("admin socket {}: {e}", socket.display())))?;
+        if v.get("ok").and_then(Value::as_bool) == Some(true) {
+            Ok(v)
+        } else {
+            let msg = v.get("message").and_then(Value::as_str).unwrap_or("refused");
+            Err((code::UNREACHABLE, format!("the supervisor refused `{verb}`: {msg}")))
+        }
+    })
+}
+
+/// The human form of `ctl status`.
+pub fn render_status(v: &Value) -> String {
+    let s = |k: &str| {
+        v.get(k)
+            .map(|x| {
+                x.as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| x.to_string())
+            })
+            .unwrap_or_default()
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "phase:      {}", s("phase"));
+    let _ = writeln!(out, "mode:       {}", s("mode"));
+    let _ = writeln!(out, "supervisor: pid {}", s("pid"));
+    let child = match (
+        v.get("child_pid").and_then(Value::as_i64),
+        v.get("child_end").and_then(Value::as_str),
+    ) {
+        (Some(p), Some(end)) => format!("pid {p}, {end}"),
+        (Some(p), None) => format!("pid {p}, running"),
+        _ => "not started".into(),
+    };
+    let _ = writeln!(out, "child:      {child}");
+    let _ = writeln!(out, "control:    {}", s("control"));
+    if let Some(t) = v.get("trigger").filter(|t| !t.is_null()) {
+        let what = t
+            .get("detail")
+            .and_then(Value::as_str)
+            .or_else(|| t.get("kind").and_then(Value::as_str))
+            .unwrap_or("?");
+        let _ = writeln!(
+            out,
+            "stop:       requested by {what}, {} ms ago",
+            s("stop_elapsed_ms")
+        );
+    }
+    let _ = writeln!(out, "reaped:     {} processes", s("zombies_reaped"));
+    let steps = v
+        .get("steps")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if steps.is_empty() {
+        let _ = writeln!(out, "steps:      none run yet");
+    } else {
+        let _ = writeln!(
+            out,
+            "\n{:>2}  {:<20} {:<8} {:>9} {:>9}  detail",
+            "#", "step", "outcome", "start ms", "took ms"
+        );
+        for st in steps {
+            let n = st.get("number").and_then(Value::as_u64).unwrap_or(0);
+            let num = if n == 0 { "-".into() } else { n.to_string() };
+            let g = |k: &str| {
+                st.get(k)
+                    .map(|x| {
+                        x.as_str()
+                            .map(String::from)
+                            .unwrap_or_else(|| x.to_string())
+                    })
+                    .unwrap_or_default()
+            };
+            let mut detail = g("detail");
+            if let Some(c) = st.get("counts").and_then(Value::as_object) {
+                for (k, val) in c {
+                    let _ = write!(detail, " {k}={val}");
+                }
+            }
+            let _ = writeln!(
+                out,
+                "{num:>2}  {:<20} {:<8} {:>9} {:>9}  {}",
+                g("name"),
+                g("outcome"),
+                g("started_ms"),
+                g("duration_ms"),
+                detail.trim()
+            );
+        }
+    }
+    out
+}
