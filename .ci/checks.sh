@@ -10,7 +10,7 @@
 # Tools install themselves on first use, quietly, into $QUIESCE_CI_CACHE (default
 # ~/.cache/quiesce-ci), pinned to the versions below, so a warm run takes seconds:
 #   buf (npm @bufbuild/buf), squawk + kubernetes-validate (PyPI, venv keyed on
-#   .ci/requirements.txt), promtool (Debian package `prometheus`, unpacked, no server started),
+#   .ci/checks-requirements.txt), promtool (Debian package `prometheus`, unpacked, no server started),
 #   cargo-deny (cargo install --locked; only if not already on PATH).
 # kubectl (for `kubectl kustomize`) comes with the machine.
 #
@@ -47,13 +47,13 @@ need_buf() {
 
 need_venv() {
     local hash
-    hash=$(sha256sum "$ROOT/.ci/requirements.txt" | cut -c1-12)
+    hash=$(sha256sum "$ROOT/.ci/checks-requirements.txt" | cut -c1-12)
     VENV="$CACHE/venv-$hash"
     if [[ ! -f $VENV/.complete ]]; then
-        echo "installing $(grep -v '^#' "$ROOT/.ci/requirements.txt" | xargs) (PyPI) into $VENV"
-        rm -rf "$VENV"
+        echo "installing $(grep -v '^#' "$ROOT/.ci/checks-requirements.txt" | xargs) (PyPI) into $VENV"
+        rm -rf "$CACHE"/venv-*   # older pins
         python3 -m venv "$VENV"
-        "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/.ci/requirements.txt"
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/.ci/checks-requirements.txt"
         touch "$VENV/.complete"
     fi
 }
@@ -113,8 +113,8 @@ check_buf_format() {
 
 # Which committed API to compare against:
 #   QUIESCE_BUF_AGAINST if set (any buf input, e.g. '.git#tag=v0.1.0');
-#   otherwise branch main, when HEAD is not main or proto/buf.yaml have uncommitted changes
-#   (a feature branch, or a local run before committing);
+#   otherwise branch main (or origin/main), when HEAD is not main or proto/ and buf.yaml have
+#   uncommitted changes (a feature branch, or a local run before committing);
 #   otherwise (CI on a clean main) the previous commit, HEAD~1.
 # Skipped when the base has no proto/ yet (the API is new: nothing to break).
 check_buf_breaking() {
@@ -125,13 +125,18 @@ check_buf_breaking() {
     if [[ -n ${QUIESCE_BUF_AGAINST:-} ]]; then
         against=$QUIESCE_BUF_AGAINST
     else
-        if ! git rev-parse --verify -q main >/dev/null; then
+        local main_ref
+        if git rev-parse --verify -q refs/heads/main >/dev/null; then
+            main_ref=main
+        elif git rev-parse --verify -q refs/remotes/origin/main >/dev/null; then
+            main_ref=origin/main
+        else
             skip "no branch main in this clone; set QUIESCE_BUF_AGAINST to compare with a base"
         fi
-        if [[ $(git rev-parse HEAD) != $(git rev-parse main) ]] \
+        if [[ $(git rev-parse HEAD) != $(git rev-parse "$main_ref") ]] \
             || [[ -n $(git status --porcelain -- proto buf.yaml) ]]; then
-            base=main
-            against='.git#branch=main'
+            base=$main_ref
+            against=".git#ref=$main_ref"
         else
             base=HEAD~1
             against='.git#ref=HEAD~1'
