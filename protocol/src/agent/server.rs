@@ -38,6 +38,19 @@ impl SocketOwner {
     fn allows(&self, uid: u32, gid: u32) -> bool {
         uid == 0 || uid == self.uid || (self.group_access && gid == self.gid)
     }
+
+    /// Who is allowed, for the refusal message.
+    fn describe(&self) -> String {
+        let mut who = if self.uid == 0 {
+            "uid 0 (the app's)".to_owned()
+        } else {
+            format!("uid 0 and uid {} (the app's)", self.uid)
+        };
+        if self.group_access {
+            who.push_str(&format!(" and processes with gid {}", self.gid));
+        }
+        who
+    }
 }
 
 /// Removes a stale socket file at `path`, then binds and sets the mode.
@@ -190,17 +203,12 @@ async fn serve_connection(agent: Agent, mut stream: UnixStream, owner: SocketOwn
     let refusal = match stream.peer_cred() {
         Ok(cred) if owner.allows(cred.uid(), cred.gid()) => None,
         Ok(cred) => Some(format!(
-            "peer uid {} (gid {}, pid {}) may not use this socket: only uid 0 and uid {} (the app's){} are allowed; connect as one of them",
+            "peer uid {} (gid {}, pid {}) may not use this socket: only {} may; connect as one of them",
             cred.uid(),
             cred.gid(),
             cred.pid()
                 .map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
-            owner.uid,
-            if owner.group_access {
-                format!(" or gid {}", owner.gid)
-            } else {
-                String::new()
-            },
+            owner.describe(),
         )),
         Err(e) => Some(format!(
             "cannot read the peer's credentials (SO_PEERCRED: {e}); connect over a local Unix socket"
