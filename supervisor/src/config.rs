@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Deserializer};
+use tracing::level_filters::LevelFilter;
 
 use crate::signals::{Rewrite, Sig};
 use crate::steps::{STEPS, StepId};
@@ -77,6 +78,26 @@ pub enum LogFormat {
     Human,
 }
 
+/// A log level (`error`, `warn`, `info`, `debug`, `trace`, `off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Level(pub LevelFilter);
+
+impl FromStr for Level {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.trim().parse::<LevelFilter>().map(Level).map_err(|_| {
+            format!("invalid log level '{s}': use error, warn, info, debug, trace or off")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Level {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Top-level keys. Flags are `--key-name`, env `QUIESCE_KEY_NAME`.
 #[derive(Args, Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
@@ -120,9 +141,9 @@ pub struct Layer {
     /// Log format: json when stderr is not a terminal, human when it is. [default: auto]
     #[arg(long, env = "QUIESCE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
-    /// Log filter (tracing syntax). [default: info]
-    #[arg(long, env = "QUIESCE_LOG_LEVEL", value_name = "FILTER")]
-    pub log_level: Option<String>,
+    /// Log level: error, warn, info, debug, trace or off. [default: info]
+    #[arg(long, env = "QUIESCE_LOG_LEVEL", value_name = "LEVEL")]
+    pub log_level: Option<Level>,
     /// Admin socket for `quiesce prestop` and `quiesce ctl`. `off` disables. [default: /run/quiesce/admin.sock]
     #[arg(long, env = "QUIESCE_ADMIN_SOCKET", value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
@@ -376,7 +397,7 @@ pub struct Config {
     pub group: Option<String>,
     pub workdir: Option<PathBuf>,
     pub log_format: LogFormat,
-    pub log_level: String,
+    pub log_level: LevelFilter,
     pub admin_socket: Option<PathBuf>,
     pub env: BTreeMap<String, String>,
     pub rewrite: Rewrite,
@@ -639,7 +660,7 @@ impl Config {
             group: non_blank(l.group),
             workdir: non_empty(l.workdir),
             log_format: l.log_format.unwrap_or(LogFormat::Auto),
-            log_level: non_blank(l.log_level).unwrap_or_else(|| "info".into()),
+            log_level: l.log_level.map(|l| l.0).unwrap_or(LevelFilter::INFO),
             admin_socket: match l.admin_socket {
                 None => Some(PathBuf::from("/run/quiesce/admin.sock")),
                 some => non_empty(some),

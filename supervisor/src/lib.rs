@@ -20,7 +20,8 @@
 //! - [`config`], [`cli`]: keys, layers, validation; [`logging`]: tracing setup.
 //! - [`child`]: spawning (argv exec, process group, terminal, ids); [`sys`]: the unsafe bits.
 //! - [`signals`]: names, the forwarded set, rewrites; [`reaper`]: reaping and the leftover sweep.
-//! - [`steps`]: the nine-step table; [`stop`]: step 1, the stop signal, the deadline's force.
+//! - [`steps`]: the nine-step table; [`stop`]: step 1, the stop signal, the deadline's force;
+//!   [`control`]: control mode, walking the table over the app's control socket.
 //! - [`admin`]: the admin socket (`prestop`, `ctl`); [`ctl`]: its client in the same binary.
 //! - [`supervisor`]: the run loop; [`exit`]: exit codes; [`report`]: the termination message;
 //!   [`state`]: the observable status.
@@ -29,6 +30,7 @@ pub mod admin;
 pub mod child;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod ctl;
 pub mod exit;
 pub mod logging;
@@ -54,9 +56,16 @@ pub fn run(cfg: Config) -> i32 {
         Ok(ids) => ids,
         Err(e) => return fail(e.exit_code(), &e.to_string()),
     };
+    let mut env = cfg.env.clone();
+    if let Some(path) = &cfg.control_socket {
+        env.insert(
+            quiesce_protocol::CONTROL_SOCKET_ENV.to_string(),
+            path.display().to_string(),
+        );
+    }
     let spec = child::SpawnSpec {
         argv: cfg.command.clone(),
-        env: cfg.env.clone(),
+        env,
         workdir: cfg.workdir.clone(),
         ids,
         foreground,

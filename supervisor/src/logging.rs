@@ -1,23 +1,22 @@
 //! Logs: JSON lines when stderr is not a terminal (Loki-friendly), human text when it is.
+//!
+//! A plain level filter, not `EnvFilter`: the supervisor logs from one crate, and a regex engine would cost
+//! every pod memory and start-up time for nothing.
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing::level_filters::LevelFilter;
 
 use crate::config::LogFormat;
 
-pub fn init(format: LogFormat, filter: &str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("quiesce: log_level '{filter}' is not a valid filter ({e}); using 'info'");
-        EnvFilter::new("info")
-    });
+pub fn init(format: LogFormat, level: LevelFilter) {
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Human => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false);
     let _ = if json {

@@ -22,7 +22,7 @@ fn main() {
     let exit = match cli.sub {
         None => match cli.run.resolve() {
             Ok(cfg) => {
-                quiesce::logging::init(cfg.log_format, &cfg.log_level);
+                quiesce::logging::init(cfg.log_format, cfg.log_level);
                 quiesce::run(cfg)
             }
             Err(e) => {

@@ -13,8 +13,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use quiesce_protocol::wire::HelloReply;
+
 use crate::child::{self, SpawnError, SpawnSpec};
 use crate::config::Config;
+use crate::control::{self, Driver, HelloWatch};
 use crate::exit::{self, ChildEnd, StopContext, code};
 use crate::reaper;
 use crate::report;
@@ -38,6 +41,8 @@ pub struct Watches {
     pub step_one_done: watch::Receiver<bool>,
     /// The main child's end.
     pub end: watch::Receiver<Option<ChildEnd>>,
+    /// The app's `hello` (control mode), once it said it.
+    pub hello: HelloWatch,
 }
 
 /// How the supervisor ends.
@@ -70,22 +75,26 @@ pub struct Channels {
     stopping: watch::Sender<bool>,
     step_one_done: watch::Sender<bool>,
     end: watch::Sender<Option<ChildEnd>>,
+    hello: watch::Sender<Option<HelloReply>>,
 }
 
 pub fn channels() -> (Channels, Watches) {
     let (stopping, stopping_rx) = watch::channel(false);
     let (step_one_done, step_one_rx) = watch::channel(false);
     let (end, end_rx) = watch::channel(None);
+    let (hello, hello_rx) = watch::channel(None);
     (
         Channels {
             stopping,
             step_one_done,
             end,
+            hello,
         },
         Watches {
             stopping: stopping_rx,
             step_one_done: step_one_rx,
             end: end_rx,
+            hello: hello_rx,
         },
     )
 }
@@ -118,6 +127,18 @@ pub async fn run(
         st.phase = Phase::Running;
     }
     tracing::info!(pid, command = ?spec.argv, "child started");
+    let driver = cfg.control_socket.clone().map(|path| {
+        let driver = Driver::default();
+        tokio::spawn(control::keep_driver(
+            path,
+            cfg.control_connect_timeout,
+            driver.clone(),
+            chans.hello.clone(),
+            shared.clone(),
+            chans.end.subscribe(),
+        ));
+        driver
+    });
 
     let end_tx = chans.end;
     let (none_left_tx, none_left_rx) = watch::channel(false);
@@ -151,7 +172,10 @@ pub async fn run(
             step_one_done: chans.step_one_done.clone(),
             stopping: chans.stopping.clone(),
         };
-        *stop_task = Some(tokio::spawn(stop::signal_mode(ctx, send)));
+        *stop_task = Some(match &driver {
+            Some(d) => tokio::spawn(control::sequence(ctx, d.clone())),
+            None => tokio::spawn(stop::signal_mode(ctx, send)),
+        });
     };
 
     loop {

@@ -1,0 +1,330 @@
+//! Control mode, supervisor side: connect to the app's control socket, say hello as driver, and walk the
+//! nine-step table under the deadlines of SPEC §2.
+//!
+//! Two connections: the *driver* sends step verbs only; the *observer* polls `health` and `status` for the
+//! probes, so a long drain never delays a liveness answer. Both are (re)connected with retry while the app
+//! runs. Budgets: each verb gets min(sum of its rows' budgets, time left); a verb that does not answer in
+//! time is recorded `timeout` and the sequence goes on; at the overall deadline the app's process group gets
+//! SIGTERM then SIGKILL.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quiesce_protocol::client::{Client, ClientError};
+use quiesce_protocol::wire::{AgentCommand, HelloReply, Outcome, Role, StepReply, StepVerb};
+use tokio::sync::{Mutex, watch};
+use tokio::time::{Instant, sleep, timeout_at};
+
+use crate::exit::{ChildEnd, StopContext};
+use crate::state::{Shared, StepOutcome, StepRecord, ms};
+use crate::steps::{STEPS, verbs};
+use crate::stop::{self, StopCtx};
+
+/// Slack for a reply after a step's deadline: the agent cuts handlers at the deadline, then writes.
+const REPLY_SLACK: Duration = Duration::from_millis(250);
+/// Pause between connection attempts while the app starts.
+const RETRY: Duration = Duration::from_millis(50);
+
+/// The driver connection, shared between the connector and the stop sequence.
+#[derive(Clone, Debug, Default)]
+pub struct Driver(Arc<Mutex<Option<Client>>>);
+
+/// What the app said in `hello`; `None` until it has.
+pub type HelloWatch = watch::Receiver<Option<HelloReply>>;
+
+/// Connects `role` to the app, retrying every 50 ms until `until` or the child's end.
+pub async fn connect(
+    path: &PathBuf,
+    role: Role,
+    until: Instant,
+    end: &watch::Receiver<Option<ChildEnd>>,
+) -> Option<(Client, HelloReply)> {
+    let mut last_err = String::new();
+    while Instant::now() < until && end.borrow().is_none() {
+        match Client::connect(path).await {
+            Ok(mut c) => match timeout_at(until, c.hello(role)).await {
+                Ok(Ok(hello)) => return Some((c, hello)),
+                Ok(Err(e)) => last_err = e.to_string(),
+                Err(_) => last_err = "hello not answered".into(),
+            },
+            Err(ClientError::Connect { .. }) => {}
+            Err(e) => last_err = e.to_string(),
+        }
+        sleep(RETRY).await;
+    }
+    if !last_err.is_empty() {
+        tracing::warn!(socket = %path.display(), ?role, error = %last_err, "control connection not established");
+    }
+    None
+}
+
+/// Keeps the driver connected from start-up on: connects once, and again whenever the sequence drops it.
+pub async fn keep_driver(
+    path: PathBuf,
+    connect_timeout: Duration,
+    driver: Driver,
+    hello_tx: watch::Sender<Option<HelloReply>>,
+    shared: Shared,
+    end: watch::Receiver<Option<ChildEnd>>,
+) {
+    let until = Instant::now() + connect_timeout;
+    match connect(&path, Role::Driver, until, &end).await {
+        Some((client, hello)) => {
+            tracing::info!(app = %hello.app, pid = hello.pid, services = ?hello.services, registered = ?hello.registered, "app said hello");
+            *driver.0.lock().await = Some(client);
+            shared.lock().control = "connected".into();
+            hello_tx.send_replace(Some(hello));
+        }
+        None => {
+            if end.borrow().is_none() {
+                tracing::warn!(
+                    socket = %path.display(),
+                    timeout_ms = ms(connect_timeout),
+                    "the app did not answer hello on its control socket; it will be stopped with the stop signal"
+                );
+                shared.lock().control = "never connected".into();
+            }
+        }
+    }
+}
+
+/// The control-mode stop: step 1, then each verb in table order, then wait for the app to exit.
+pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
+    stop::step_one(&ctx).await;
+    let mut client = driver.0.lock().await.take();
+    if client.is_none() && !ctx.child_ended() {
+        // The app never connected: the best we can do is ask it the signal way.
+        tracing::warn!(
+            "no control connection: stopping the app with its stop signal instead of the nine steps"
+        );
+        skip_rows(
+            &ctx,
+            1..STEPS.len(),
+            "no control connection; the stop signal was sent instead",
+        );
+        let began = Instant::now();
+        stop::deliver(ctx.pid, ctx.cfg.stop_signal, ctx.cfg.forward_to);
+        if ctx.wait_end_until(ctx.deadline()).await {
+            ctx.record(
+                0,
+                "stop-signal",
+                StepOutcome::Ok,
+                began,
+                format!("sent {}", ctx.cfg.stop_signal),
+            );
+            return StopContext {
+                asked_with: Some(ctx.cfg.stop_signal),
+                forced: false,
+            };
+        }
+        ctx.record(
+            0,
+            "stop-signal",
+            StepOutcome::Timeout,
+            began,
+            format!(
+                "sent {}; still running at the deadline",
+                ctx.cfg.stop_signal
+            ),
+        );
+        stop::force(&ctx, false).await;
+        return StopContext {
+            asked_with: Some(ctx.cfg.stop_signal),
+            forced: true,
+        };
+    }
+
+    for (verb_name, rows) in verbs() {
+        if ctx.child_ended() {
+            skip_rows(&ctx, rows.iter().copied(), &exited_detail(&ctx));
+            continue;
+        }
+        let Some(verb) = StepVerb::parse(verb_name) else {
+            continue;
+        };
+        let began = Instant::now();
+        let left = ctx.deadline().saturating_duration_since(began);
+        if left.is_zero() {
+            skip_rows(
+                &ctx,
+                rows.iter().copied(),
+                "no time left before the overall deadline",
+            );
+            continue;
+        }
+        let budget: Duration = rows
+            .iter()
+            .map(|&i| ctx.cfg.budgets[i])
+            .sum::<Duration>()
+            .min(left);
+        for &i in &rows {
+            tracing::info!(
+                step = STEPS[i].name,
+                number = STEPS[i].number,
+                verb = verb_name,
+                budget_ms = ms(budget),
+                "step start"
+            );
+        }
+        let wait_until = began + budget + REPLY_SLACK.min(left - budget);
+        let result = match client.as_mut() {
+            None => Err("control connection lost".to_string()),
+            Some(c) => {
+                let mut end = ctx.end.clone();
+                let req = AgentCommand::Step {
+                    verb,
+                    deadline: budget,
+                }
+                .to_request();
+                tokio::select! {
+                    r = timeout_at(wait_until, c.request::<StepReply>(&req, wait_until - began)) => match r {
+                        Ok(Ok(reply)) => Ok(reply),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("no reply within {}", humantime::format_duration(budget))),
+                    },
+                    _ = end.wait_for(|e| e.is_some()) => Err(exited_detail(&ctx)),
+                }
+            }
+        };
+        let rtt = began.elapsed();
+        match result {
+            Ok(reply) => record_reply(&ctx, &rows, began, &reply),
+            Err(why) => {
+                let outcome = if ctx.child_ended() {
+                    StepOutcome::Skipped
+                } else if why.starts_with("no reply") {
+                    StepOutcome::Timeout
+                } else {
+                    StepOutcome::Error
+                };
+                for &i in &rows {
+                    ctx.record(STEPS[i].number, STEPS[i].name, outcome, began, why.clone());
+                }
+                // A request without its reply leaves the connection out of step: start afresh.
+                client = None;
+                if !ctx.child_ended() {
+                    client = reconnect(&ctx).await;
+                }
+            }
+        }
+        tracing::debug!(verb = verb_name, rtt_ms = ms(rtt), "control round trip");
+    }
+
+    // After `close` the app exits by itself.
+    let began = Instant::now();
+    if ctx.wait_end_until(ctx.deadline()).await {
+        return StopContext {
+            asked_with: None,
+            forced: false,
+        };
+    }
+    ctx.record(
+        0,
+        "app-exit",
+        StepOutcome::Timeout,
+        began,
+        "the app did not exit after its last step".into(),
+    );
+    stop::force(&ctx, true).await;
+    StopContext {
+        asked_with: Some(crate::signals::Sig::TERM),
+        forced: true,
+    }
+}
+
+async fn reconnect(ctx: &StopCtx) -> Option<Client> {
+    let path = ctx.cfg.control_socket.clone()?;
+    let until = (Instant::now() + Duration::from_secs(1)).min(ctx.deadline());
+    let got = connect(&path, Role::Driver, until, &ctx.end)
+        .await
+        .map(|(c, _)| c);
+    ctx.shared.lock().control = if got.is_some() {
+        "connected".into()
+    } else {
+        "lost".into()
+    };
+    got
+}
+
+fn exited_detail(ctx: &StopCtx) -> String {
+    match *ctx.end.borrow() {
+        Some(e) => format!("app {e} before this step"),
+        None => "app exited".into(),
+    }
+}
+
+fn skip_rows(ctx: &StopCtx, rows: impl IntoIterator<Item = usize>, detail: &str) {
+    let now = Instant::now();
+    for i in rows {
+        ctx.record(
+            STEPS[i].number,
+            STEPS[i].name,
+            StepOutcome::Skipped,
+            now,
+            detail.to_string(),
+        );
+    }
+}
+
+/// Maps the app's reply onto the table rows the verb covers (sub-step name = row name).
+fn record_reply(ctx: &StopCtx, rows: &[usize], began: Instant, reply: &StepReply) {
+    let mut offset = began;
+    for &i in rows {
+        let row = &STEPS[i];
+        let sub = reply.substeps.iter().find(|s| s.name.as_str() == row.name);
+        let (outcome, duration, counts, detail) = match sub {
+            Some(s) => (
+                outcome_of(s.outcome),
+                Duration::from_millis(s.duration_ms),
+                s.counts.clone(),
+                s.message
+                    .clone()
+                    .or_else(|| s.note.clone())
+                    .unwrap_or_default(),
+            ),
+            None => (
+                outcome_of(reply.outcome),
+                Duration::ZERO,
+                Default::default(),
+                "no sub-step report".to_string(),
+            ),
+        };
+        let r = StepRecord {
+            number: row.number,
+            name: row.name.to_string(),
+            outcome,
+            started_ms: ms(offset.saturating_duration_since(ctx.start)),
+            duration_ms: ms(duration),
+            counts,
+            detail,
+        };
+        tracing::info!(step = %r.name, outcome = r.outcome.as_str(), duration_ms = r.duration_ms, counts = ?r.counts, detail = %r.detail, "step end");
+        ctx.shared.record(r);
+        offset += duration;
+    }
+}
+
+fn outcome_of(o: Outcome) -> StepOutcome {
+    match o {
+        Outcome::Ok => StepOutcome::Ok,
+        Outcome::Timeout => StepOutcome::Timeout,
+        Outcome::Error => StepOutcome::Error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_app_row_is_a_protocol_substep() {
+        use quiesce_protocol::wire::SubStep;
+        for s in STEPS.iter().filter(|s| s.verb.is_some()) {
+            let sub = SubStep::parse(s.name)
+                .unwrap_or_else(|| panic!("{} is not a protocol sub-step", s.name));
+            assert_eq!(sub.verb().as_str(), s.verb.expect("app step"));
+            assert_eq!(sub.step_number(), s.number);
+        }
+    }
+}
