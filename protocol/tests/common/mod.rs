@@ -5,6 +5,9 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::io::{BufRead, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +37,11 @@ impl SocketDir {
     pub fn path(&self) -> PathBuf {
         self.dir.path().join("control.sock")
     }
+
+    /// Lets other users traverse the directory (for the other-uid peer tests).
+    pub fn open_up(&self) {
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
 }
 
 /// A connection that sends raw bytes and reads reply lines, as a non-Rust peer would.
@@ -60,6 +68,12 @@ impl Conn {
 
     /// Reads one reply line and parses it.
     pub async fn reply(&mut self) -> Value {
+        let line = self.reply_line().await;
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {line}"))
+    }
+
+    /// Reads one reply line as sent.
+    pub async fn reply_line(&mut self) -> String {
         let mut line = String::new();
         let n = tokio::time::timeout(PATIENCE, self.reader.read_line(&mut line))
             .await
@@ -67,7 +81,8 @@ impl Conn {
             .expect("read a reply");
         assert!(n > 0, "the agent closed the connection instead of replying");
         assert!(line.ends_with('\n'), "a reply is one line: {line:?}");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {line}"))
+        line.pop();
+        line
     }
 
     /// Sends raw bytes (include the `\n`) and returns the reply.
@@ -179,4 +194,71 @@ pub fn step_states(status: &Value) -> BTreeMap<String, String> {
             )
         })
         .collect()
+}
+
+const PEER_SOCKET_ENV: &str = "QUIESCE_TEST_PEER_SOCKET";
+
+/// The uid the other-user peer runs as.
+pub const NOBODY: u32 = 65534;
+
+pub fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0)
+}
+
+/// Body of the re-executed peer: connects, sends `status`, prints the first line it gets and
+/// whether the connection then closed. Each test binary that uses [`run_peer`] wraps this in a
+/// `#[test] fn peer_helper()`; without the environment variable it returns at once.
+pub fn peer_helper_main() {
+    let Some(path) = std::env::var_os(PEER_SOCKET_ENV) else {
+        return;
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connect as the peer");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // The write may fail if the agent already closed the connection: that is what we test.
+    let _ = stream.write_all(b"status\n");
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("read the first line");
+    println!("\nPEER_FIRST:{}", first.trim_end());
+    if first.contains(r#""ok":true"#) {
+        // Admitted: end our side so the agent closes too. A refused peer must be closed by the
+        // agent without this.
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut second = String::new();
+    let n = reader.read_line(&mut second).unwrap_or(0);
+    println!("\nPEER_MORE:{n}");
+}
+
+/// Re-executes this test binary as `uid`/`gid` running `peer_helper` against `socket` (std's
+/// `CommandExt::uid`, so no unsafe fork/setuid); returns its first line and whether the agent
+/// closed the connection afterwards.
+pub async fn run_peer(socket: &Path, uid: u32, gid: u32) -> (Value, bool) {
+    let exe = std::env::current_exe().unwrap();
+    let socket = socket.to_path_buf();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(exe)
+            .args(["--exact", "peer_helper", "--nocapture", "--test-threads=1"])
+            .env(PEER_SOCKET_ENV, socket)
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .expect("run the test binary as another uid")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let first = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("PEER_FIRST:"))
+        .unwrap_or_else(|| {
+            panic!(
+                "helper printed no reply; stdout: {stdout}\nstderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    let closed = stdout.lines().any(|l| l == "PEER_MORE:0");
+    (serde_json::from_str(first).unwrap(), closed)
 }
