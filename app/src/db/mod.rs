@@ -1,0 +1,168 @@
+//! PostgreSQL: connecting (creating the database when it is missing), applying the embedded
+//! migrations, and the pool handle that step 9 closes. Queries live in the submodules, one per
+//! table family, all with runtime-checked `sqlx::query` so building needs no database.
+
+pub mod orders;
+pub mod outbox;
+pub mod payments;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection, PgPool};
+use tokio::time::Instant;
+
+use crate::config::{Config, ConfigError};
+use crate::error::StartError;
+use crate::report::StopReport;
+
+/// The schema, embedded at build time from `migrations/` at the repository root.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+const PG_START: &str = "pg_ctlcluster --skip-systemctl-redirect 15 main start";
+
+/// The pool handle shared by every component; [`Db::close`] is step 9.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: PgPool,
+}
+
+impl Db {
+    /// Connects (creating the database if needed), migrates, and opens the pool.
+    pub async fn connect(config: &Config) -> Result<Self, StartError> {
+        let url = config.database_url.to_string();
+        let options = PgConnectOptions::from_str(config.database_url.expose())
+            .map_err(|e| ConfigError::Invalid {
+                key: "database_url",
+                message: format!("{url} is not a PostgreSQL URL: {e}"),
+            })?
+            .application_name("order-service");
+        let give_up = Instant::now() + config.dependency_wait;
+        let mut conn = loop {
+            match options.connect().await {
+                Ok(conn) => break conn,
+                Err(e) if is_missing_database(&e) => {
+                    create_database(&options)
+                        .await
+                        .map_err(|e| unreachable(&url, e))?;
+                }
+                Err(e) if Instant::now() < give_up => {
+                    tracing::info!(error = %e, url = %url, "PostgreSQL not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(unreachable(&url, e)),
+            }
+        };
+        migrate(&mut conn)
+            .await
+            .map_err(|detail| StartError::Migrate {
+                url: url.clone(),
+                detail,
+            })?;
+        let _ = conn.close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.db_max_connections)
+            .min_connections(2.min(config.db_max_connections))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|e| unreachable(&url, e))?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool (tests).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// `SELECT 1` — the `db` health check.
+    pub async fn ping(&self) -> Result<(), String> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether [`Db::close`] has run.
+    pub fn is_closed(&self) -> bool {
+        self.pool.is_closed()
+    }
+
+    /// Step 9: closes the pool, waiting (until `deadline`) for checked-out connections to be
+    /// returned. Counts: connections open when asked, and whether it finished in time.
+    pub async fn close(&self, deadline: Instant) -> StopReport {
+        let open = u64::from(self.pool.size());
+        let idle = self.pool.num_idle() as u64;
+        let report = StopReport::ok()
+            .count("connections_open", open)
+            .count("connections_busy", open.saturating_sub(idle));
+        match tokio::time::timeout_at(deadline, self.pool.close()).await {
+            Ok(()) => report,
+            Err(_) => report.timeout("connections still checked out at the deadline"),
+        }
+    }
+}
+
+fn unreachable(url: &str, e: sqlx::Error) -> StartError {
+    StartError::Dependency {
+        dependency: "PostgreSQL",
+        url: url.to_owned(),
+        detail: e.to_string(),
+        start_command: PG_START,
+        env_var: "DATABASE_URL",
+    }
+}
+
+fn is_missing_database(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"))
+}
+
+/// Creates the target database through the `postgres` maintenance database.
+async fn create_database(options: &PgConnectOptions) -> Result<(), sqlx::Error> {
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    let mut admin = options.clone().database("postgres").connect().await?;
+    let sql = format!("CREATE DATABASE {}", quote_ident(&name));
+    // The name is quoted as an identifier above; CREATE DATABASE takes no bind parameters.
+    match admin.execute(AssertSqlSafe(sql)).await {
+        Ok(_) => tracing::info!(database = %name, "created the database"),
+        // Another instance created it meanwhile.
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => {}
+        Err(e) => return Err(e),
+    }
+    let _ = admin.close().await;
+    Ok(())
+}
+
+/// Quotes a PostgreSQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Applies the migrations on one connection whose `lock_timeout` bounds every DDL lock wait
+/// (the `CREATE INDEX CONCURRENTLY` files cannot set it themselves; see migrations/).
+async fn migrate(conn: &mut PgConnection) -> Result<(), String> {
+    conn.execute("SET lock_timeout = '5s'")
+        .await
+        .map_err(|e| e.to_string())?;
+    MIGRATOR.run(&mut *conn).await.map_err(|e| e.to_string())?;
+    conn.execute("RESET lock_timeout")
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn quotes_identifiers() {
+        assert_eq!(super::quote_ident("orders"), "\"orders\"");
+        assert_eq!(super::quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}

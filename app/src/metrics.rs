@@ -1,0 +1,216 @@
+//! The service's Prometheus metrics, in one registry per service instance (so several
+//! instances in one test process do not collide), named as the seed's alert rules expect.
+//!
+//! - `grpc_server_started_total`, `grpc_server_handled_total`, `grpc_server_handling_seconds`,
+//!   `grpc_server_in_flight` — the RPC layer (`grpc/layer.rs`)
+//! - `outbox_unsent_events_total`, `outbox_published_total`, `outbox_relay_lag_seconds`,
+//!   `circuit_breaker_state{breaker,state}` — the outbox poller
+//! - `mq_consumer_messages_total{outcome}` — the payment consumer
+//! - `saga_stuck_total`, `orders_expired_total`, `cron_runs_total` — the expiry job
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric the service exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// RPCs started, by type/service/method.
+    pub grpc_started: IntCounterVec,
+    /// RPCs finished, by type/service/method/code.
+    pub grpc_handled: IntCounterVec,
+    /// RPC latency until the response headers.
+    pub grpc_handling_seconds: HistogramVec,
+    /// RPCs being handled right now.
+    pub grpc_in_flight: IntGauge,
+    /// Outbox rows not yet confirmed by the broker.
+    pub outbox_unsent: IntGauge,
+    /// Events published and confirmed.
+    pub outbox_published: IntCounter,
+    /// Batches that failed to publish (the breaker counts these).
+    pub outbox_publish_failures: IntCounter,
+    /// Time from the outbox row's commit to the broker's confirm.
+    pub outbox_relay_lag: HistogramVec,
+    /// 1 for the breaker's current state, 0 for the others.
+    pub circuit_breaker_state: IntGaugeVec,
+    /// Payment messages by outcome (applied, duplicate, ignored, dead_lettered, requeued).
+    pub consumer_messages: IntCounterVec,
+    /// Pending orders older than `stuck_after`.
+    pub saga_stuck: IntGauge,
+    /// Orders the expiry job expired.
+    pub orders_expired: IntCounter,
+    /// Expiry job runs, by result.
+    pub cron_runs: IntCounterVec,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // Metric names and labels below are constants; a failure here is a programming error
+    // caught by the first test that builds `Metrics`.
+    r.unwrap_or_else(|e| panic!("invalid metric definition: {e}"))
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let rpc_labels = &["grpc_type", "grpc_service", "grpc_method"];
+        let grpc_started = must(IntCounterVec::new(
+            Opts::new(
+                "grpc_server_started_total",
+                "Total number of RPCs started on the server.",
+            ),
+            rpc_labels,
+        ));
+        let grpc_handled = must(IntCounterVec::new(
+            Opts::new(
+                "grpc_server_handled_total",
+                "Total number of RPCs completed on the server, regardless of success or failure.",
+            ),
+            &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+        ));
+        let grpc_handling_seconds = must(HistogramVec::new(
+            HistogramOpts::new(
+                "grpc_server_handling_seconds",
+                "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            rpc_labels,
+        ));
+        let grpc_in_flight = must(IntGauge::new(
+            "grpc_server_in_flight",
+            "RPCs being handled right now.",
+        ));
+        let outbox_unsent = must(IntGauge::new(
+            "outbox_unsent_events_total",
+            "Outbox events committed but not yet confirmed by the broker.",
+        ));
+        let outbox_published = must(IntCounter::new(
+            "outbox_published_total",
+            "Outbox events published and confirmed by the broker.",
+        ));
+        let outbox_publish_failures = must(IntCounter::new(
+            "outbox_publish_failures_total",
+            "Outbox batches whose publishing failed (broker down, nack, timeout).",
+        ));
+        let outbox_relay_lag = must(HistogramVec::new(
+            HistogramOpts::new(
+                "outbox_relay_lag_seconds",
+                "Time from an outbox event's commit to the broker's publish confirm.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+            &["event_type"],
+        ));
+        let circuit_breaker_state = must(IntGaugeVec::new(
+            Opts::new(
+                "circuit_breaker_state",
+                "1 for the circuit breaker's current state (closed, open, half_open), 0 otherwise.",
+            ),
+            &["breaker", "state"],
+        ));
+        let consumer_messages = must(IntCounterVec::new(
+            Opts::new(
+                "mq_consumer_messages_total",
+                "Payment messages handled, by outcome.",
+            ),
+            &["outcome"],
+        ));
+        let saga_stuck = must(IntGauge::new(
+            "saga_stuck_total",
+            "Orders waiting for payment longer than stuck_after.",
+        ));
+        let orders_expired = must(IntCounter::new(
+            "orders_expired_total",
+            "Orders expired by the expiry job.",
+        ));
+        let cron_runs = must(IntCounterVec::new(
+            Opts::new("cron_runs_total", "Expiry job runs, by result."),
+            &["result"],
+        ));
+        for c in [
+            Box::new(grpc_started.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(grpc_handled.clone()),
+            Box::new(grpc_handling_seconds.clone()),
+            Box::new(grpc_in_flight.clone()),
+            Box::new(outbox_unsent.clone()),
+            Box::new(outbox_published.clone()),
+            Box::new(outbox_publish_failures.clone()),
+            Box::new(outbox_relay_lag.clone()),
+            Box::new(circuit_breaker_state.clone()),
+            Box::new(consumer_messages.clone()),
+            Box::new(saga_stuck.clone()),
+            Box::new(orders_expired.clone()),
+            Box::new(cron_runs.clone()),
+        ] {
+            must(registry.register(c));
+        }
+        Self {
+            registry,
+            grpc_started,
+            grpc_handled,
+            grpc_handling_seconds,
+            grpc_in_flight,
+            outbox_unsent,
+            outbox_published,
+            outbox_publish_failures,
+            outbox_relay_lag,
+            circuit_breaker_state,
+            consumer_messages,
+            saga_stuck,
+            orders_expired,
+            cron_runs,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec only fails on invalid metric families, which `new` rules out.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_alert_rule_names() {
+        let m = Metrics::new();
+        m.grpc_handled
+            .with_label_values(&["unary", "order.v1.OrderService", "GetOrder", "OK"])
+            .inc();
+        m.grpc_handling_seconds
+            .with_label_values(&["unary", "order.v1.OrderService", "GetOrder"])
+            .observe(0.01);
+        m.circuit_breaker_state
+            .with_label_values(&["outbox_publisher", "open"])
+            .set(1);
+        m.saga_stuck.set(3);
+        m.outbox_unsent.set(2);
+        let text = m.render();
+        for needle in [
+            "grpc_server_handled_total{grpc_code=\"OK\"",
+            "grpc_server_handling_seconds_bucket{",
+            "circuit_breaker_state{breaker=\"outbox_publisher\",state=\"open\"} 1",
+            "saga_stuck_total 3",
+            "outbox_unsent_events_total 2",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! RabbitMQ: one connection shared by the outbox publisher and the payment consumer (each on
+//! its own channel), the topology both rely on, and step 7 (closing the connection).
+//!
+//! Topology, every name prefixed with `mq_prefix` (tests use a random one):
+//! - `<p>.events` (topic): the outbox publishes `order.*` events here.
+//! - `<p>.payments` (topic) → queue `<p>.payments` bound with `payment.*`; the queue
+//!   dead-letters to `<p>.dlx` (fanout) → queue `<p>.payments.dead`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::config::{Config, SecretUrl};
+use crate::error::StartError;
+use crate::report::StopReport;
+
+const RABBIT_START: &str = "rabbitmq-server -detached";
+
+/// Exchange and queue names derived from the prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// Where order events are published.
+    pub events_exchange: String,
+    /// Where payment messages are published.
+    pub payments_exchange: String,
+    /// The consumer's queue.
+    pub payments_queue: String,
+    /// The dead-letter exchange.
+    pub dead_letter_exchange: String,
+    /// Poison messages end up here.
+    pub dead_letter_queue: String,
+}
+
+impl Topology {
+    /// Names for `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            events_exchange: format!("{prefix}.events"),
+            payments_exchange: format!("{prefix}.payments"),
+            payments_queue: format!("{prefix}.payments"),
+            dead_letter_exchange: format!("{prefix}.dlx"),
+            dead_letter_queue: format!("{prefix}.payments.dead"),
+        }
+    }
+
+    /// Declares everything (idempotent; durable).
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        for (name, kind) in [
+            (&self.events_exchange, ExchangeKind::Topic),
+            (&self.payments_exchange, ExchangeKind::Topic),
+            (&self.dead_letter_exchange, ExchangeKind::Fanout),
+        ] {
+            channel
+                .exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
+                .await?;
+        }
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.dead_letter_exchange.as_str().into()),
+        );
+        channel
+            .queue_declare(
+                self.payments_queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                args,
+            )
+            .await?;
+        channel
+            .queue_bind(
+                self.payments_queue.as_str().into(),
+                self.payments_exchange.as_str().into(),
+                "payment.*".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(
+                self.dead_letter_queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_letter_queue.as_str().into(),
+                self.dead_letter_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// A channel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum MqError {
+    /// Step 7 ran.
+    #[error("the RabbitMQ connection is closed (shutdown step close-mq ran)")]
+    Closed,
+    /// The broker refused or is unreachable.
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+/// The shared connection; reconnects on demand until closed.
+#[derive(Debug, Clone)]
+pub struct Mq {
+    inner: Arc<Mutex<State>>,
+    url: SecretUrl,
+    /// The names in use.
+    pub topology: Arc<Topology>,
+}
+
+#[derive(Debug)]
+enum State {
+    Open(Box<Connection>),
+    Closed,
+}
+
+fn properties() -> ConnectionProperties {
+    ConnectionProperties::default().with_connection_name("order-service".into())
+}
+
+impl Mq {
+    /// Connects (retrying for `dependency_wait`) and declares the topology.
+    pub async fn connect(config: &Config) -> Result<Self, StartError> {
+        let url = config.amqp_url.to_string();
+        let give_up = Instant::now() + config.dependency_wait;
+        let conn = loop {
+            match Connection::connect(config.amqp_url.expose(), properties()).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < give_up => {
+                    tracing::info!(error = %e, url = %url, "RabbitMQ not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => {
+                    return Err(StartError::Dependency {
+                        dependency: "RabbitMQ",
+                        url,
+                        detail: e.to_string(),
+                        start_command: RABBIT_START,
+                        env_var: "AMQP_URL",
+                    });
+                }
+            }
+        };
+        let topology = Topology::new(&config.mq_prefix);
+        let declare = async {
+            let channel = conn.create_channel().await?;
+            topology.declare(&channel).await?;
+            channel.close(200, "topology declared".into()).await
+        };
+        declare.await.map_err(|e| StartError::Topology {
+            detail: e.to_string(),
+        })?;
+        Ok(Self {
+            inner: Arc::new(Mutex::new(State::Open(Box::new(conn)))),
+            url: config.amqp_url.clone(),
+            topology: Arc::new(topology),
+        })
+    }
+
+    /// Opens a channel, reconnecting first if the connection dropped.
+    pub async fn channel(&self) -> Result<Channel, MqError> {
+        let mut state = self.inner.lock().await;
+        let conn = match &*state {
+            State::Closed => return Err(MqError::Closed),
+            State::Open(conn) if conn.status().connected() => conn,
+            State::Open(_) => {
+                tracing::warn!(url = %self.url, "RabbitMQ connection lost; reconnecting");
+                let conn = Connection::connect(self.url.expose(), properties()).await?;
+                *state = State::Open(Box::new(conn));
+                match &*state {
+                    State::Open(conn) => conn,
+                    State::Closed => return Err(MqError::Closed),
+                }
+            }
+        };
+        Ok(conn.create_channel().await?)
+    }
+
+    /// Whether the connection is up (no reconnect attempt).
+    pub async fn is_connected(&self) -> bool {
+        matches!(&*self.inner.lock().await, State::Open(c) if c.status().connected())
+    }
+
+    /// Whether step 7 ran.
+    pub async fn is_closed(&self) -> bool {
+        matches!(&*self.inner.lock().await, State::Closed)
+    }
+
+    /// Whether step 7 ran, without waiting (None when the connection is busy reconnecting).
+    pub fn try_is_closed(&self) -> Option<bool> {
+        self.inner
+            .try_lock()
+            .ok()
+            .map(|state| matches!(&*state, State::Closed))
+    }
+
+    /// The `mq` health check: the connection is up and a channel opens.
+    pub async fn check(&self) -> Result<(), String> {
+        let state = self.inner.lock().await;
+        let conn = match &*state {
+            State::Closed => return Err(MqError::Closed.to_string()),
+            State::Open(c) if c.status().connected() => c,
+            State::Open(_) => return Err("the RabbitMQ connection is down".to_owned()),
+        };
+        let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+        channel
+            .close(200, "health check".into())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Step 7: closes the connection (channels still open are closed with it; the broker
+    /// requeues whatever they left unacknowledged). Counts: `closed`.
+    pub async fn close(&self, deadline: Instant) -> StopReport {
+        let mut state = self.inner.lock().await;
+        let State::Open(conn) = std::mem::replace(&mut *state, State::Closed) else {
+            return StopReport::ok().count("closed", 0);
+        };
+        if !conn.status().connected() {
+            return StopReport::ok()
+                .count("closed", 1)
+                .count("was_connected", 0);
+        }
+        match tokio::time::timeout_at(
+            deadline,
+            conn.close(200, "order-service shutting down".into()),
+        )
+        .await
+        {
+            Ok(Ok(())) => StopReport::ok()
+                .count("closed", 1)
+                .count("was_connected", 1),
+            Ok(Err(e)) => StopReport::ok()
+                .count("closed", 1)
+                .count("was_connected", 1)
+                .error(format!("closing the RabbitMQ connection failed: {e}")),
+            Err(_) => StopReport::ok()
+                .count("closed", 0)
+                .count("was_connected", 1)
+                .timeout("RabbitMQ did not acknowledge connection.close before the deadline"),
+        }
+    }
+}
