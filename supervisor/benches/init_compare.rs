@@ -85,13 +85,17 @@ fn children(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default()
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-        .unwrap_or(0)
+/// (VmRSS, RssAnon) in KiB: the file-backed rest is mapped code and libraries, shared through the page cache.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("RssAnon:"))
 }
 
 fn monotonic_ns() -> u128 {
@@ -117,7 +121,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     }
 }
 
-fn idle_rss(init: &Init) -> f64 {
+fn idle_rss(init: &Init) -> (f64, f64) {
     let tb = testbin().display().to_string();
     let mut child = command(&init.argv, &[&tb, "sleep"])
         .stdout(Stdio::null())
@@ -129,10 +133,10 @@ fn idle_rss(init: &Init) -> f64 {
         std::thread::sleep(Duration::from_millis(1));
     }
     std::thread::sleep(Duration::from_millis(300)); // let it settle: a measurement, not a test
-    let kib = rss_kib(pid);
+    let (rss, anon) = rss_kib(pid);
     let _ = child.kill();
     let _ = child.wait();
-    kib as f64 / 1024.0
+    (rss as f64 / 1024.0, anon as f64 / 1024.0)
 }
 
 fn run_true(init: Option<&Init>) -> f64 {
@@ -220,13 +224,16 @@ fn main() {
     let rounds_term = 40;
     let n = inits.len();
     let mut rss = vec![Vec::new(); n];
+    let mut anon = vec![Vec::new(); n];
     let mut tru = vec![Vec::new(); n];
     let mut bare = Vec::new();
     let mut reap = vec![Vec::new(); n];
     let mut term = vec![Vec::new(); n];
     for _ in 0..rounds_rss {
         for (i, init) in inits.iter().enumerate() {
-            rss[i].push(idle_rss(init));
+            let (r, a) = idle_rss(init);
+            rss[i].push(r);
+            anon[i].push(a);
         }
     }
     for _ in 0..rounds_true {
@@ -260,14 +267,15 @@ fn main() {
     ));
     out.push_str("Each init runs as PID 1 of a fresh PID namespace (`unshare --pid --fork --mount-proc`); rounds are interleaved. ");
     out.push_str("quiesce runs in signal mode with its health and metrics servers off (the tini-equivalent setup).\n\n");
-    out.push_str(&format!("| init | idle RSS (MiB, median of {rounds_rss}) | `INIT /bin/true` overhead (ms, median of {rounds_true}) | reap 2000-zombie burst (ms, median of {rounds_reap}) | SIGTERM→app latency (µs, median / p90 of {rounds_term}) |\n"));
-    out.push_str("|---|---:|---:|---:|---:|\n");
+    out.push_str(&format!("| init | idle RSS (MiB, median of {rounds_rss}) | of which anonymous (MiB) | `INIT /bin/true` overhead (ms, median of {rounds_true}) | reap 2000-zombie burst (ms, median of {rounds_reap}) | SIGTERM→app latency (µs, median / p90 of {rounds_term}) |\n"));
+    out.push_str("|---|---:|---:|---:|---:|---:|\n");
     for (i, init) in inits.iter().enumerate() {
         let over = median(&mut tru[i]) - bare_med;
         out.push_str(&format!(
-            "| {} | {:.2} | {:.2} | {:.1} | {:.0} / {:.0} |\n",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} / {:.0} |\n",
             init.name,
             median(&mut rss[i]),
+            median(&mut anon[i]),
             over,
             median(&mut reap[i]),
             median(&mut term[i]),
