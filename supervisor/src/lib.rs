@@ -23,6 +23,7 @@
 //! - [`steps`]: the nine-step table; [`stop`]: step 1, the stop signal, the deadline's force;
 //!   [`control`]: control mode, walking the table over the app's control socket.
 //! - [`admin`]: the admin socket (`prestop`, `ctl`); [`ctl`]: its client in the same binary.
+//! - [`health`]: grpc.health.v1 for kubelet on its own thread; [`metrics`]: Prometheus `/metrics`.
 //! - [`supervisor`]: the run loop; [`exit`]: exit codes; [`report`]: the termination message;
 //!   [`state`]: the observable status.
 
@@ -33,7 +34,9 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod exit;
+pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod reaper;
 pub mod report;
 pub mod signals;
@@ -92,6 +95,31 @@ pub fn run(cfg: Config) -> i32 {
     let shared = state::Shared::new(mode);
     let (chans, watches) = supervisor::channels();
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Probe and metrics ports are bound before the child starts: the app would otherwise find them taken.
+    let bind = |what: &str, addr: Option<std::net::SocketAddr>| {
+        addr.map(|a| health::bind(what, a)).transpose()
+    };
+    let (health_l, metrics_l) = match (
+        bind("health", cfg.health.address),
+        bind("metrics", cfg.metrics_address),
+    ) {
+        (Ok(h), Ok(m)) => (h, m),
+        (Err(e), _) | (_, Err(e)) => return fail(code::BIND, &e),
+    };
+    if (health_l.is_some() || metrics_l.is_some())
+        && let Err(e) = health::spawn_server(
+            health_l,
+            metrics_l,
+            watches.statuses.clone(),
+            chans.probes.clone(),
+            shared.metrics.clone(),
+        )
+    {
+        return fail(
+            code::INTERNAL,
+            &format!("cannot start the probe thread: {e}"),
+        );
+    }
     let result = rt.block_on(async {
         // Bound before the child starts, so `quiesce prestop` works from the first moment.
         if let Some(path) = &cfg.admin_socket {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::exit::ChildEnd;
+use crate::metrics::Metrics;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,13 +100,16 @@ fn ser_end<S: serde::Serializer>(end: &Option<ChildEnd>, s: S) -> Result<S::Ok, 
     }
 }
 
-/// Cheap to clone handle on the shared status.
+/// Cheap to clone handle on the shared status and the metrics that mirror it.
 #[derive(Clone, Debug)]
-pub struct Shared(Arc<Mutex<Status>>);
+pub struct Shared {
+    status: Arc<Mutex<Status>>,
+    pub metrics: Arc<Metrics>,
+}
 
 impl Shared {
     pub fn new(mode: &'static str) -> Shared {
-        Shared(Arc::new(Mutex::new(Status {
+        let status = Arc::new(Mutex::new(Status {
             phase: Phase::Starting,
             mode,
             child_pid: None,
@@ -120,16 +124,34 @@ impl Shared {
             },
             zombies_reaped: 0,
             signals_received: BTreeMap::new(),
-        })))
+        }));
+        Shared {
+            status,
+            metrics: Arc::new(Metrics::new()),
+        }
     }
 
     /// Locks the status; a panic elsewhere never makes it unreadable.
     pub fn lock(&self) -> MutexGuard<'_, Status> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Appends a step to the shutdown story (and its metrics).
     pub fn record(&self, r: StepRecord) {
+        self.metrics.step(&r);
         self.lock().steps.push(r);
+    }
+
+    pub fn reaped(&self, n: u64) {
+        if n > 0 {
+            self.metrics.reaped(n);
+            self.lock().zombies_reaped += n;
+        }
+    }
+
+    pub fn signal(&self, name: String) {
+        self.metrics.signal(&name);
+        *self.lock().signals_received.entry(name).or_default() += 1;
     }
 
     /// Milliseconds since the shutdown began.

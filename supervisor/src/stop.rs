@@ -10,7 +10,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::sync::watch;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::{Instant, sleep, timeout_at};
 
 use crate::config::{Config, ForwardTo};
 use crate::exit::{ChildEnd, StopContext};
@@ -30,6 +30,8 @@ pub struct StopCtx {
     pub step_one_done: watch::Sender<bool>,
     /// Flipped to true at step 1's start: health goes NOT_SERVING.
     pub stopping: watch::Sender<bool>,
+    /// Readiness checks kubelet got NOT_SERVING for (for `health.observed_probes`).
+    pub probes: watch::Receiver<u32>,
 }
 
 impl StopCtx {
@@ -83,22 +85,39 @@ pub async fn step_one(ctx: &StopCtx) {
         "step start"
     );
     let until = ctx.start + delay;
-    let ended = ctx.wait_end_until(until).await;
+    let want = ctx.cfg.health.observed_probes;
+    let mut early = false;
+    let ended = if want > 0 && until > Instant::now() {
+        // End the delay once kubelet has been seen to get NOT_SERVING `want` times, plus a propagation
+        // margin for the endpoint controller, never later than the configured delay.
+        let mut probes = ctx.probes.clone();
+        let margin = ctx.cfg.health.propagation_margin;
+        let observed = async move {
+            let _ = probes.wait_for(|n| *n >= want).await;
+            sleep(margin).await;
+        };
+        tokio::select! {
+            ended = ctx.wait_end_until(until) => ended,
+            _ = observed => { early = true; ctx.child_ended() }
+        }
+    } else {
+        ctx.wait_end_until(until).await
+    };
+    let d = humantime::format_duration(delay);
     let (outcome, detail) = if ended && Instant::now() < until {
         (
             StepOutcome::Skipped,
-            format!(
-                "app exited during the {} preStop delay",
-                humantime::format_duration(delay)
-            ),
+            format!("app exited during the {d} preStop delay"),
+        )
+    } else if early {
+        (
+            StepOutcome::Ok,
+            format!("readiness NOT_SERVING; kubelet saw it {want} times; {d} delay ended early"),
         )
     } else {
         (
             StepOutcome::Ok,
-            format!(
-                "readiness NOT_SERVING; preStop delay {}",
-                humantime::format_duration(delay)
-            ),
+            format!("readiness NOT_SERVING; preStop delay {d}"),
         )
     };
     ctx.record(1, "health-not-serving", outcome, began, detail);

@@ -19,6 +19,7 @@ use crate::child::{self, SpawnError, SpawnSpec};
 use crate::config::Config;
 use crate::control::{self, Driver, HelloWatch};
 use crate::exit::{self, ChildEnd, StopContext, code};
+use crate::health::{self, AppHealth, Statuses};
 use crate::reaper;
 use crate::report;
 use crate::signals::{self, Sig};
@@ -43,6 +44,10 @@ pub struct Watches {
     pub end: watch::Receiver<Option<ChildEnd>>,
     /// The app's `hello` (control mode), once it said it.
     pub hello: HelloWatch,
+    /// What the health server answers, per service.
+    pub statuses: watch::Receiver<Statuses>,
+    /// Readiness checks from kubelet answered NOT_SERVING.
+    pub probes: watch::Receiver<u32>,
 }
 
 /// How the supervisor ends.
@@ -76,27 +81,36 @@ pub struct Channels {
     step_one_done: watch::Sender<bool>,
     end: watch::Sender<Option<ChildEnd>>,
     hello: watch::Sender<Option<HelloReply>>,
+    statuses: watch::Sender<Statuses>,
+    /// Incremented by the health server; public so the probe thread can hold a clone.
+    pub probes: watch::Sender<u32>,
+}
+
+impl Channels {
+    /// Fresh receivers on every channel.
+    pub fn watches(&self) -> Watches {
+        Watches {
+            stopping: self.stopping.subscribe(),
+            step_one_done: self.step_one_done.subscribe(),
+            end: self.end.subscribe(),
+            hello: self.hello.subscribe(),
+            statuses: self.statuses.subscribe(),
+            probes: self.probes.subscribe(),
+        }
+    }
 }
 
 pub fn channels() -> (Channels, Watches) {
-    let (stopping, stopping_rx) = watch::channel(false);
-    let (step_one_done, step_one_rx) = watch::channel(false);
-    let (end, end_rx) = watch::channel(None);
-    let (hello, hello_rx) = watch::channel(None);
-    (
-        Channels {
-            stopping,
-            step_one_done,
-            end,
-            hello,
-        },
-        Watches {
-            stopping: stopping_rx,
-            step_one_done: step_one_rx,
-            end: end_rx,
-            hello: hello_rx,
-        },
-    )
+    let chans = Channels {
+        stopping: watch::channel(false).0,
+        step_one_done: watch::channel(false).0,
+        end: watch::channel(None).0,
+        hello: watch::channel(None).0,
+        statuses: watch::channel(Statuses::new()).0,
+        probes: watch::channel(0).0,
+    };
+    let watches = chans.watches();
+    (chans, watches)
 }
 
 /// Starts the child and supervises it until the end. Signal handlers are installed before the child starts
@@ -127,6 +141,26 @@ pub async fn run(
         st.phase = Phase::Running;
     }
     tracing::info!(pid, command = ?spec.argv, "child started");
+    let app_health = cfg.control_socket.as_ref().map(|_| {
+        let (deps_tx, deps_ok) = watch::channel(true);
+        let (live_tx, live_ok) = watch::channel(true);
+        tokio::spawn(health::poll(
+            cfg.clone(),
+            shared.clone(),
+            chans.end.subscribe(),
+            chans.hello.subscribe(),
+            deps_tx,
+            live_tx,
+        ));
+        AppHealth { deps_ok, live_ok }
+    });
+    tokio::spawn(health::track(
+        cfg.clone(),
+        chans.watches(),
+        app_health,
+        chans.statuses.clone(),
+        shared.metrics.clone(),
+    ));
     let driver = cfg.control_socket.clone().map(|path| {
         let driver = Driver::default();
         tokio::spawn(control::keep_driver(
@@ -171,6 +205,7 @@ pub async fn run(
             start: now,
             step_one_done: chans.step_one_done.clone(),
             stopping: chans.stopping.clone(),
+            probes: chans.probes.subscribe(),
         };
         *stop_task = Some(match &driver {
             Some(d) => tokio::spawn(control::sequence(ctx, d.clone())),
@@ -185,12 +220,13 @@ pub async fn run(
                 let sig = Sig(origin.signal);
                 if sig == Sig::CHLD {
                     let r = reaper::reap(pid);
-                    {
-                        let mut st = shared.lock();
-                        st.zombies_reaped += r.count;
-                    }
+                    shared.reaped(r.count);
                     if let Some(end) = r.main && end_tx.borrow().is_none() {
                         tracing::info!(pid, status = %end, "child ended");
+                        shared.metrics.child_exit(match end {
+                            ChildEnd::Exited(_) => "exited",
+                            ChildEnd::Signaled(_) => "signaled",
+                        });
                         {
                             let mut st = shared.lock();
                             st.child_end = Some(end);
@@ -207,7 +243,7 @@ pub async fn run(
                 if sig == Sig::PIPE && !sent_by_process(&origin) {
                     continue; // raised by our own socket write, not meant for the app
                 }
-                *shared.lock().signals_received.entry(sig.name()).or_default() += 1;
+                shared.signal(sig.name());
                 if sig == Sig::TERM || sig == Sig::INT {
                     // SIGINT keeps its interactive meaning: the app is asked with SIGINT, as tini would pass it.
                     let send = if sig == Sig::INT { cfg.rewrite.apply(sig) } else { cfg.stop_signal };

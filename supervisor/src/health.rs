@@ -1,0 +1,468 @@
+//! Health for kubelet: the `grpc.health.v1.Health` service (Check and Watch) on the probe port.
+//!
+//! | service | SERVING when |
+//! |---|---|
+//! | `liveness` | the app process is alive and (control mode) its socket answers `status` in time |
+//! | `readiness`, `""` and the names the app announces | hello seen, required dependencies up, no stop begun |
+//! | `startup` | hello seen once (signal mode: the process started) |
+//!
+//! Three parts: [`compute`] is the pure rule above; [`track`] (main runtime) recomputes it whenever an input
+//! changes and publishes a map on a watch channel; [`spawn_server`] answers probes from that map on its own
+//! thread and runtime, so a busy supervisor never delays a probe. The [`poll`] task keeps an *observer*
+//! connection to the app for `status` (liveness) and `health` (dependencies).
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use quiesce_protocol::client::Client;
+use quiesce_protocol::wire::{HealthReply, Role};
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout};
+use tonic::{Request, Response, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+use crate::config::Config;
+use crate::exit::ChildEnd;
+use crate::metrics::Metrics;
+use crate::state::Shared;
+use crate::supervisor::Watches;
+
+/// Service name → SERVING?
+pub type Statuses = BTreeMap<String, bool>;
+
+pub const LIVENESS: &str = "liveness";
+pub const READINESS: &str = "readiness";
+pub const STARTUP: &str = "startup";
+
+/// Everything the rule looks at.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Inputs {
+    pub control: bool,
+    pub alive: bool,
+    pub hello: bool,
+    pub deps_ok: bool,
+    pub live_ok: bool,
+    pub stopping: bool,
+    pub services: Vec<String>,
+}
+
+/// The table in the module docs, as code.
+pub fn compute(i: &Inputs) -> Statuses {
+    let started = if i.control { i.hello } else { i.alive };
+    let live = i.alive && (!i.control || i.live_ok);
+    let ready = i.alive && !i.stopping && (!i.control || (i.hello && i.deps_ok));
+    let mut m = Statuses::new();
+    m.insert(LIVENESS.into(), live);
+    m.insert(STARTUP.into(), started);
+    m.insert(READINESS.into(), ready);
+    m.insert(String::new(), ready);
+    for s in &i.services {
+        if !m.contains_key(s) {
+            m.insert(s.clone(), ready);
+        }
+    }
+    m
+}
+
+/// Watches fed by the observer poll.
+#[derive(Debug)]
+pub struct AppHealth {
+    pub deps_ok: watch::Receiver<bool>,
+    pub live_ok: watch::Receiver<bool>,
+}
+
+/// Recomputes the statuses whenever an input changes; also mirrors them into the metrics.
+pub async fn track(
+    cfg: Arc<Config>,
+    mut w: Watches,
+    app: Option<AppHealth>,
+    out: watch::Sender<Statuses>,
+    metrics: Arc<Metrics>,
+) {
+    let control = cfg.control_socket.is_some();
+    let (mut deps, mut live) = match app {
+        Some(a) => (a.deps_ok, a.live_ok),
+        None => (watch::channel(true).1, watch::channel(true).1),
+    };
+    loop {
+        let services = w
+            .hello
+            .borrow_and_update()
+            .as_ref()
+            .map(|h| h.services.clone());
+        let inputs = Inputs {
+            control,
+            alive: w.end.borrow_and_update().is_none(),
+            hello: services.is_some(),
+            deps_ok: *deps.borrow_and_update(),
+            live_ok: *live.borrow_and_update(),
+            stopping: *w.stopping.borrow_and_update(),
+            services: services.unwrap_or_default(),
+        };
+        let next = compute(&inputs);
+        out.send_if_modified(|cur| {
+            if *cur == next {
+                return false;
+            }
+            for (svc, serving) in &next {
+                if cur.get(svc) != Some(serving) {
+                    let name = if svc.is_empty() { "\"\"" } else { svc.as_str() };
+                    tracing::info!(service = name, serving, "health changed");
+                }
+                metrics.health(svc, *serving);
+            }
+            *cur = next.clone();
+            true
+        });
+        tokio::select! {
+            r = w.end.changed() => if r.is_err() { return },
+            r = w.hello.changed() => if r.is_err() { return },
+            r = w.stopping.changed() => if r.is_err() { return },
+            Ok(()) = deps.changed() => {},
+            Ok(()) = live.changed() => {},
+        }
+    }
+}
+
+/// Whether a health reply says every required dependency is up. `required` empty: the app's own flags.
+pub fn deps_up(reply: &HealthReply, required: &[String]) -> bool {
+    if required.is_empty() {
+        return reply.checks.iter().filter(|c| c.required).all(|c| c.up);
+    }
+    required
+        .iter()
+        .all(|name| reply.checks.iter().any(|c| &c.name == name && c.up))
+}
+
+/// Control mode: keeps an observer connection and polls `status` (liveness) and `health` (readiness).
+pub async fn poll(
+    cfg: Arc<Config>,
+    shared: Shared,
+    end: watch::Receiver<Option<ChildEnd>>,
+    hello: watch::Receiver<Option<quiesce_protocol::wire::HelloReply>>,
+    deps_tx: watch::Sender<bool>,
+    live_tx: watch::Sender<bool>,
+) {
+    let Some(path) = cfg.control_socket.clone() else {
+        return;
+    };
+    let h = &cfg.health;
+    let mut hello = hello;
+    // Liveness is only judged once the app has answered hello (the startup probe covers the time before).
+    if hello.wait_for(|h| h.is_some()).await.is_err() {
+        return;
+    }
+    let mut client: Option<Client> = None;
+    let mut tick = tokio::time::interval(h.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while end.borrow().is_none() {
+        tick.tick().await;
+        if client.is_none() {
+            let until = Instant::now() + h.liveness_timeout;
+            client = crate::control::connect(&path, Role::Observer, until, &end)
+                .await
+                .map(|(c, _)| c);
+            if client.is_none() {
+                live_tx.send_if_modified(|v| std::mem::replace(v, false));
+                deps_tx.send_if_modified(|v| std::mem::replace(v, false));
+                continue;
+            }
+        }
+        let Some(c) = client.as_mut() else { continue };
+        let began = Instant::now();
+        match timeout(h.liveness_timeout, c.status()).await {
+            Ok(Ok(_)) => {
+                shared.metrics.rtt("status", began.elapsed().as_secs_f64());
+                live_tx.send_if_modified(|v| !std::mem::replace(v, true));
+            }
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!(
+                        "no answer to status within {}",
+                        humantime::format_duration(h.liveness_timeout)
+                    ),
+                };
+                if live_tx.send_if_modified(|v| std::mem::replace(v, false)) {
+                    tracing::warn!(reason = %why, "liveness: the app's control socket does not answer");
+                }
+                client = None;
+                continue;
+            }
+        }
+        let began = Instant::now();
+        let wait = h.poll_interval.max(Duration::from_secs(2));
+        match timeout(wait, c.health()).await {
+            Ok(Ok(reply)) => {
+                shared.metrics.rtt("health", began.elapsed().as_secs_f64());
+                let ok = deps_up(&reply, &h.required);
+                if deps_tx.send_if_modified(|v| std::mem::replace(v, ok) != ok) {
+                    let down: Vec<&str> = reply
+                        .checks
+                        .iter()
+                        .filter(|c| !c.up)
+                        .map(|c| c.name.as_str())
+                        .collect();
+                    tracing::info!(ready = ok, ?down, "dependency health changed");
+                }
+            }
+            _ => {
+                deps_tx.send_if_modified(|v| std::mem::replace(v, false));
+                client = None;
+            }
+        }
+    }
+}
+
+/// The gRPC service kubelet calls.
+#[derive(Clone, Debug)]
+pub struct HealthSvc {
+    statuses: watch::Receiver<Statuses>,
+    /// Count of readiness Checks from kubelet (`kube-probe/` user agent) answered NOT_SERVING.
+    probes_seen: watch::Sender<u32>,
+}
+
+fn to_status(serving: bool) -> i32 {
+    if serving {
+        ServingStatus::Serving as i32
+    } else {
+        ServingStatus::NotServing as i32
+    }
+}
+
+#[tonic::async_trait]
+impl Health for HealthSvc {
+    async fn check(
+        &self,
+        req: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let kube = req
+            .metadata()
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ua| ua.starts_with("kube-probe/"));
+        let service = req.into_inner().service;
+        let serving = self.statuses.borrow().get(&service).copied();
+        match serving {
+            None => Err(Status::not_found(format!(
+                "unknown service '{service}': ask for liveness, readiness, startup or \"\""
+            ))),
+            Some(serving) => {
+                if kube && !serving && (service == READINESS || service.is_empty()) {
+                    self.probes_seen.send_modify(|n| *n += 1);
+                }
+                Ok(Response::new(HealthCheckResponse {
+                    status: to_status(serving),
+                }))
+            }
+        }
+    }
+
+    type WatchStream =
+        Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send + 'static>>;
+
+    async fn watch(
+        &self,
+        req: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let service = req.into_inner().service;
+        let rx = self.statuses.clone();
+        // First the current status, then every change; an unknown service reports SERVICE_UNKNOWN and keeps
+        // watching, as the gRPC health spec asks.
+        let stream =
+            futures_util::stream::unfold((rx, None::<i32>, true), move |(mut rx, last, first)| {
+                let service = service.clone();
+                async move {
+                    loop {
+                        if !first && rx.changed().await.is_err() {
+                            return None;
+                        }
+                        let now = match rx.borrow_and_update().get(&service) {
+                            Some(s) => to_status(*s),
+                            None => ServingStatus::ServiceUnknown as i32,
+                        };
+                        if last != Some(now) {
+                            return Some((
+                                Ok(HealthCheckResponse { status: now }),
+                                (rx, Some(now), false),
+                            ));
+                        }
+                        if first {
+                            // unreachable: `last` is None on the first pass
+                            return None;
+                        }
+                    }
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Starts the probe thread: its own current-thread runtime serving gRPC health and, if bound, `/metrics`.
+pub fn spawn_server(
+    health: Option<TcpListener>,
+    metrics: Option<TcpListener>,
+    statuses: watch::Receiver<Statuses>,
+    probes_seen: watch::Sender<u32>,
+    registry: Arc<Metrics>,
+) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("quiesce-probes".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                if let Some(l) = metrics {
+                    tokio::spawn(crate::metrics::serve(l, registry));
+                }
+                let Some(l) = health else {
+                    std::future::pending::<()>().await;
+                    return;
+                };
+                let incoming = match l
+                    .set_nonblocking(true)
+                    .and_then(|_| tokio::net::TcpListener::from_std(l))
+                {
+                    Ok(l) => {
+                        tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "health listener unusable");
+                        return;
+                    }
+                };
+                let svc = HealthServer::new(HealthSvc {
+                    statuses,
+                    probes_seen,
+                });
+                if let Err(e) = tonic::transport::Server::builder()
+                    .serve_with_incoming(svc, incoming)
+                    .await
+                {
+                    tracing::error!(error = %e, "health server stopped");
+                }
+            });
+        })?;
+    Ok(())
+}
+
+/// Binds a probe-side listener before the child starts (so the app cannot take the port first).
+pub fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).map_err(|e| {
+        format!("cannot bind the {what} address {addr}: {e}; free the port or set a different {what}.address")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs() -> Inputs {
+        Inputs {
+            control: true,
+            alive: true,
+            hello: true,
+            deps_ok: true,
+            live_ok: true,
+            stopping: false,
+            services: vec!["order.v1.OrderService".into()],
+        }
+    }
+
+    #[test]
+    fn all_serving_when_all_is_well() {
+        let m = compute(&inputs());
+        assert!(m.values().all(|s| *s), "{m:?}");
+        assert_eq!(m.len(), 5);
+    }
+
+    #[test]
+    fn dependency_outage_makes_unready_never_dead() {
+        let m = compute(&Inputs {
+            deps_ok: false,
+            ..inputs()
+        });
+        assert!(m[LIVENESS] && m[STARTUP]);
+        assert!(!m[READINESS] && !m[""] && !m["order.v1.OrderService"]);
+    }
+
+    #[test]
+    fn frozen_app_fails_liveness_only() {
+        let m = compute(&Inputs {
+            live_ok: false,
+            ..inputs()
+        });
+        assert!(!m[LIVENESS]);
+        assert!(m[READINESS]);
+    }
+
+    #[test]
+    fn stopping_turns_everything_but_liveness_off() {
+        let m = compute(&Inputs {
+            stopping: true,
+            ..inputs()
+        });
+        assert!(m[LIVENESS] && m[STARTUP]);
+        assert!(!m[READINESS] && !m[""] && !m["order.v1.OrderService"]);
+    }
+
+    #[test]
+    fn before_hello_nothing_but_liveness() {
+        let m = compute(&Inputs {
+            hello: false,
+            services: vec![],
+            ..inputs()
+        });
+        assert!(m[LIVENESS]);
+        assert!(!m[STARTUP] && !m[READINESS]);
+    }
+
+    #[test]
+    fn signal_mode_follows_the_process() {
+        let base = Inputs {
+            control: false,
+            hello: false,
+            deps_ok: false,
+            live_ok: false,
+            services: vec![],
+            ..inputs()
+        };
+        assert!(compute(&base).values().all(|s| *s));
+        let dead = compute(&Inputs {
+            alive: false,
+            ..base
+        });
+        assert!(dead.values().all(|s| !*s));
+    }
+
+    #[test]
+    fn required_list_overrides_app_flags() {
+        use quiesce_protocol::wire::CheckReply;
+        let c = |name: &str, required: bool, up: bool| CheckReply {
+            name: name.into(),
+            required,
+            up,
+            latency_ms: 1.0,
+            error: None,
+        };
+        let reply = HealthReply {
+            ok: true,
+            healthy: false,
+            checks: vec![
+                c("db", true, true),
+                c("cache", false, false),
+                c("mq", true, false),
+            ],
+        };
+        assert!(!deps_up(&reply, &[]));
+        assert!(deps_up(&reply, &["db".into()]));
+        assert!(!deps_up(&reply, &["db".into(), "missing".into()]));
+    }
+}
