@@ -18,15 +18,23 @@ struct App {
 
 impl App {
     fn spawn(args: &[&str]) -> App {
+        App::spawn_with(args, true)
+    }
+
+    /// `with_socket`: whether QUIESCE_CONTROL_SOCKET is set (as under quiesce) or not.
+    fn spawn_with(args: &[&str], with_socket: bool) -> App {
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_fixture-app"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fixture-app"));
+        command
             .args(["--socket-from-env", "--event-log"])
             .arg(dir.path().join("events.log"))
             .args(args)
-            .env("QUIESCE_CONTROL_SOCKET", dir.path().join("control.sock"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start fixture-app");
+            .env_remove("QUIESCE_CONTROL_SOCKET")
+            .stdin(Stdio::null());
+        if with_socket {
+            command.env("QUIESCE_CONTROL_SOCKET", dir.path().join("control.sock"));
+        }
+        let child = command.spawn().expect("start fixture-app");
         App { child, dir }
     }
 
@@ -296,13 +304,15 @@ async fn deps_file_drives_health_and_freeze_file_stops_answers() {
 
 #[tokio::test]
 async fn sigterm_without_a_socket_runs_every_step_locally() {
-    let mut app = App::spawn(&[
-        "--no-socket",
-        "--behave",
-        "stop-consumer=hang",
-        "--local-budget-ms",
-        "1000",
-    ]);
+    let mut app = App::spawn_with(
+        &[
+            "--behave",
+            "stop-consumer=hang",
+            "--local-budget-ms",
+            "1000",
+        ],
+        false,
+    );
     app.wait_event("start").await;
     assert!(!app.socket().exists());
     app.sigterm();

@@ -42,7 +42,6 @@ use std::process::exit;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quiesce_protocol::CONTROL_SOCKET_ENV;
 use quiesce_protocol::agent::{Agent, HandlerError, Report, StepCtx};
 use quiesce_protocol::wire::SubStep;
 use tokio::signal::unix::{SignalKind, signal};
@@ -407,16 +406,6 @@ async fn watch_freeze_file(path: PathBuf, log: EventLog) {
     }
 }
 
-fn socket_path(choice: &SocketChoice) -> Option<PathBuf> {
-    match choice {
-        SocketChoice::Path(path) => Some(path.clone()),
-        SocketChoice::FromEnv => std::env::var_os(CONTROL_SOCKET_ENV)
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from),
-        SocketChoice::Off => None,
-    }
-}
-
 async fn run(config: Config, log: EventLog) -> i32 {
     let (Ok(mut sigterm), Ok(mut sigint)) = (
         signal(SignalKind::terminate()),
@@ -433,18 +422,21 @@ async fn run(config: Config, log: EventLog) -> i32 {
         tokio::spawn(watch_freeze_file(path, log.clone()));
     }
     tokio::time::sleep(config.startup_delay).await;
-    let _handle = match socket_path(&config.socket) {
-        Some(path) => match agent.serve(&path).await {
-            Ok(handle) => {
-                log.event(&format!("listening {}", path.display()));
-                Some(handle)
-            }
-            Err(e) => {
-                eprintln!("fixture-app: {e}");
-                return 2;
-            }
-        },
-        None => None,
+    let served = match &config.socket {
+        SocketChoice::Path(path) => agent.serve(path).await.map(Some),
+        SocketChoice::FromEnv => agent.serve_from_env().await,
+        SocketChoice::Off => Ok(None),
+    };
+    let _handle = match served {
+        Ok(Some(handle)) => {
+            log.event(&format!("listening {}", handle.path().display()));
+            Some(handle)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("fixture-app: {e}");
+            return 2;
+        }
     };
     let exit_after = async {
         match config.exit_after {
