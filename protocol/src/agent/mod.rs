@@ -6,7 +6,8 @@
 //! use quiesce_protocol::agent::{Agent, HandlerError, Report, StepCtx};
 //! use quiesce_protocol::wire::SubStep;
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(sigterm: impl std::future::Future<Output = ()>)
+//! #     -> Result<(), Box<dyn std::error::Error>> {
 //! let agent = Agent::builder("order-service")
 //!     .service("order.v1.OrderService")
 //!     .on(SubStep::DrainInFlight, |ctx: StepCtx| async move {
@@ -20,7 +21,7 @@
 //!     Some(handle) => handle.closed().await,
 //!     // standalone: on SIGTERM run the same steps in-process
 //!     None => {
-//!         tokio::signal::ctrl_c().await?;
+//!         sigterm.await;
 //!         agent.run_local(Duration::from_secs(25)).await;
 //!     }
 //! }
