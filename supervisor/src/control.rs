@@ -177,11 +177,14 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
                     deadline: budget,
                 }
                 .to_request();
+                let no_reply = || format!("no reply within {}", humantime::format_duration(budget));
+                // The client's own timeout is set past ours, so a silent app is always our `timeout`.
+                let client_wait = wait_until - began + Duration::from_secs(1);
                 tokio::select! {
-                    r = timeout_at(wait_until, c.request::<StepReply>(&req, wait_until - began)) => match r {
+                    r = timeout_at(wait_until, c.request::<StepReply>(&req, client_wait)) => match r {
                         Ok(Ok(reply)) => Ok(reply),
+                        Ok(Err(ClientError::Timeout { .. })) | Err(_) => Err(no_reply()),
                         Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err(format!("no reply within {}", humantime::format_duration(budget))),
                     },
                     _ = end.wait_for(|e| e.is_some()) => Err(exited_detail(&ctx)),
                 }

@@ -223,3 +223,64 @@ pub fn descendants(root: u32) -> Vec<i32> {
     }
     out
 }
+
+/// The agent-based fixture app (testbin package).
+pub fn fixture_app() -> PathBuf {
+    let p = quiesce_bin().with_file_name("fixture-app");
+    assert!(p.exists(), "{} is missing: build it with `cargo build -p quiesce-testbin`", p.display());
+    p
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// The Python interpreter of the venv `.ci/run` creates (grpcio-health-checking installed).
+pub fn python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/.venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: python3 -m venv .ci/.venv && .ci/.venv/bin/pip install -r .ci/requirements.txt (.ci/run does it)",
+        p.display()
+    );
+    p
+}
+
+pub fn probe_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/probe.py")
+}
+
+/// One health Check through the independent Python client.
+pub fn check(addr: &str, service: &str) -> String {
+    let mut c = Command::new(python());
+    c.arg(probe_script()).args(["check", addr, service]);
+    let out = output_timeout(c, Duration::from_secs(20));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, comparable with the fixture's event log.
+pub fn monotonic_ns() -> u128 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    t.tv_sec() as u128 * 1_000_000_000 + t.tv_nsec() as u128
+}
+
+/// Lines of the fixture's event log: (monotonic ns, event text).
+pub fn events(path: &Path) -> Vec<(u128, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (ts, rest) = l.split_once(' ')?;
+            Some((ts.parse().ok()?, rest.to_string()))
+        })
+        .collect()
+}
+
+/// The admin socket's status, or Null if it does not answer.
+pub fn admin_status(s: &Scratch) -> serde_json::Value {
+    let mut c = Command::new(quiesce_bin());
+    c.env_clear().args(["ctl", "status", "--json", "--admin-socket"]).arg(s.path("admin.sock"));
+    let out = output_timeout(c, Duration::from_secs(20));
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
