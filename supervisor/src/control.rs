@@ -175,6 +175,7 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
                 let req = AgentCommand::Step {
                     verb,
                     deadline: budget,
+                    budgets: None,
                 }
                 .to_request();
                 let no_reply = || format!("no reply within {}", humantime::format_duration(budget));

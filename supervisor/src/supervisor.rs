@@ -289,7 +289,9 @@ async fn finish_up(
     let code = exit::exit_code(end, stop, cfg.stop_exit_code);
     let reason = match (&stop, shared.lock().trigger.clone()) {
         (Some(s), Some(t)) if s.forced => {
-            format!("stop by {t}: app still running at the deadline, its process group was killed (app {end})")
+            format!(
+                "stop by {t}: app still running at the deadline, its process group was killed (app {end})"
+            )
         }
         (_, Some(t)) if code == 0 && end.raw_code() != 0 => {
             format!("stop by {t}: app {end} in time (stop_exit_code=zero)")

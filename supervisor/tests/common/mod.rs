@@ -227,13 +227,21 @@ pub fn descendants(root: u32) -> Vec<i32> {
 /// The agent-based fixture app (testbin package).
 pub fn fixture_app() -> PathBuf {
     let p = quiesce_bin().with_file_name("fixture-app");
-    assert!(p.exists(), "{} is missing: build it with `cargo build -p quiesce-testbin`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build -p quiesce-testbin`",
+        p.display()
+    );
     p
 }
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// The Python interpreter of the venv `.ci/run` creates (grpcio-health-checking installed).
@@ -280,7 +288,9 @@ pub fn events(path: &Path) -> Vec<(u128, String)> {
 /// The admin socket's status, or Null if it does not answer.
 pub fn admin_status(s: &Scratch) -> serde_json::Value {
     let mut c = Command::new(quiesce_bin());
-    c.env_clear().args(["ctl", "status", "--json", "--admin-socket"]).arg(s.path("admin.sock"));
+    c.env_clear()
+        .args(["ctl", "status", "--json", "--admin-socket"])
+        .arg(s.path("admin.sock"));
     let out = output_timeout(c, Duration::from_secs(20));
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
