@@ -115,7 +115,7 @@ fn main() {
                     .is_ok();
                 let _ = tx.send(ok.then(|| t.elapsed().as_secs_f64() * 1e6));
             });
-            if sent % RATE == 0 {
+            if sent.is_multiple_of(RATE) {
                 rss_load = rss_load.max(rss_kib(pid));
             }
         }
