@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::consumer::PaymentConsumer;
+use crate::control::SubStep;
 use crate::cron::ExpiryJob;
 use crate::db::Db;
 use crate::error::StartError;
@@ -25,7 +26,6 @@ use crate::mq::Mq;
 use crate::outbox::OutboxPoller;
 use crate::redis_store::RedisStore;
 use crate::report::StopReport;
-use crate::shutdown::SubStep;
 
 /// The gRPC service names served (the supervisor's health server reports them).
 pub const SERVICES: [&str; 1] = ["order.v1.OrderService"];

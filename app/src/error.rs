@@ -43,6 +43,14 @@ pub enum StartError {
         /// lapin's error.
         detail: String,
     },
+    /// The control socket (`QUIESCE_CONTROL_SOCKET`) could not be served.
+    #[error(
+        "cannot serve the control socket: {detail}; check QUIESCE_CONTROL_SOCKET and its directory's permissions"
+    )]
+    Control {
+        /// The agent's error.
+        detail: String,
+    },
     /// A listen address is taken or not allowed.
     #[error("cannot listen for {what} on {addr}: {source}; choose another address with {env_var}")]
     Bind {
@@ -63,7 +71,7 @@ impl StartError {
         match self {
             Self::Config(_) => 78,
             Self::Dependency { .. } | Self::Migrate { .. } | Self::Topology { .. } => 69,
-            Self::Bind { .. } => 71,
+            Self::Bind { .. } | Self::Control { .. } => 71,
         }
     }
 }

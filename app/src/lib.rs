@@ -12,7 +12,7 @@
 //! | configuration (defaults ← TOML ← env/CLI), secrets redacted | `config.rs` |
 //! | start-up errors that name the dependency and the fix | `error.rs` |
 //! | assembling and starting the components | `app.rs` |
-//! | the nine steps as a table; local ordered stop | `shutdown.rs` |
+//! | control-protocol agent: steps → stop functions, checks, status | `control.rs` |
 //! | gRPC server, stop-accepting + drain | `grpc/mod.rs` |
 //! | RPC metrics, in-flight count, cancel-at-deadline (tower layer) | `grpc/layer.rs` |
 //! | RPC handlers, validation → status codes, idempotency keys | `grpc/service.rs` |
@@ -35,6 +35,7 @@ pub mod app;
 pub mod breaker;
 pub mod config;
 pub mod consumer;
+pub mod control;
 pub mod cron;
 pub mod db;
 pub mod domain;
@@ -46,7 +47,6 @@ pub mod mq;
 pub mod outbox;
 pub mod redis_store;
 pub mod report;
-pub mod shutdown;
 pub mod telemetry;
 
 /// Generated `order.v1` protobuf types, server and client.
@@ -60,25 +60,69 @@ use std::future::Future;
 pub use app::App;
 pub use config::Config;
 pub use error::StartError;
-pub use shutdown::SubStepResult;
+pub use quiesce_protocol::wire::StepReply;
+use quiesce_protocol::wire::{Outcome as ProtocolOutcome, StepStatus};
 
-/// Starts the service, serves until `shutdown` resolves, then runs the nine steps' app side
-/// in order within `config.shutdown_budget`. Returns what each step did.
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunSummary {
+    /// Every step verb with its state and outcome, in order.
+    pub steps: Vec<StepStatus>,
+    /// Whether a supervisor drove the steps over the control socket.
+    pub supervised: bool,
+}
+
+impl RunSummary {
+    /// The exit code: 0 when every step finished (a deadline reached counts as finished: what it
+    /// cut short is in the counts), 1 when a step failed or never ran.
+    pub fn exit_code(&self) -> u8 {
+        let clean = self
+            .steps
+            .iter()
+            .all(|s| matches!(s.outcome, Some(o) if o != ProtocolOutcome::Error));
+        u8::from(!clean)
+    }
+}
+
+/// Starts the service and serves until it is told to stop:
+///
+/// - with `QUIESCE_CONTROL_SOCKET` set, the control socket is served and the supervisor drives
+///   the steps; the run ends after `close`. If `shutdown` fires first (a signal reached the app
+///   directly), the remaining steps run in-process.
+/// - without it, the run waits for `shutdown` and then runs every step in-process within
+///   `config.shutdown_budget`.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
-) -> Result<Vec<SubStepResult>, StartError> {
+) -> Result<RunSummary, StartError> {
     let budget = config.shutdown_budget;
     let app = App::start(config).await?;
+    let agent = control::agent(&app);
+    let handle = agent
+        .serve_from_env()
+        .await
+        .map_err(|e| StartError::Control {
+            detail: e.to_string(),
+        })?;
     tracing::info!(
         grpc = %app.grpc_addr(),
         metrics = ?app.metrics_addr(),
+        control_socket = ?handle.as_ref().map(|h| h.path().display().to_string()),
         "order-service ready"
     );
-    shutdown.await;
-    tracing::info!(
-        budget_ms = budget.as_millis() as u64,
-        "shutdown requested; running the steps in order"
-    );
-    Ok(shutdown::run_local(&app, budget).await)
+    let supervised = handle.is_some();
+    tokio::select! {
+        () = agent.closed(), if supervised => {}
+        () = shutdown => {
+            tracing::info!(budget_ms = budget.as_millis() as u64, "stop requested; running the remaining steps in order");
+            agent.run_local(budget).await;
+        }
+    }
+    if let Some(handle) = handle {
+        handle.shutdown().await;
+    }
+    Ok(RunSummary {
+        steps: agent.status().steps,
+        supervised,
+    })
 }

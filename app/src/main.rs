@@ -1,11 +1,11 @@
-//! `order-service`: read the configuration, start logging and the runtime, serve until
-//! SIGTERM/SIGINT, run the ordered stop, exit. Exit codes: 0 clean stop, 1 a step did not
-//! finish cleanly, 69 a dependency is unreachable, 71 cannot bind, 78 bad configuration.
+//! `order-service`: read the configuration, start logging and the runtime, serve until the
+//! supervisor's `close` (under quiesce) or SIGTERM/SIGINT (standalone: the steps then run
+//! in-process), exit. Exit codes: 0 every step finished, 1 a step failed, 69 a dependency is
+//! unreachable, 71 cannot bind a listener or the control socket, 78 bad configuration.
 
 use std::process::ExitCode;
 
 use order_service::config::Config;
-use order_service::report::Outcome;
 
 fn main() -> ExitCode {
     let config = match Config::load() {
@@ -28,10 +28,15 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match order_service::run(config, termination()).await {
-            Ok(results) => {
-                let clean = results.iter().all(|r| r.report.outcome == Outcome::Ok);
-                let code = if clean { 0 } else { 1 };
-                tracing::info!(code, steps = results.len(), "exiting: shutdown complete");
+            Ok(summary) => {
+                let code = summary.exit_code();
+                let steps = serde_json::to_string(&summary.steps).unwrap_or_default();
+                tracing::info!(
+                    code,
+                    supervised = summary.supervised,
+                    steps,
+                    "exiting: shutdown complete"
+                );
                 ExitCode::from(code)
             }
             Err(e) => {

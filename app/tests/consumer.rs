@@ -13,7 +13,7 @@ use common::{
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use order_service::App;
-use order_service::shutdown::{SubStep, run_local};
+use order_service::control::{SubStep, stop_all};
 use tokio::time::Instant;
 
 #[tokio::test]
@@ -89,7 +89,7 @@ async fn duplicates_change_nothing_and_poison_is_dead_lettered() {
         assert_eq!(c["duplicates_total"], 1);
         assert_eq!(c["dead_lettered_total"], 4);
         assert_eq!(queue_depth(&ch, &env.topology().payments_queue).await, 0);
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }
@@ -139,7 +139,7 @@ async fn stop_mid_stream_then_restart_applies_every_message_exactly_once() {
         }
         let queue = env.topology().payments_queue;
         assert_eq!(queue_depth(&ch, &queue).await as usize, N);
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
 
         // First instance: stop its consumer part-way.
         let first = App::start(config.clone())
@@ -179,7 +179,7 @@ async fn stop_mid_stream_then_restart_applies_every_message_exactly_once() {
             || async { queue_depth(&ch, &queue).await as i64 == N as i64 - applied_first },
         )
         .await;
-        run_local(&first, Duration::from_secs(10)).await;
+        stop_all(&first, Duration::from_secs(10)).await;
 
         // Second instance finishes.
         let second = App::start(config).await.expect("start the second consumer");
@@ -215,7 +215,7 @@ async fn stop_mid_stream_then_restart_applies_every_message_exactly_once() {
             N as i64
         );
         assert_eq!(queue_depth(&ch, &env.topology().dead_letter_queue).await, 0);
-        run_local(&second, Duration::from_secs(10)).await;
+        stop_all(&second, Duration::from_secs(10)).await;
     })
     .await;
 }

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use common::{TestEnv, client, create_request, fetch_metrics, hard_timeout, metric_value, scalar};
 use order_service::App;
+use order_service::control::stop_all;
 use order_service::proto::{
     CancelOrderRequest, CreateOrderRequest, GetOrderRequest, LineItem, ListOrdersRequest,
     OrderStatus,
 };
-use order_service::shutdown::run_local;
 use tonic::Code;
 
 #[tokio::test]
@@ -112,7 +112,7 @@ async fn create_get_list_cancel_succeed() {
             .order
             .unwrap();
         assert_eq!(again.update_time, cancelled.update_time);
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }
@@ -209,7 +209,7 @@ async fn invalid_requests_are_refused_with_the_right_codes() {
         assert!(metrics.contains("grpc_server_started_total{grpc_method=\"CreateOrder\""));
         assert!(metrics.contains("grpc_server_handling_seconds_bucket{grpc_method=\"GetOrder\""));
         assert!(metrics.contains("circuit_breaker_state{breaker=\"outbox_publisher\",state=\"closed\"} 1"));
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }
@@ -295,7 +295,7 @@ async fn idempotency_key_returns_the_same_order() {
         assert!(third.replayed);
         assert_eq!(third.order, first.order);
         assert_eq!(scalar(&pool, "SELECT count(*) FROM orders").await, 2);
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }
@@ -314,8 +314,8 @@ async fn health_checks_report_each_dependency_and_closes_show_down() {
                 .all(|c| c.up && c.required && c.latency_ms >= 0.0),
             "{checks:?}"
         );
-        let results = run_local(&app, Duration::from_secs(10)).await;
-        assert_eq!(results.len(), 8);
+        let results = stop_all(&app, Duration::from_secs(10)).await;
+        assert_eq!(results.iter().map(|r| r.substeps.len()).sum::<usize>(), 8);
         let checks = app.health(Duration::from_secs(1)).await;
         assert!(
             checks.iter().all(|c| !c.up && c.error.is_some()),

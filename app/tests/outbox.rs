@@ -13,8 +13,8 @@ use common::{
 };
 use lapin::options::ExchangeDeleteOptions;
 use order_service::App;
+use order_service::control::stop_all;
 use order_service::proto::CancelOrderRequest;
-use order_service::shutdown::run_local;
 use uuid::Uuid;
 
 async fn event_ids(pool: &sqlx::PgPool) -> HashSet<String> {
@@ -97,7 +97,7 @@ async fn committed_events_arrive_on_a_bound_queue() {
         let text = fetch_metrics(metrics_addr).await;
         assert_eq!(metric_value(&text, "outbox_published_total"), Some(51.0));
         assert!(text.contains("outbox_relay_lag_seconds_bucket{event_type=\"order.created\""));
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }
@@ -166,7 +166,7 @@ async fn broker_failure_opens_the_breaker_and_nothing_is_lost() {
         let messages = drain_queue(&channel, &queue).await;
         let received: HashSet<String> = messages.into_iter().map(|(id, _)| id).collect();
         assert_eq!(received, event_ids(&pool).await);
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }

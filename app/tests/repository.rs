@@ -180,7 +180,7 @@ async fn list_pages_newest_first_and_filters_by_customer() {
             }
         }
         let mut expected = created.clone();
-        expected.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+        expected.sort_by_key(|o| std::cmp::Reverse((o.created_at, o.id)));
         assert_eq!(seen, expected.iter().map(|o| o.id).collect::<Vec<_>>());
         let (evens, next) = orders::list(pool, 10, None, Some("even")).await.unwrap();
         assert_eq!(evens.len(), 4);

@@ -10,9 +10,10 @@ use common::{
     publish_payment, queue_depth, scalar, wait_until,
 };
 use order_service::App;
+use order_service::control::{SubStep, stop_all};
 use order_service::proto::CancelOrderRequest;
 use order_service::report::Outcome;
-use order_service::shutdown::{SubStep, run_local};
+use quiesce_protocol::wire::{Outcome as ProtocolOutcome, SubStepReply};
 use sqlx::Connection;
 use tokio::time::Instant;
 use tonic::Code;
@@ -102,7 +103,7 @@ async fn stop_accepting_refuses_connections_and_drain_waits_for_in_flight() {
             order.order_id
         );
         assert_eq!(app.status()["grpc"]["state"], "drained");
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }
@@ -158,7 +159,7 @@ async fn drain_deadline_cancels_what_is_still_running() {
             assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         }
         release(lock).await;
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }
@@ -217,7 +218,7 @@ async fn stop_cron_waits_for_the_running_job() {
             .await,
             3
         );
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }
@@ -247,7 +248,7 @@ async fn stop_consumer_acks_running_handlers_and_requeues_the_prefetched() {
             )
             .await;
         }
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
 
         // Every message targets one order whose row the test holds: the 4 handlers block.
         let lock = lock_order(&env, &ids[0].to_string()).await;
@@ -290,7 +291,7 @@ async fn stop_consumer_acks_running_handlers_and_requeues_the_prefetched() {
             scalar(&pool, "SELECT count(*) FROM processed_messages").await,
             4
         );
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }
@@ -372,7 +373,7 @@ async fn stop_poller_finishes_the_batch_in_progress() {
             scalar(&pool, "SELECT count(*) FROM outbox WHERE sent_at IS NULL").await,
             5
         );
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }
@@ -411,7 +412,7 @@ async fn stop_poller_at_its_deadline_leaves_the_batch_unsent() {
             scalar(&pool, "SELECT count(*) FROM outbox WHERE sent_at IS NULL").await,
             10
         );
-        run_local(&app, Duration::from_secs(10)).await;
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }
@@ -431,8 +432,20 @@ async fn the_whole_sequence_runs_in_order_and_closes_everything() {
             app.poller().published_total() == 5
         })
         .await;
-        let results = run_local(&app, Duration::from_secs(10)).await;
-        let names: Vec<&str> = results.iter().map(|r| r.substep.name()).collect();
+        let results = stop_all(&app, Duration::from_secs(10)).await;
+        let verbs: Vec<String> = results.iter().map(|r| r.step.to_string()).collect();
+        assert_eq!(
+            verbs,
+            [
+                "drain",
+                "stop-cron",
+                "stop-consumer",
+                "stop-poller",
+                "close"
+            ]
+        );
+        let substeps: Vec<&SubStepReply> = results.iter().flat_map(|r| &r.substeps).collect();
+        let names: Vec<String> = substeps.iter().map(|s| s.name.to_string()).collect();
         assert_eq!(
             names,
             [
@@ -447,32 +460,27 @@ async fn the_whole_sequence_runs_in_order_and_closes_everything() {
             ]
         );
         assert!(
-            results.iter().all(|r| r.report.outcome == Outcome::Ok),
+            results.iter().all(|r| r.outcome == ProtocolOutcome::Ok),
             "{results:#?}"
         );
-        let by_name = |n: &str| {
-            &results
+        let count = |results: &[order_service::StepReply], substep: &str, name: &str| {
+            results
                 .iter()
-                .find(|r| r.substep.name() == n)
-                .unwrap()
-                .report
+                .flat_map(|r| &r.substeps)
+                .find(|s| s.name.to_string() == substep)
+                .and_then(|s| s.counts.get(name).copied())
+                .unwrap_or(0)
         };
-        assert_eq!(by_name("stop-accepting").get("listener_closed"), 1);
-        assert_eq!(by_name("close-mq").get("closed"), 1);
-        assert_eq!(by_name("close-redis").get("closed"), 1);
-        assert!(by_name("close-db").get("connections_open") >= 1);
+        assert_eq!(count(&results, "stop-accepting", "listener_closed"), 1);
+        assert_eq!(count(&results, "close-mq", "closed"), 1);
+        assert_eq!(count(&results, "close-redis", "closed"), 1);
+        assert!(count(&results, "close-db", "connections_open") >= 1);
         assert!(app.db().is_closed());
-        // A second run is harmless and reports nothing left to do.
-        let again = run_local(&app, Duration::from_secs(5)).await;
-        assert_eq!(
-            again
-                .iter()
-                .find(|r| r.substep.name() == "close-mq")
-                .unwrap()
-                .report
-                .get("closed"),
-            0
-        );
+        // Running the handlers again (a fresh agent) is harmless: nothing is left to do.
+        let again = stop_all(&app, Duration::from_secs(5)).await;
+        assert_eq!(again.len(), 5);
+        assert_eq!(count(&again, "close-mq", "closed"), 0);
+        assert_eq!(count(&again, "close-redis", "closed"), 0);
     })
     .await;
 }
