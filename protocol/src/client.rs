@@ -369,7 +369,34 @@ impl Client {
         verb: StepVerb,
         deadline: Duration,
     ) -> Result<StepReply, ClientError> {
-        let request = AgentCommand::Step { verb, deadline }.to_request();
+        let request = AgentCommand::Step {
+            verb,
+            deadline,
+            budgets: None,
+        }
+        .to_request();
+        self.request(&request, deadline.saturating_add(STEP_REPLY_SLACK))
+            .await
+    }
+
+    /// Like [`Client::step`], with a budget per sub-step (`budgets_ms`): one entry per
+    /// [`StepVerb::substeps`] of `verb`, in order, in whole milliseconds of at least 1. Sub-step
+    /// `i` is cut at `min(its start + budgets[i], receipt + deadline)`, so a hang in one sub-step
+    /// leaves the next its own time. A wrong count or a zero budget is refused by the app
+    /// (`bad_argument`, [`ClientError::Refused`]). Waits up to `deadline` +
+    /// [`STEP_REPLY_SLACK`], since the budgets never extend the step past its deadline.
+    pub async fn step_with_budgets(
+        &mut self,
+        verb: StepVerb,
+        deadline: Duration,
+        budgets: &[Duration],
+    ) -> Result<StepReply, ClientError> {
+        let request = AgentCommand::Step {
+            verb,
+            deadline,
+            budgets: Some(budgets.to_vec()),
+        }
+        .to_request();
         self.request(&request, deadline.saturating_add(STEP_REPLY_SLACK))
             .await
     }

@@ -684,3 +684,225 @@ async fn on_request_sees_every_well_formed_request() {
         ["hello role=driver", "nope", "drain deadline_ms=10"]
     );
 }
+
+/// A handler that never finishes and sets `flag` when its future is dropped.
+fn hang_until_dropped(
+    flag: Arc<AtomicBool>,
+) -> impl Fn(StepCtx) -> std::pin::Pin<Box<dyn Future<Output = Result<Report, HandlerError>> + Send>>
++ Send
++ Sync
++ 'static {
+    move |_ctx: StepCtx| {
+        let guard = DropFlag(Arc::clone(&flag));
+        Box::pin(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+            Ok(Report::new())
+        })
+    }
+}
+
+fn millis(value: &Value) -> u64 {
+    value.as_u64().expect("a duration in ms")
+}
+
+#[tokio::test]
+async fn with_budgets_a_hung_substep_is_cut_at_its_own_budget_and_the_next_gets_its_own_time() {
+    let dir = SocketDir::new();
+    let dropped = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let record = Arc::clone(&seen);
+    let agent = Agent::builder("budgets")
+        .on(
+            SubStep::StopAccepting,
+            hang_until_dropped(Arc::clone(&dropped)),
+        )
+        .on(SubStep::DrainInFlight, move |ctx: StepCtx| {
+            let record = Arc::clone(&record);
+            async move {
+                *record.lock().unwrap() = Some(ctx.deadline() - ctx.started());
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, HandlerError>(Report::new().count("requests_drained", 4))
+            }
+        })
+        .build();
+    let _handle = serve(&agent, &dir).await;
+    let mut c = Conn::open(&dir.path()).await;
+    assert_ok(&c.call("hello role=driver").await);
+    let started = Instant::now();
+    let reply = c.call("drain deadline_ms=8000 budgets_ms=200,2000").await;
+    let took = started.elapsed();
+    assert_ok(&reply);
+    assert_eq!(reply["outcome"], "timeout");
+
+    let stop_accepting = &reply["substeps"][0];
+    assert_eq!(stop_accepting["outcome"], "timeout");
+    let cut = millis(&stop_accepting["duration_ms"]);
+    assert!(
+        (200..500).contains(&cut),
+        "cut at {cut} ms, not at its 200 ms budget"
+    );
+    let message = stop_accepting["message"].as_str().unwrap();
+    assert!(message.contains("own budget (200 ms)") && message.contains("budgets_ms"));
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the hung future was dropped"
+    );
+
+    // drain-in-flight ran to completion, with its own 2 s rather than what the hang left.
+    let drain_in_flight = &reply["substeps"][1];
+    assert_eq!(drain_in_flight["outcome"], "ok");
+    assert_eq!(drain_in_flight["counts"]["requests_drained"], 4);
+    assert!(millis(&drain_in_flight["duration_ms"]) >= 300);
+    let given = seen.lock().unwrap().take().expect("drain-in-flight ran");
+    assert!(
+        given <= Duration::from_millis(2000) && given > Duration::from_millis(1950),
+        "its own 2 s budget from its start, not what was left of the 8 s deadline: {given:?}"
+    );
+    assert_eq!(reply["counts"]["requests_drained"], 4);
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("stop-accepting: ")
+    );
+    assert!(took >= Duration::from_millis(500), "too fast: {took:?}");
+    assert!(
+        took < Duration::from_millis(2000),
+        "the budget did not cut: {took:?}"
+    );
+    // The step finished, so the next verb is accepted.
+    assert_eq!(c.call("stop-cron deadline_ms=500").await["outcome"], "ok");
+}
+
+#[tokio::test]
+async fn budgets_never_extend_a_step_past_its_deadline() {
+    let dir = SocketDir::new();
+    let first = Arc::new(AtomicBool::new(false));
+    let second = Arc::new(AtomicBool::new(false));
+    let agent = Agent::builder("capped")
+        .on(
+            SubStep::StopAccepting,
+            hang_until_dropped(Arc::clone(&first)),
+        )
+        .on(
+            SubStep::DrainInFlight,
+            hang_until_dropped(Arc::clone(&second)),
+        )
+        .build();
+    let _handle = serve(&agent, &dir).await;
+    let mut c = Conn::open(&dir.path()).await;
+    assert_ok(&c.call("hello role=driver").await);
+    let started = Instant::now();
+    let reply = c.call("drain deadline_ms=500 budgets_ms=100,5000").await;
+    let took = started.elapsed();
+    assert_eq!(reply["substeps"][0]["outcome"], "timeout");
+    assert!(millis(&reply["substeps"][0]["duration_ms"]) < 400);
+    assert_eq!(reply["substeps"][1]["outcome"], "timeout");
+    assert!(
+        reply["substeps"][1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("step's deadline"),
+        "cut by the verb's deadline, not its own budget: {reply}"
+    );
+    assert!(took >= Duration::from_millis(500), "cut early: {took:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "ran past the deadline: {took:?}"
+    );
+    assert!(first.load(Ordering::SeqCst) && second.load(Ordering::SeqCst));
+}
+
+#[tokio::test]
+async fn close_budgets_cut_only_the_hung_substep() {
+    let dir = SocketDir::new();
+    let journal = Journal::default();
+    let dropped = Arc::new(AtomicBool::new(false));
+    let agent = recording_agent(&journal)
+        .on(
+            SubStep::CloseRedis,
+            hang_until_dropped(Arc::clone(&dropped)),
+        )
+        .build();
+    let _handle = serve(&agent, &dir).await;
+    let mut c = Conn::open(&dir.path()).await;
+    assert_ok(&c.call("hello role=driver").await);
+    for verb in &StepVerb::ALL[..4] {
+        assert_eq!(
+            c.call(&format!("{verb} deadline_ms=2000")).await["outcome"],
+            "ok"
+        );
+    }
+    let reply = c
+        .call("close deadline_ms=5000 budgets_ms=1000,150,1000")
+        .await;
+    let outcomes: Vec<&str> = reply["substeps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["ok", "timeout", "ok"], "{reply}");
+    assert!(millis(&reply["substeps"][1]["duration_ms"]) < 450);
+    assert!(millis(&reply["duration_ms"]) < 1000, "{reply}");
+    assert_eq!(journal.count(SubStep::CloseMq), 1);
+    assert_eq!(journal.count(SubStep::CloseDb), 1);
+    assert!(dropped.load(Ordering::SeqCst));
+    assert!(agent.is_closed());
+}
+
+#[tokio::test]
+async fn bad_budgets_are_refused_and_change_nothing() {
+    let dir = SocketDir::new();
+    let journal = Journal::default();
+    let agent = recording_agent(&journal).build();
+    let _handle = serve(&agent, &dir).await;
+    let mut c = Conn::open(&dir.path()).await;
+    assert_ok(&c.call("hello role=driver").await);
+    let before = c.call("status").await;
+    let drain = "budgets_ms needs 2 values for drain (stop-accepting, drain-in-flight)";
+    for (line, says) in [
+        ("drain deadline_ms=1000 budgets_ms=500", drain),
+        ("drain deadline_ms=1000 budgets_ms=500,500,500", drain),
+        ("drain deadline_ms=1000 budgets_ms=0,500", drain),
+        ("drain deadline_ms=1000 budgets_ms=500,x", drain),
+        ("drain deadline_ms=1000 budgets_ms=500,", drain),
+        ("drain deadline_ms=1000 budgets_ms=500,-1", drain),
+        ("drain deadline_ms=1000 budgets_ms=0.5,500", drain),
+        (
+            "stop-cron deadline_ms=1000 budgets_ms=1,1",
+            "budgets_ms needs 1 value for stop-cron (stop-cron)",
+        ),
+        (
+            "close deadline_ms=1000 budgets_ms=1,1",
+            "budgets_ms needs 3 values for close (close-mq, close-redis, close-db)",
+        ),
+        (
+            "status budgets_ms=1",
+            "unknown argument `budgets_ms` for `status`",
+        ),
+        (
+            "health budgets_ms=1",
+            "unknown argument `budgets_ms` for `health`",
+        ),
+        (
+            "hello budgets_ms=1",
+            "unknown argument `budgets_ms` for `hello`",
+        ),
+    ] {
+        let reply = c.call(line).await;
+        assert_eq!(error_code(&reply), "bad_argument", "{line}: {reply}");
+        let message = reply["message"].as_str().unwrap();
+        assert!(message.contains(says), "{line}: {message}");
+    }
+    assert_eq!(c.call("status").await, before);
+    assert!(journal.calls().is_empty(), "no handler ran");
+    // Still the driver, and a valid request with budgets runs.
+    let reply = c.call("drain deadline_ms=1000 budgets_ms=500,500").await;
+    assert_eq!(reply["outcome"], "ok", "{reply}");
+    assert_eq!(
+        journal.calls(),
+        [SubStep::StopAccepting, SubStep::DrainInFlight]
+    );
+}

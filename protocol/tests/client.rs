@@ -161,3 +161,56 @@ async fn client_errors_name_the_socket_and_the_problem() {
         );
     }
 }
+
+#[tokio::test]
+async fn step_with_budgets_sends_budgets_ms_and_surfaces_refusals() {
+    let dir = SocketDir::new();
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = std::sync::Arc::clone(&requests);
+    let agent = recording_agent(&Journal::default())
+        .on(SubStep::StopAccepting, |_ctx: StepCtx| async move {
+            std::future::pending::<()>().await;
+            Ok::<_, HandlerError>(Report::new())
+        })
+        .on_request(move |r| record.lock().unwrap().push(r.render()))
+        .build();
+    let _handle = serve(&agent, &dir).await;
+    let mut client = Client::connect(dir.path()).await.unwrap();
+    client.hello_driver().await.unwrap();
+
+    let ms = Duration::from_millis;
+    let error = client
+        .step_with_budgets(StepVerb::Drain, ms(3000), &[ms(100)])
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::BadArgument));
+    assert!(
+        error
+            .to_string()
+            .contains("budgets_ms needs 2 values for drain (stop-accepting, drain-in-flight)"),
+        "{error}"
+    );
+    // The refusal changed nothing: drain is still the next step, and the client is in step.
+    assert_eq!(
+        client.status().await.unwrap().next_step,
+        Some(StepVerb::Drain)
+    );
+
+    let reply = client
+        .step_with_budgets(StepVerb::Drain, ms(3000), &[ms(100), ms(2000)])
+        .await
+        .unwrap();
+    assert_eq!(reply.outcome, Outcome::Timeout);
+    assert_eq!(reply.substeps[0].outcome, Outcome::Timeout);
+    assert_eq!(reply.substeps[1].outcome, Outcome::Ok);
+    assert_eq!(reply.substeps[1].counts["calls"], 1);
+    assert!(reply.duration_ms < 1000, "{reply:?}");
+    assert_eq!(
+        requests.lock().unwrap()[1..],
+        [
+            "drain deadline_ms=3000 budgets_ms=100",
+            "status",
+            "drain deadline_ms=3000 budgets_ms=100,2000",
+        ]
+    );
+}

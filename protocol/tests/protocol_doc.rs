@@ -6,8 +6,8 @@
 //! back. `\xHH` in a request stands for one byte, `[N×c]` for N copies of `c`. Comment lines:
 //! `# connection N` switches to (and opens) another connection; `# connection N as uid U` is a
 //! connection from a process running as uid U (it sends `status` and gets one line back);
-//! `# the app's NAME handler|check fails: MESSAGE` configures the agent for the block. Other `#`
-//! lines are prose. Fields `duration_ms`, `latency_ms` and `pid` are compared for presence only;
+//! `# the app's NAME handler|check fails: MESSAGE` and `# the app's NAME handler hangs` configure
+//! the agent for the block. Other `#` lines are prose. Fields `duration_ms`, `latency_ms` and `pid` are compared for presence only;
 //! `…` inside an expected string matches any text.
 
 mod common;
@@ -81,7 +81,9 @@ fn expand(request: &str) -> Vec<u8> {
 }
 
 /// The agent every example runs against (see "How to read the examples" in the document).
-fn doc_agent(failing: &BTreeMap<String, String>) -> Agent {
+/// `failing` maps a handler or check name to its error message; a handler in `hanging` never
+/// finishes (the agent cuts it).
+fn doc_agent(failing: &BTreeMap<String, String>, hanging: &BTreeSet<String>) -> Agent {
     let components = Arc::new(Mutex::new(json!({
         "grpc": {"state": "serving", "in_flight": 0},
         "cron": {"state": "running"},
@@ -151,12 +153,16 @@ fn doc_agent(failing: &BTreeMap<String, String>) -> Agent {
     ];
     for (substep, component, state, report, takes) in handlers {
         let failure = failing.get(substep.as_str()).cloned();
+        let hangs = hanging.contains(substep.as_str());
         let components = Arc::clone(&components);
         builder = builder.on(substep, move |_ctx: StepCtx| {
             let failure = failure.clone();
             let report = report.clone();
             let components = Arc::clone(&components);
             async move {
+                if hangs {
+                    std::future::pending::<()>().await;
+                }
                 tokio::time::sleep(takes).await;
                 if let Some(message) = failure {
                     return Err(HandlerError::msg(message));
@@ -238,8 +244,14 @@ struct Coverage {
 
 async fn run_block(block: &Block, coverage: &mut Coverage) -> Vec<String> {
     let mut failing = BTreeMap::new();
+    let mut hanging = BTreeSet::new();
     let mut needs_peer = false;
     for (_, text) in &block.lines {
+        if let Some(rest) = text.strip_prefix("# the app's ")
+            && let Some(name) = rest.strip_suffix(" handler hangs")
+        {
+            hanging.insert(name.to_owned());
+        }
         if let Some(rest) = text.strip_prefix("# the app's ")
             && let Some((name, message)) = rest.split_once(" fails: ")
         {
@@ -258,7 +270,7 @@ async fn run_block(block: &Block, coverage: &mut Coverage) -> Vec<String> {
         );
         return Vec::new();
     }
-    let agent = doc_agent(&failing);
+    let agent = doc_agent(&failing, &hanging);
     let dir = SocketDir::new();
     let _handle = serve(&agent, &dir).await;
     if needs_peer {

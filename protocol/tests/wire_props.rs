@@ -98,12 +98,25 @@ proptest! {
         prop_assert_eq!(Request::parse(format!("{line}\r\n").as_bytes()), Ok(request));
     }
 
-    /// Step commands survive the trip through the wire for any deadline.
+    /// Step commands survive the trip through the wire for any deadline, with or without
+    /// per-sub-step budgets.
     #[test]
-    fn step_commands_round_trip(index in 0usize..5, ms in any::<u64>()) {
+    fn step_commands_round_trip(
+        index in 0usize..5,
+        ms in any::<u64>(),
+        budgets in proptest::option::of(proptest::collection::vec(1u64.., 3)),
+    ) {
+        let verb = StepVerb::from_index(index).unwrap();
+        let budgets = budgets.map(|b| {
+            b[..verb.substeps().len()]
+                .iter()
+                .map(|ms| std::time::Duration::from_millis(*ms))
+                .collect()
+        });
         let command = AgentCommand::Step {
-            verb: StepVerb::from_index(index).unwrap(),
+            verb,
             deadline: std::time::Duration::from_millis(ms),
+            budgets,
         };
         let line = command.to_request().render();
         let parsed = Request::parse(line.as_bytes()).unwrap();

@@ -215,6 +215,55 @@ async fn hang_is_cut_at_the_deadline_and_fail_is_an_error() {
 }
 
 #[tokio::test]
+async fn budgets_cut_a_hung_substep_and_leave_the_next_its_own_time() {
+    let app = App::spawn(&["--behave", "stop-accepting=hang"]);
+    let mut client = app.connect().await;
+    client.hello_driver().await.unwrap();
+    let ms = Duration::from_millis;
+    let started = Instant::now();
+    let drain = client
+        .step_with_budgets(StepVerb::Drain, ms(8000), &[ms(250), ms(4000)])
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(drain.outcome, Outcome::Timeout);
+    assert_eq!(drain.substeps[0].outcome, Outcome::Timeout);
+    assert_eq!(drain.substeps[1].outcome, Outcome::Ok, "{drain:?}");
+    assert!(took >= ms(250) && took < ms(2000), "{took:?}");
+
+    let events = app.events();
+    let at = |what: &str| {
+        events
+            .iter()
+            .find(|(_, e)| e == what)
+            .unwrap_or_else(|| panic!("no `{what}` event: {events:?}"))
+            .0
+    };
+    assert!(
+        events
+            .iter()
+            .any(|(_, e)| e == "verb drain deadline_ms=8000 budgets_ms=250,4000")
+    );
+    // drain-in-flight started once stop-accepting's own 250 ms were up, not at the deadline.
+    let gap =
+        at("substep drain-in-flight begin finish:0") - at("substep stop-accepting begin hang");
+    assert!(
+        (250_000_000..1_000_000_000).contains(&gap),
+        "drain-in-flight began {gap} ns after stop-accepting"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|(_, e)| e.starts_with("substep stop-accepting end"))
+    );
+    assert!(
+        events
+            .iter()
+            .any(|(_, e)| e == "substep drain-in-flight end ok")
+    );
+}
+
+#[tokio::test]
 async fn crash_exits_with_its_code_mid_step() {
     let mut app = App::spawn(&["--behave", "close-db=crash:3"]);
     let mut client = app.connect().await;

@@ -157,7 +157,8 @@ impl StepCtx {
         self.started
     }
 
-    /// The hard deadline, shared by every sub-step of the verb.
+    /// The hard deadline of this sub-step: the verb's deadline, or earlier when the driver gave
+    /// the verb per-sub-step budgets (`budgets_ms`) and this sub-step's runs out first.
     pub fn deadline(&self) -> Instant {
         self.deadline
     }

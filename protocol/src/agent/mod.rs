@@ -376,7 +376,7 @@ impl Agent {
             let share =
                 left.mul_f64(f64::from(LOCAL_WEIGHTS[verb.index()]) / f64::from(weights_left));
             match self
-                .step_at(verb, now, instant_after(now, share), true)
+                .step_at(verb, now, instant_after(now, share), None, true)
                 .await
             {
                 Ok(reply) => replies.push(reply),
@@ -392,7 +392,7 @@ impl Agent {
     /// Runs one step in-process with a budget from now, enforcing the same order as the socket.
     pub async fn step(&self, verb: StepVerb, budget: Duration) -> Result<StepReply, WireError> {
         let now = Instant::now();
-        self.step_at(verb, now, instant_after(now, budget), true)
+        self.step_at(verb, now, instant_after(now, budget), None, true)
             .await
     }
 
@@ -401,6 +401,7 @@ impl Agent {
         verb: StepVerb,
         received: Instant,
         deadline: Instant,
+        budgets: Option<Vec<Duration>>,
         local: bool,
     ) -> Result<StepReply, WireError> {
         let claim = self.inner.lock().sequence.claim(verb)?;
@@ -417,13 +418,22 @@ impl Agent {
                 tracing::info!(
                     step = %verb,
                     budget_ms = sequence::millis(deadline.saturating_duration_since(received)),
+                    substep_budgets_ms = ?budgets
+                        .as_ref()
+                        .map(|b| b.iter().map(|d| sequence::millis(*d)).collect::<Vec<_>>()),
                     local,
                     "step started"
                 );
                 tokio::spawn(async move {
-                    let reply =
-                        sequence::run_verb(&agent.inner.handlers, verb, received, deadline, local)
-                            .await;
+                    let reply = sequence::run_verb(
+                        &agent.inner.handlers,
+                        verb,
+                        received,
+                        deadline,
+                        budgets.as_deref(),
+                        local,
+                    )
+                    .await;
                     tracing::info!(
                         step = %verb,
                         outcome = %reply.outcome,

@@ -1,4 +1,5 @@
-//! The step state machine and the runner that executes one verb's sub-steps under its deadline.
+//! The step state machine and the runner that executes one verb's sub-steps under its deadline
+//! (and, when the driver sent `budgets_ms`, each sub-step under its own budget as well).
 //!
 //! State changes only here, under the agent's lock, and only in one direction per step:
 //! pending → running → done. A refused request never reaches [`Sequence::claim`]'s mutation.
@@ -12,6 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::handler::{StepCtx, StepFn};
+use super::instant_after;
 use crate::wire::{
     Counts, Outcome, Phase, StepReply, StepState, StepStatus, StepVerb, SubStep, SubStepReply,
     WireError,
@@ -164,18 +166,24 @@ fn lost(verb: StepVerb) -> WireError {
     )
 }
 
-/// Runs every sub-step of `verb` in order under the shared `deadline` and builds its reply.
+/// Runs every sub-step of `verb` in order under the verb's `deadline` and builds its reply.
 /// `received` is when the request arrived, so the verb's duration covers the whole budget.
+///
+/// With `budgets` (one per sub-step, in order; validated by the parser), sub-step `i` is cut at
+/// `min(its start + budgets[i], deadline)`, so a hang in one sub-step leaves the next its own
+/// time. Without them every sub-step runs until `deadline`.
 pub(crate) async fn run_verb(
     handlers: &BTreeMap<SubStep, StepFn>,
     verb: StepVerb,
     received: Instant,
     deadline: Instant,
+    budgets: Option<&[Duration]>,
     local: bool,
 ) -> StepReply {
     let mut substeps = Vec::with_capacity(verb.substeps().len());
-    for &substep in verb.substeps() {
-        let reply = run_substep(handlers.get(&substep), substep, deadline, local).await;
+    for (i, &substep) in verb.substeps().iter().enumerate() {
+        let budget = budgets.and_then(|b| b.get(i)).copied();
+        let reply = run_substep(handlers.get(&substep), substep, deadline, budget, local).await;
         tracing::info!(
             step = %verb,
             substep = %substep,
@@ -214,10 +222,13 @@ pub(crate) async fn run_verb(
     }
 }
 
+/// Runs one sub-step until the verb's `deadline`, or until its own `budget` from now runs out if
+/// that comes first.
 async fn run_substep(
     handler: Option<&StepFn>,
     substep: SubStep,
     deadline: Instant,
+    budget: Option<Duration>,
     local: bool,
 ) -> SubStepReply {
     let started = Instant::now();
@@ -240,9 +251,14 @@ async fn run_substep(
         );
         return reply;
     }
-    let future = handler(StepCtx::new(substep, deadline, local));
+    // Its own budget, when given and shorter than what the verb has left.
+    let own = budget
+        .map(|b| instant_after(started, b))
+        .filter(|own| *own < deadline);
+    let cut_at = own.unwrap_or(deadline);
+    let future = handler(StepCtx::new(substep, cut_at, local));
     let mut task = tokio::spawn(future);
-    match tokio::time::timeout_at(deadline, &mut task).await {
+    match tokio::time::timeout_at(cut_at, &mut task).await {
         Ok(Ok(Ok(report))) => {
             let (counts, note) = report.into_parts();
             reply.counts = counts;
@@ -262,9 +278,13 @@ async fn run_substep(
             // overlap with this one; a handler blocking its thread cannot be waited for.
             let _ = tokio::time::timeout(ABORT_GRACE, task).await;
             reply.outcome = Outcome::Timeout;
-            reply.message = Some(
-                "still running at the step's deadline: cancelled (see deadline_ms)".to_owned(),
-            );
+            reply.message = Some(match (own, budget) {
+                (Some(_), Some(budget)) => format!(
+                    "still running at the end of its own budget ({} ms): cancelled (see budgets_ms)",
+                    millis(budget)
+                ),
+                _ => "still running at the step's deadline: cancelled (see deadline_ms)".to_owned(),
+            });
         }
     }
     reply.duration_ms = millis(started.elapsed());

@@ -274,7 +274,11 @@ where
         }
         AgentCommand::Status => render_reply(&agent.status()),
         AgentCommand::Health => render_reply(&agent.health().await),
-        AgentCommand::Step { verb, deadline } => {
+        AgentCommand::Step {
+            verb,
+            deadline,
+            budgets,
+        } => {
             if !driver.held {
                 return WireError::new(
                     ErrorCode::NotDriver,
@@ -284,7 +288,13 @@ where
                 )
                 .render_reply();
             }
-            let step = agent.step_at(verb, received, instant_after(received, deadline), false);
+            let step = agent.step_at(
+                verb,
+                received,
+                instant_after(received, deadline),
+                budgets,
+                false,
+            );
             tokio::pin!(step);
             let mut watching = true;
             loop {

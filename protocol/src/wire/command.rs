@@ -12,7 +12,7 @@ use super::request::Request;
 use super::steps::StepVerb;
 
 /// A request the app-side agent serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentCommand {
     /// `hello [role=driver|observer] [version=1]`.
     Hello {
@@ -25,12 +25,17 @@ pub enum AgentCommand {
     Status,
     /// `health`.
     Health,
-    /// `drain|stop-cron|stop-consumer|stop-poller|close deadline_ms=N`.
+    /// `drain|stop-cron|stop-consumer|stop-poller|close deadline_ms=N [budgets_ms=A,B,...]`.
     Step {
         /// Which step.
         verb: StepVerb,
         /// The time budget from receipt.
         deadline: Duration,
+        /// Per-sub-step budgets, one per entry of [`StepVerb::substeps`] in that order (whole
+        /// milliseconds, each at least 1). Sub-step `i` runs until `min(its start + budgets[i],
+        /// receipt + deadline)`, so a hang in one sub-step cannot eat the time of the next.
+        /// `None`: the sub-steps share `deadline`.
+        budgets: Option<Vec<Duration>>,
     },
 }
 
@@ -88,7 +93,7 @@ impl AgentCommand {
             }
             verb => match StepVerb::parse(verb) {
                 Some(step) => {
-                    request.check_keys(&["deadline_ms"])?;
+                    request.check_keys(&["deadline_ms", "budgets_ms"])?;
                     request.required("deadline_ms", "5000")?;
                     let ms = request
                         .parse_arg::<u64>(
@@ -96,9 +101,14 @@ impl AgentCommand {
                             "a whole number of milliseconds, e.g. `deadline_ms=5000`",
                         )?
                         .unwrap_or_default();
+                    let budgets = request
+                        .get("budgets_ms")
+                        .map(|value| parse_budgets(step, value))
+                        .transpose()?;
                     Ok(AgentCommand::Step {
                         verb: step,
                         deadline: Duration::from_millis(ms),
+                        budgets,
                     })
                 }
                 None => Err(WireError::new(
@@ -115,17 +125,73 @@ impl AgentCommand {
 
     /// The request that expresses this command (what a client sends).
     pub fn to_request(&self) -> Request {
-        match *self {
+        match self {
             AgentCommand::Hello { role, version } => Request::new("hello")
                 .with_arg("role", role)
                 .with_arg("version", version),
             AgentCommand::Status => Request::new("status"),
             AgentCommand::Health => Request::new("health"),
-            AgentCommand::Step { verb, deadline } => {
-                Request::new(verb.as_str()).with_arg("deadline_ms", deadline.as_millis())
+            AgentCommand::Step {
+                verb,
+                deadline,
+                budgets,
+            } => {
+                let request =
+                    Request::new(verb.as_str()).with_arg("deadline_ms", deadline.as_millis());
+                match budgets {
+                    None => request,
+                    Some(budgets) => {
+                        let list: Vec<String> =
+                            budgets.iter().map(|b| b.as_millis().to_string()).collect();
+                        request.with_arg("budgets_ms", list.join(","))
+                    }
+                }
             }
         }
     }
+}
+
+/// Parses `budgets_ms=A,B,...` for `verb`: exactly one positive whole number of milliseconds per
+/// sub-step, comma-separated, digits only. Every refusal names the count and the sub-steps.
+fn parse_budgets(verb: StepVerb, value: &str) -> Result<Vec<Duration>, WireError> {
+    let substeps = verb.substeps();
+    let refuse = |problem: String| {
+        let names: Vec<&str> = substeps.iter().map(|s| s.as_str()).collect();
+        let example: Vec<&str> = ["1000", "4000", "2000"]
+            .into_iter()
+            .take(substeps.len())
+            .collect();
+        WireError::new(
+            ErrorCode::BadArgument,
+            format!(
+                "budgets_ms needs {} value{} for {verb} ({}): {problem}; give one positive whole number of milliseconds per sub-step, in that order, e.g. `budgets_ms={}`",
+                substeps.len(),
+                if substeps.len() == 1 { "" } else { "s" },
+                names.join(", "),
+                example.join(","),
+            ),
+        )
+    };
+    let items: Vec<&str> = value.split(',').collect();
+    if items.len() != substeps.len() {
+        return Err(refuse(format!("got {}", items.len())));
+    }
+    items
+        .iter()
+        .map(|item| {
+            if item.is_empty() {
+                return Err(refuse("one entry is empty (check the commas)".to_owned()));
+            }
+            if !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(refuse(format!("{} is not a whole number", quote(item))));
+            }
+            match item.parse::<u64>() {
+                Ok(0) => Err(refuse("a budget of 0 ms is not allowed".to_owned())),
+                Ok(ms) => Ok(Duration::from_millis(ms)),
+                Err(_) => Err(refuse(format!("{} is too large", quote(item)))),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -163,7 +229,8 @@ mod tests {
             cmd("stop-cron deadline_ms=250"),
             Ok(AgentCommand::Step {
                 verb: StepVerb::StopCron,
-                deadline: Duration::from_millis(250)
+                deadline: Duration::from_millis(250),
+                budgets: None,
             })
         );
         assert_eq!(cmd("close"), Err(ErrorCode::MissingArgument));
@@ -179,10 +246,106 @@ mod tests {
             "status",
             "health",
             "close deadline_ms=7",
+            "drain deadline_ms=8000 budgets_ms=1000,7000",
+            "close deadline_ms=5000 budgets_ms=1,2,3",
+            "stop-poller deadline_ms=5000 budgets_ms=18446744073709551615",
         ] {
             let c = cmd(line).unwrap();
             assert_eq!(c.to_request().render(), line);
             assert_eq!(AgentCommand::from_request(&c.to_request()), Ok(c));
         }
+    }
+
+    #[test]
+    fn budgets_parse_one_per_substep_in_order() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            cmd("drain deadline_ms=8000 budgets_ms=1000,7000"),
+            Ok(AgentCommand::Step {
+                verb: StepVerb::Drain,
+                deadline: ms(8000),
+                budgets: Some(vec![ms(1000), ms(7000)]),
+            })
+        );
+        assert_eq!(
+            cmd("close budgets_ms=300,200,100 deadline_ms=5000"),
+            Ok(AgentCommand::Step {
+                verb: StepVerb::Close,
+                deadline: ms(5000),
+                budgets: Some(vec![ms(300), ms(200), ms(100)]),
+            })
+        );
+        // A budget larger than the deadline is allowed: the deadline caps it.
+        assert_eq!(
+            cmd("stop-cron deadline_ms=100 budgets_ms=900"),
+            Ok(AgentCommand::Step {
+                verb: StepVerb::StopCron,
+                deadline: ms(100),
+                budgets: Some(vec![ms(900)]),
+            })
+        );
+    }
+
+    #[test]
+    fn bad_budgets_are_refused_naming_count_and_substeps() {
+        let refusal = |line: &str| {
+            AgentCommand::from_request(&Request::parse(line.as_bytes()).unwrap()).unwrap_err()
+        };
+        for (line, needs) in [
+            (
+                "drain deadline_ms=5000 budgets_ms=1000",
+                "budgets_ms needs 2 values for drain (stop-accepting, drain-in-flight)",
+            ),
+            (
+                "drain deadline_ms=5000 budgets_ms=1,2,3",
+                "budgets_ms needs 2 values for drain (stop-accepting, drain-in-flight)",
+            ),
+            (
+                "close deadline_ms=5000 budgets_ms=1,0,3",
+                "budgets_ms needs 3 values for close (close-mq, close-redis, close-db)",
+            ),
+            (
+                "stop-cron deadline_ms=5000 budgets_ms=1s",
+                "budgets_ms needs 1 value for stop-cron (stop-cron)",
+            ),
+            ("drain deadline_ms=5000 budgets_ms=1,", "one entry is empty"),
+            ("drain deadline_ms=5000 budgets_ms=,1", "one entry is empty"),
+            (
+                "drain deadline_ms=5000 budgets_ms=+1,2",
+                "`+1` is not a whole number",
+            ),
+            (
+                "drain deadline_ms=5000 budgets_ms=-1,2",
+                "`-1` is not a whole number",
+            ),
+            (
+                "drain deadline_ms=5000 budgets_ms=1.5,2",
+                "`1.5` is not a whole number",
+            ),
+            (
+                "drain deadline_ms=5000 budgets_ms=0,2",
+                "a budget of 0 ms is not allowed",
+            ),
+            (
+                "drain deadline_ms=5000 budgets_ms=1,18446744073709551616",
+                "`18446744073709551616` is too large",
+            ),
+        ] {
+            let e = refusal(line);
+            assert_eq!(e.code, ErrorCode::BadArgument, "{line}");
+            assert!(e.message.contains(needs), "{line}: {}", e.message);
+        }
+        // On a verb that has no sub-steps it is an unknown argument.
+        for line in [
+            "status budgets_ms=1",
+            "health budgets_ms=1",
+            "hello budgets_ms=1",
+        ] {
+            let e = refusal(line);
+            assert_eq!(e.code, ErrorCode::BadArgument, "{line}");
+            assert!(e.message.contains("`budgets_ms`"), "{}", e.message);
+        }
+        // deadline_ms stays required.
+        assert_eq!(cmd("drain budgets_ms=1,2"), Err(ErrorCode::MissingArgument));
     }
 }

@@ -67,7 +67,8 @@ impl StepVerb {
         StepVerb::from_index(self.index() + 1)
     }
 
-    /// The sub-steps this verb runs, in order, sharing its deadline.
+    /// The sub-steps this verb runs, in order, sharing its deadline (or each under its own
+    /// budget when the request carries `budgets_ms`, one value per entry here, in this order).
     pub const fn substeps(self) -> &'static [SubStep] {
         match self {
             StepVerb::Drain => &[SubStep::StopAccepting, SubStep::DrainInFlight],
