@@ -106,8 +106,8 @@ pub async fn run(
         })?;
     tracing::info!(
         grpc = %app.grpc_addr(),
-        metrics = ?app.metrics_addr(),
-        control_socket = ?handle.as_ref().map(|h| h.path().display().to_string()),
+        metrics = %app.metrics_addr().map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        control_socket = %handle.as_ref().map_or_else(|| "none".to_owned(), |h| h.path().display().to_string()),
         "order-service ready"
     );
     let supervised = handle.is_some();

@@ -430,3 +430,135 @@ pub fn metric_value(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// The `order-service` binary running as a child process, its stderr (JSON log lines)
+/// collected. Killed on drop.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    child: tokio::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl ServiceProcess {
+    /// Starts the binary with `env`'s configuration plus `extra` variables, and waits (up to
+    /// 30 s) for its "order-service ready" line, reading the bound addresses from it.
+    pub async fn spawn(env: &TestEnv, extra: &[(&str, &str)]) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_order-service"));
+        cmd.envs(env.envs(any, any))
+            .envs(extra.iter().map(|(k, v)| (*k, *v)))
+            .env_remove("QUIESCE_CONTROL_SOCKET")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if let Some((_, v)) = extra.iter().find(|(k, _)| *k == "QUIESCE_CONTROL_SOCKET") {
+            cmd.env("QUIESCE_CONTROL_SOCKET", v);
+        }
+        let mut child = cmd.spawn().expect("spawn order-service");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        let mut process = Self {
+            child,
+            lines,
+            grpc: any,
+            metrics: any,
+        };
+        let ready = process
+            .wait_for_line("order-service ready", Duration::from_secs(30))
+            .await;
+        let v: serde_json::Value = serde_json::from_str(&ready).expect("JSON log line");
+        process.grpc = v["grpc"].as_str().unwrap().parse().unwrap();
+        process.metrics = v["metrics"].as_str().unwrap().parse().unwrap();
+        process
+    }
+
+    /// Every stderr line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits for a stderr line containing `needle`; panics with the log on timeout or exit.
+    pub async fn wait_for_line(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                panic!(
+                    "order-service exited ({status}) before logging {needle:?}:\n{}",
+                    self.lines().join("\n")
+                );
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "no {needle:?} within {within:?}:\n{}",
+                    self.lines().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id().expect("running") as i32)
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), signal).expect("send the signal");
+    }
+
+    /// Waits for the exit (up to `within`), then for the stderr reader to catch up.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "order-service did not exit within {within:?}:\n{}",
+                    self.lines().join("\n")
+                )
+            })
+            .expect("wait");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status
+    }
+}
+
+/// Runs the binary to completion with `env`'s configuration plus `extra`; returns its exit
+/// code and stderr.
+pub async fn run_to_exit(
+    env: &TestEnv,
+    extra: &[(&str, &str)],
+    within: Duration,
+) -> (Option<i32>, String) {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let output = tokio::time::timeout(
+        within,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_order-service"))
+            .envs(env.envs(any, any))
+            .envs(extra.iter().map(|(k, v)| (*k, *v)))
+            .env_remove("QUIESCE_CONTROL_SOCKET")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the binary exits in time")
+    .expect("run order-service");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,190 @@
+//! The `order-service` binary as a process: SIGTERM runs every step in order and exits 0; the
+//! control socket lets a driver run the steps and the process exits after `close`; start-up
+//! failures exit with their documented codes and name the fix. Each test sends signals only to
+//! its own child.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ServiceProcess, TestEnv, client, create_request, hard_timeout, run_to_exit};
+use nix::sys::signal::Signal;
+use quiesce_protocol::client::Client;
+use quiesce_protocol::wire::{Outcome, Phase, StepVerb};
+
+fn substep_lines(lines: &[String], message: &str) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["substep"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+const ORDER: [&str; 8] = [
+    "stop-accepting",
+    "drain-in-flight",
+    "stop-cron",
+    "stop-consumer",
+    "stop-poller",
+    "close-mq",
+    "close-redis",
+    "close-db",
+];
+
+#[tokio::test]
+async fn sigterm_runs_every_step_in_order_and_exits_0() {
+    let env = TestEnv::new().await;
+    hard_timeout(90, async {
+        let mut service = ServiceProcess::spawn(&env, &[("APP_SHUTDOWN_BUDGET", "10s")]).await;
+        let mut c = client(service.grpc).await;
+        for i in 0..3 {
+            c.create_order(create_request(&format!("c{i}"), ""))
+                .await
+                .unwrap();
+        }
+        service.signal(Signal::SIGTERM);
+        let status = service.wait_exit(Duration::from_secs(20)).await;
+        let lines = service.lines();
+        assert_eq!(status.code(), Some(0), "{}", lines.join("\n"));
+        assert_eq!(substep_lines(&lines, "shutdown step started"), ORDER);
+        assert_eq!(substep_lines(&lines, "shutdown step finished"), ORDER);
+        let last = lines
+            .iter()
+            .rev()
+            .find(|l| l.contains("exiting"))
+            .expect("a final line");
+        assert!(
+            last.contains("shutdown complete") && last.contains("\"code\":0"),
+            "{last}"
+        );
+        // Passwords never reach the logs.
+        assert!(
+            !lines.iter().any(|l| l.contains("guest:guest")),
+            "a password was logged"
+        );
+        // The listener is gone.
+        assert!(tokio::net::TcpStream::connect(service.grpc).await.is_err());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_driver_runs_the_steps_over_the_control_socket_and_the_process_exits_after_close() {
+    let env = TestEnv::new().await;
+    hard_timeout(90, async {
+        let dir = std::env::temp_dir().join(format!("order-control-{}", env.suffix));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("control.sock");
+        let socket_str = socket.to_str().unwrap().to_owned();
+        let mut service =
+            ServiceProcess::spawn(&env, &[("QUIESCE_CONTROL_SOCKET", socket_str.as_str())]).await;
+        let mut control = Client::connect(&socket)
+            .await
+            .expect("connect the control socket");
+        let hello = control.hello_driver().await.unwrap();
+        assert_eq!(hello.app, "order-service");
+        assert_eq!(hello.services, ["order.v1.OrderService"]);
+        assert_eq!(hello.registered.len(), 8, "every sub-step has a handler");
+
+        let health = control.health().await.unwrap();
+        assert!(health.healthy, "{health:?}");
+        let names: Vec<_> = health.checks.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["db", "redis", "mq"]);
+
+        let mut c = client(service.grpc).await;
+        c.create_order(create_request("c", "")).await.unwrap();
+        let status = control.status().await.unwrap();
+        assert_eq!(status.phase, Phase::Serving);
+        assert_eq!(status.components["grpc"]["state"], "serving");
+        assert_eq!(status.components["consumer"]["state"], "running");
+
+        let mut substeps = Vec::new();
+        for verb in StepVerb::ALL {
+            let reply = control.step(verb, Duration::from_secs(5)).await.unwrap();
+            assert_eq!(reply.outcome, Outcome::Ok, "{reply:?}");
+            substeps.extend(reply.substeps.iter().map(|s| s.name.to_string()));
+            if verb == StepVerb::Drain {
+                let accepting = &reply.substeps[0];
+                assert_eq!(accepting.counts.get("listener_closed"), Some(&1));
+                assert!(tokio::net::TcpStream::connect(service.grpc).await.is_err());
+            }
+            if verb == StepVerb::Close {
+                assert_eq!(
+                    reply.counts.get("closed"),
+                    Some(&2),
+                    "mq and redis: {reply:?}"
+                );
+            }
+        }
+        assert_eq!(substeps, ORDER);
+        let status = service.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(status.code(), Some(0), "{}", service.lines().join("\n"));
+        assert!(!socket.exists(), "the socket file is removed on exit");
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unreachable_dependency_exits_69_naming_it_and_the_fix() {
+    let env = TestEnv::new().await;
+    hard_timeout(60, async {
+        let (code, stderr) = run_to_exit(
+            &env,
+            &[
+                ("AMQP_URL", "amqp://guest:s3cret@127.0.0.1:1/%2f"),
+                ("APP_DEPENDENCY_WAIT", "0s"),
+            ],
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(code, Some(69), "{stderr}");
+        assert!(stderr.contains("cannot reach RabbitMQ"), "{stderr}");
+        assert!(stderr.contains("rabbitmq-server -detached"), "{stderr}");
+        assert!(stderr.contains("AMQP_URL"), "{stderr}");
+        assert!(
+            !stderr.contains("s3cret"),
+            "the password was logged: {stderr}"
+        );
+
+        let (code, stderr) = run_to_exit(
+            &env,
+            &[
+                ("REDIS_URL", "redis://127.0.0.1:1"),
+                ("APP_DEPENDENCY_WAIT", "0s"),
+            ],
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(code, Some(69), "{stderr}");
+        assert!(
+            stderr.contains("cannot reach Redis") && stderr.contains("redis-server"),
+            "{stderr}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_78_naming_the_key() {
+    let env = TestEnv::new().await;
+    hard_timeout(30, async {
+        let (code, stderr) =
+            run_to_exit(&env, &[("APP_POLL_BATCH", "0")], Duration::from_secs(10)).await;
+        assert_eq!(code, Some(78), "{stderr}");
+        assert!(stderr.contains("poll_batch"), "{stderr}");
+        let (code, stderr) = run_to_exit(
+            &env,
+            &[("APP_POLL_INTERVAL", "soon")],
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_ne!(code, Some(0), "{stderr}");
+        assert!(
+            stderr.contains("APP_POLL_INTERVAL") || stderr.contains("poll-interval"),
+            "{stderr}"
+        );
+    })
+    .await;
+}
