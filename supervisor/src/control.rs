@@ -135,6 +135,7 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
         };
     }
 
+    let mut per_substep = true;
     for (verb_name, rows) in verbs() {
         if ctx.child_ended() {
             skip_rows(&ctx, rows.iter().copied(), &exited_detail(&ctx));
@@ -168,29 +169,36 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
             );
         }
         let wait_until = began + budget + REPLY_SLACK.min(left - budget);
-        let result = match client.as_mut() {
+        let own: Vec<Duration> = rows
+            .iter()
+            .map(|&i| ctx.cfg.budgets[i].max(Duration::from_millis(1)))
+            .collect();
+        let mut result = match client.as_mut() {
             None => Err("control connection lost".to_string()),
             Some(c) => {
-                let mut end = ctx.end.clone();
-                let req = AgentCommand::Step {
+                send_step(
+                    &ctx,
+                    c,
                     verb,
-                    deadline: budget,
-                    budgets: None,
-                }
-                .to_request();
-                let no_reply = || format!("no reply within {}", humantime::format_duration(budget));
-                // The client's own timeout is set past ours, so a silent app is always our `timeout`.
-                let client_wait = wait_until - began + Duration::from_secs(1);
-                tokio::select! {
-                    r = timeout_at(wait_until, c.request::<StepReply>(&req, client_wait)) => match r {
-                        Ok(Ok(reply)) => Ok(reply),
-                        Ok(Err(ClientError::Timeout { .. })) | Err(_) => Err(no_reply()),
-                        Ok(Err(e)) => Err(e.to_string()),
-                    },
-                    _ = end.wait_for(|e| e.is_some()) => Err(exited_detail(&ctx)),
-                }
+                    budget,
+                    per_substep.then(|| own.clone()),
+                    began,
+                    wait_until,
+                )
+                .await
             }
         };
+        // An app on an agent without per-sub-step budgets refuses `budgets_ms`: say it once, then drive it
+        // the plain way (sub-steps then share the verb's deadline).
+        if per_substep
+            && let Err(why) = &result
+            && why.contains("budgets_ms")
+            && let Some(c) = client.as_mut()
+        {
+            tracing::warn!(reason = %why, "the app does not take per-sub-step budgets; sending plain deadlines");
+            per_substep = false;
+            result = send_step(&ctx, c, verb, budget, None, began, wait_until).await;
+        }
         let rtt = began.elapsed();
         match result {
             Ok(reply) => record_reply(&ctx, &rows, began, &reply),
@@ -235,6 +243,49 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
         asked_with: Some(crate::signals::Sig::TERM),
         forced: true,
     }
+}
+
+/// Sends one step verb and waits for its reply until `wait_until` (or the app's end).
+async fn send_step(
+    ctx: &StopCtx,
+    c: &mut Client,
+    verb: StepVerb,
+    budget: Duration,
+    budgets: Option<Vec<Duration>>,
+    began: Instant,
+    wait_until: Instant,
+) -> Result<StepReply, String> {
+    let req = AgentCommand::Step {
+        verb,
+        deadline: budget,
+        budgets,
+    }
+    .to_request();
+    // The client's own timeout is set past ours, so a silent app is always our `timeout`.
+    let client_wait = wait_until - began + Duration::from_secs(1);
+    let mut end = ctx.end.clone();
+    tokio::select! {
+        r = timeout_at(wait_until, c.request::<StepReply>(&req, client_wait)) => match r {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(ClientError::Timeout { .. })) | Err(_) => {
+                Err(format!("no reply within {}", humantime::format_duration(budget)))
+            }
+            Ok(Err(ClientError::Refused { reply, .. })) => Err(format!("refused: {} ({})", reply.message, reply.error)),
+            Ok(Err(e)) => Err(e.to_string()),
+        },
+        _ = end.wait_for(|e| e.is_some()) => Err(exited_detail(ctx)),
+    }
+}
+
+/// SPEC §2: a verb gets the sum of its rows' budgets, capped by what is left of the overall window.
+pub fn verb_budget(
+    budgets: &[Duration; 9],
+    rows: &[usize],
+    now: Instant,
+    deadline: Instant,
+) -> Duration {
+    let own: Duration = rows.iter().map(|&i| budgets[i]).sum();
+    own.min(deadline.saturating_duration_since(now))
 }
 
 async fn reconnect(ctx: &StopCtx) -> Option<Client> {
@@ -320,6 +371,45 @@ fn outcome_of(o: Outcome) -> StepOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn defaults() -> [Duration; 9] {
+        let mut b = [Duration::ZERO; 9];
+        for (i, s) in STEPS.iter().enumerate() {
+            b[i] = s.default_budget;
+        }
+        b
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budgets_shrink_to_the_time_left() {
+        let b = defaults();
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(28);
+        let plan = verbs();
+        // drain = stop-accepting 1s + drain-in-flight 7s
+        assert_eq!(
+            verb_budget(&b, &plan[0].1, Instant::now(), deadline),
+            Duration::from_secs(8)
+        );
+        // 25s later only 3s are left: the 5s consumer budget is cut to 3s.
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert_eq!(
+            verb_budget(&b, &plan[2].1, Instant::now(), deadline),
+            Duration::from_secs(3)
+        );
+        // close = 1s + 1s + 2s, but 500ms are left.
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        assert_eq!(
+            verb_budget(&b, &plan[4].1, Instant::now(), deadline),
+            Duration::from_millis(500)
+        );
+        // Past the deadline nothing is left.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            verb_budget(&b, &plan[4].1, Instant::now(), deadline),
+            Duration::ZERO
+        );
+    }
 
     #[test]
     fn every_app_row_is_a_protocol_substep() {

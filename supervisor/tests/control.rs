@@ -144,7 +144,13 @@ fn full_sequence_runs_in_order_and_readiness_drops_first() {
     );
     assert_eq!(
         verbs(&s),
-        ["drain", "stop-cron", "stop-consumer", "stop-poller", "close"]
+        [
+            "drain",
+            "stop-cron",
+            "stop-consumer",
+            "stop-poller",
+            "close"
+        ]
     );
     let msg = message(&s);
     let rows: Vec<&str> = msg
