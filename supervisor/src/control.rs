@@ -154,11 +154,7 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
             );
             continue;
         }
-        let budget: Duration = rows
-            .iter()
-            .map(|&i| ctx.cfg.budgets[i])
-            .sum::<Duration>()
-            .min(left);
+        let budget = verb_budget(&ctx.cfg.budgets, &rows, began, ctx.deadline());
         for &i in &rows {
             tracing::info!(
                 step = STEPS[i].name,

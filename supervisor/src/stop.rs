@@ -45,7 +45,14 @@ impl StopCtx {
     }
 
     /// Waits for the child's end until `until`; true if it ended.
+    /// A deadline already reached returns at once: a timer would round it up to the next millisecond tick.
     pub async fn wait_end_until(&self, until: Instant) -> bool {
+        if self.child_ended() {
+            return true;
+        }
+        if until <= Instant::now() {
+            return false;
+        }
         let mut rx = self.end.clone();
         timeout_at(until, rx.wait_for(|e| e.is_some()))
             .await
