@@ -106,6 +106,9 @@ pub fn run(cfg: Config) -> i32 {
         (Ok(h), Ok(m)) => (h, m),
         (Err(e), _) | (_, Err(e)) => return fail(code::BIND, &e),
     };
+    if metrics_l.is_some() {
+        shared.metrics.with_process_metrics();
+    }
     if (health_l.is_some() || metrics_l.is_some())
         && let Err(e) = health::spawn_server(
             health_l,

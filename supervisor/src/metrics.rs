@@ -112,9 +112,6 @@ impl Metrics {
         ));
         build.set(1.0);
         must(registry.register(Box::new(build.clone())));
-        must(registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        )));
         Metrics {
             registry,
             health,
@@ -126,6 +123,14 @@ impl Metrics {
             signals,
             rtt,
             _build: build,
+        }
+    }
+
+    /// Adds the `process_*` family. Only when `/metrics` is served: the collector reads /proc at start-up.
+    pub fn with_process_metrics(&self) {
+        let pc = prometheus::process_collector::ProcessCollector::for_self();
+        if let Err(e) = self.registry.register(Box::new(pc)) {
+            tracing::warn!(error = %e, "process metrics unavailable");
         }
     }
 
