@@ -143,8 +143,9 @@ async fn drain_deadline_cancels_what_is_still_running() {
             )
             .await;
         assert!(
-            started.elapsed() < Duration::from_millis(600),
-            "the deadline is honoured"
+            started.elapsed() < Duration::from_millis(1500),
+            "the deadline is honoured: {:?}",
+            started.elapsed()
         );
         assert_eq!(report.outcome, Outcome::Timeout, "{report:?}");
         assert_eq!(

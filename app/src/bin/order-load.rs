@@ -12,7 +12,8 @@
 //! "throughput_rps","latency_ms":{"p50","p90","p99","max"}}`. With `--publish-payments N` it
 //! creates N orders, publishes one `payment.succeeded` per order (publisher confirms) and, given
 //! `--metrics-addr`, waits until the service reports them applied: `{"published","publish_rate",
-//! "applied","consume_s","consume_rate"}`.
+//! "applied","consume_s","consume_rate"}`. `--bind-events-queue` / `--delete-queues` are setup and
+//! cleanup helpers for benchmarks.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -93,6 +94,13 @@ struct Args {
     /// The service's /metrics address: wait until the payments are applied and time it.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
+    /// Setup helper: declare a durable queue NAME bound to `<prefix>.events` with `#` (so relayed
+    /// events are routed and stored like in production), then exit.
+    #[arg(long)]
+    bind_events_queue: Option<String>,
+    /// Cleanup helper: delete these queues (comma-separated) and the prefix's exchanges, then exit.
+    #[arg(long, value_delimiter = ',')]
+    delete_queues: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -461,12 +469,79 @@ async fn run_publish(args: &Args, n: usize) -> Result<serde_json::Value, String>
     Ok(out)
 }
 
+async fn amqp_setup(args: &Args) -> Result<serde_json::Value, String> {
+    use lapin::options::{
+        ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::FieldTable;
+    let conn = Connection::connect(&args.amqp_url, ConnectionProperties::default())
+        .await
+        .map_err(|e| format!("cannot connect to RabbitMQ: {e}"))?;
+    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+    let mut out = json!({});
+    if let Some(queue) = &args.bind_events_queue {
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("declare {queue}: {e}"))?;
+        let exchange = format!("{}.events", args.mq_prefix);
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("bind {queue} to {exchange} (start order-service first): {e}"))?;
+        out["bound"] = json!({"queue": queue, "exchange": exchange});
+    }
+    if let Some(queues) = &args.delete_queues {
+        let p = &args.mq_prefix;
+        let mut deleted = Vec::new();
+        for queue in queues
+            .iter()
+            .cloned()
+            .chain([format!("{p}.payments"), format!("{p}.payments.dead")])
+        {
+            if channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .is_ok()
+            {
+                deleted.push(queue);
+            }
+        }
+        for exchange in [
+            format!("{p}.events"),
+            format!("{p}.payments"),
+            format!("{p}.dlx"),
+        ] {
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        out["deleted_queues"] = json!(deleted);
+    }
+    let _ = conn.close(200, "order-load setup done".into()).await;
+    Ok(out)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let result = match args.publish_payments {
-        Some(n) => run_publish(&args, n).await,
-        None => run_rpc(&args).await,
+    let result = if args.bind_events_queue.is_some() || args.delete_queues.is_some() {
+        amqp_setup(&args).await
+    } else {
+        match args.publish_payments {
+            Some(n) => run_publish(&args, n).await,
+            None => run_rpc(&args).await,
+        }
     };
     match result {
         Ok(stats) => {

@@ -85,8 +85,35 @@ fn order_from_row(row: &sqlx::postgres::PgRow) -> Result<Order, sqlx::Error> {
     })
 }
 
+/// What an order event says about its order (everything but the lines).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderHead {
+    /// Id.
+    pub id: Uuid,
+    /// Customer.
+    pub customer_id: String,
+    /// Status after the change.
+    pub status: OrderStatus,
+    /// Total.
+    pub total_cents: i64,
+    /// When the change happened.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<&Order> for OrderHead {
+    fn from(o: &Order) -> Self {
+        Self {
+            id: o.id,
+            customer_id: o.customer_id.clone(),
+            status: o.status,
+            total_cents: o.total_cents,
+            updated_at: o.updated_at,
+        }
+    }
+}
+
 /// The JSON body of an order event.
-pub fn event_payload(event_id: Uuid, event_type: &str, order: &Order) -> serde_json::Value {
+pub fn event_payload(event_id: Uuid, event_type: &str, order: &OrderHead) -> serde_json::Value {
     json!({
         "event_id": event_id,
         "event_type": event_type,
@@ -98,7 +125,8 @@ pub fn event_payload(event_id: Uuid, event_type: &str, order: &Order) -> serde_j
     })
 }
 
-/// Inserts a pending order, its lines and its `order.created` event in one transaction.
+/// Inserts a pending order, its lines and its `order.created` event in one transaction (one
+/// statement).
 /// `key` is the idempotency key and request fingerprint, if any.
 pub async fn create(
     pool: &PgPool,
@@ -116,10 +144,23 @@ pub async fn create(
         created_at: truncate_micros(now),
         updated_at: truncate_micros(now),
     };
-    let mut tx = pool.begin().await?;
+    let skus: Vec<&str> = order.items.iter().map(|i| i.sku.as_str()).collect();
+    let quantities: Vec<i64> = order.items.iter().map(|i| i.quantity).collect();
+    let prices: Vec<i64> = order.items.iter().map(|i| i.price_cents).collect();
+    let event_id = Uuid::new_v4();
+    let payload = event_payload(event_id, events::ORDER_CREATED, &OrderHead::from(&order));
+    // One statement is one transaction: the order, its lines and its event commit together or
+    // not at all, in a single round trip (this is the hot path of the API).
     let inserted = sqlx::query(
-        "INSERT INTO orders (id, customer_id, status, total_cents, idempotency_key, request_hash, created_at, updated_at) \
-         VALUES ($1, $2, 'pending', $3, $4, $5, $6, $6)",
+        "WITH new_order AS ( \
+             INSERT INTO orders (id, customer_id, status, total_cents, idempotency_key, request_hash, created_at, updated_at) \
+             VALUES ($1, $2, 'pending', $3, $4, $5, $6, $6) RETURNING id), \
+         lines AS ( \
+             INSERT INTO order_items (order_id, line_no, sku, quantity, price_cents) \
+             SELECT $1, t.ord - 1, t.sku, t.quantity, t.price \
+             FROM unnest($7::text[], $8::bigint[], $9::bigint[]) WITH ORDINALITY AS t(sku, quantity, price, ord)) \
+         INSERT INTO outbox (event_id, aggregate_id, event_type, payload) \
+         SELECT $10, id, $11, $12 FROM new_order",
     )
     .bind(order.id)
     .bind(&order.customer_id)
@@ -127,36 +168,21 @@ pub async fn create(
     .bind(key.map(|k| k.0))
     .bind(key.map(|k| k.1))
     .bind(order.created_at)
-    .execute(&mut *tx)
-    .await;
-    match inserted {
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
-            return Err(CreateError::DuplicateKey);
-        }
-        other => {
-            other?;
-        }
-    }
-    let skus: Vec<&str> = order.items.iter().map(|i| i.sku.as_str()).collect();
-    let quantities: Vec<i64> = order.items.iter().map(|i| i.quantity).collect();
-    let prices: Vec<i64> = order.items.iter().map(|i| i.price_cents).collect();
-    sqlx::query(
-        "INSERT INTO order_items (order_id, line_no, sku, quantity, price_cents) \
-         SELECT $1, t.ord - 1, t.sku, t.quantity, t.price \
-         FROM unnest($2::text[], $3::bigint[], $4::bigint[]) WITH ORDINALITY AS t(sku, quantity, price, ord)",
-    )
-    .bind(order.id)
     .bind(&skus)
     .bind(&quantities)
     .bind(&prices)
-    .execute(&mut *tx)
-    .await?;
-    outbox::insert_event(&mut tx, order.id, events::ORDER_CREATED, |event_id| {
-        event_payload(event_id, events::ORDER_CREATED, &order)
-    })
-    .await?;
-    tx.commit().await?;
-    Ok(order)
+    .bind(event_id)
+    .bind(events::ORDER_CREATED)
+    .bind(sqlx::types::Json(&payload))
+    .execute(pool)
+    .await;
+    match inserted {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+            Err(CreateError::DuplicateKey)
+        }
+        Err(e) => Err(CreateError::Db(e)),
+        Ok(_) => Ok(order),
+    }
 }
 
 fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
@@ -269,42 +295,51 @@ pub async fn list(
     Ok((orders, next))
 }
 
-/// Moves a pending order to `to` and writes `event_type`, inside `tx`; returns the updated
-/// order, or the status that prevented the change. `Ok(None)` means no such order.
+/// Moves a pending order to `to` and writes `event_type`, inside `tx`; returns the changed
+/// order's head, or the status that prevented the change. `Ok(None)` means no such order.
+///
+/// The `status = 'pending'` condition is the state machine (only a pending order moves, see
+/// `OrderStatus::can_become`) and the row lock the UPDATE takes serialises concurrent changes:
+/// a second one waits, re-reads the row, finds it no longer pending and changes nothing.
 pub async fn transition(
     tx: &mut Transaction<'static, Postgres>,
     id: Uuid,
     to: OrderStatus,
     event_type: &'static str,
-) -> Result<Option<Result<Order, OrderStatus>>, sqlx::Error> {
-    let Some(row) = sqlx::query("SELECT status FROM orders WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?
-    else {
-        return Ok(None);
+) -> Result<Option<Result<OrderHead, OrderStatus>>, sqlx::Error> {
+    debug_assert!(OrderStatus::Pending.can_become(to));
+    let updated = sqlx::query(
+        "UPDATE orders SET status = $2, updated_at = now() WHERE id = $1 AND status = 'pending' \
+         RETURNING customer_id, total_cents, updated_at",
+    )
+    .bind(id)
+    .bind(to.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = updated else {
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        return match status {
+            None => Ok(None),
+            Some(s) => OrderStatus::parse(&s)
+                .map(|current| Some(Err(current)))
+                .ok_or_else(|| sqlx::Error::Decode(format!("unknown order status {s:?}").into())),
+        };
     };
-    let status: String = row.try_get("status")?;
-    let current = OrderStatus::parse(&status)
-        .ok_or_else(|| sqlx::Error::Decode(format!("unknown order status {status:?}").into()))?;
-    if !current.can_become(to) {
-        return Ok(Some(Err(current)));
-    }
-    sqlx::query("UPDATE orders SET status = $2, updated_at = now() WHERE id = $1")
-        .bind(id)
-        .bind(to.as_str())
-        .execute(&mut **tx)
-        .await?;
-    let row = sqlx::query(concat!(select_order!(), " WHERE o.id = $1"))
-        .bind(id)
-        .fetch_one(&mut **tx)
-        .await?;
-    let order = order_from_row(&row)?;
+    let head = OrderHead {
+        id,
+        customer_id: row.try_get("customer_id")?,
+        status: to,
+        total_cents: row.try_get("total_cents")?,
+        updated_at: row.try_get("updated_at")?,
+    };
     outbox::insert_event(tx, id, event_type, |event_id| {
-        event_payload(event_id, event_type, &order)
+        event_payload(event_id, event_type, &head)
     })
     .await?;
-    Ok(Some(Ok(order)))
+    Ok(Some(Ok(head)))
 }
 
 /// Cancels a pending order (with its `order.cancelled` event). Cancelling a cancelled order
@@ -314,9 +349,12 @@ pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<CancelResult, sqlx::Error
     let result = transition(&mut tx, id, OrderStatus::Cancelled, events::ORDER_CANCELLED).await?;
     match result {
         None => Ok(CancelResult::NotFound),
-        Some(Ok(order)) => {
+        Some(Ok(_)) => {
             tx.commit().await?;
-            Ok(CancelResult::Cancelled(order))
+            match get(pool, id).await? {
+                Some(order) => Ok(CancelResult::Cancelled(order)),
+                None => Ok(CancelResult::NotFound),
+            }
         }
         Some(Err(OrderStatus::Cancelled)) => {
             drop(tx);

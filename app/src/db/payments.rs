@@ -61,8 +61,9 @@ pub async fn apply(
         PaymentKind::Failed => (OrderStatus::PaymentFailed, events::ORDER_PAYMENT_FAILED),
     };
     let mut tx = pool.begin().await?;
-    // The order row lock (taken first, in `transition`) serialises concurrent deliveries of
-    // the same message; the dedup insert then sees the first one's committed row.
+    // Concurrent deliveries of one message serialise on the order row (the UPDATE in
+    // `transition`) or, when the order is no longer pending, on the message id's unique index
+    // entry; either way the later one then finds the first one's committed row below.
     let effect = match orders::transition(&mut tx, order_id, to, event).await? {
         None => return Ok(PaymentEffect::UnknownOrder),
         Some(Ok(_)) => PaymentEffect::Applied(to),
