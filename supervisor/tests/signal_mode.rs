@@ -15,11 +15,15 @@ fn last_log(stderr: &[u8]) -> serde_json::Value {
         .expect("at least one JSON log line")
 }
 
-#[test]
-fn sigterm_stops_the_app_and_exits_zero_with_a_report() {
-    let s = Scratch::new();
-    let mut c = quiesce(&s);
-    c.arg("--").arg(testbin()).arg("sleep");
+/// Runs `testbin sleep` under quiesce with `args`, sends `signals` once the app runs, and returns the exit
+/// status and quiesce's stderr.
+fn stop_sleeping_app(
+    s: &Scratch,
+    args: &[&str],
+    signals: &[i32],
+) -> (std::process::ExitStatus, Vec<u8>) {
+    let mut c = quiesce(s);
+    c.args(args).arg("--").arg(testbin()).arg("sleep");
     let mut child = c
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -30,8 +34,23 @@ fn sigterm_stops_the_app_and_exits_zero_with_a_report() {
         wait_until(T, || !common::descendants(pid).is_empty()),
         "app never started"
     );
-    send(pid, libc::SIGTERM);
+    for sig in signals {
+        send(pid, *sig);
+    }
+    let mut err = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut buf);
+        buf
+    });
     let status = wait_timeout(&mut child, T);
+    (status, reader.join().expect("stderr reader"))
+}
+
+#[test]
+fn sigterm_stops_the_app_and_exits_zero_with_a_report() {
+    let s = Scratch::new();
+    let (status, _) = stop_sleeping_app(&s, &[], &[libc::SIGTERM]);
     assert_eq!(status.code(), Some(0));
     let msg =
         std::fs::read_to_string(s.path("termination-log")).expect("termination message written");
@@ -47,22 +66,7 @@ fn sigterm_stops_the_app_and_exits_zero_with_a_report() {
 #[test]
 fn stop_exit_code_signal_keeps_143_and_final_log_line_says_so() {
     let s = Scratch::new();
-    let mut c = quiesce(&s);
-    c.args(["--stop-exit-code", "signal", "--"])
-        .arg(testbin())
-        .arg("sleep");
-    let mut child = c
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let pid = child.id();
-    assert!(wait_until(T, || !common::descendants(pid).is_empty()));
-    send(pid, libc::SIGTERM);
-    let mut err = child.stderr.take().expect("stderr");
-    let status = wait_timeout(&mut child, T);
-    let mut buf = Vec::new();
-    std::io::Read::read_to_end(&mut err, &mut buf).expect("read");
+    let (status, buf) = stop_sleeping_app(&s, &["--stop-exit-code", "signal"], &[libc::SIGTERM]);
     assert_eq!(status.code(), Some(143));
     let last = last_log(&buf);
     assert_eq!(last["message"], "exiting");
@@ -111,24 +115,8 @@ fn app_ignoring_sigterm_is_killed_before_the_grace_period() {
 #[test]
 fn second_sigterm_does_not_restart_the_stop() {
     let s = Scratch::new();
-    let mut c = quiesce(&s);
-    c.args(["--prestop-delay", "1s", "--"])
-        .arg(testbin())
-        .arg("sleep");
-    let mut child = c
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let pid = child.id();
-    assert!(wait_until(T, || !common::descendants(pid).is_empty()));
-    send(pid, libc::SIGTERM);
-    send(pid, libc::SIGTERM);
-    send(pid, libc::SIGINT);
-    let mut err = child.stderr.take().expect("stderr");
-    let status = wait_timeout(&mut child, T);
-    let mut buf = Vec::new();
-    std::io::Read::read_to_end(&mut err, &mut buf).expect("read");
+    let signals = [libc::SIGTERM, libc::SIGTERM, libc::SIGINT];
+    let (status, buf) = stop_sleeping_app(&s, &["--prestop-delay", "1s"], &signals);
     assert_eq!(status.code(), Some(0));
     let logs = json_lines(&buf);
     let starts = logs
