@@ -120,6 +120,7 @@ pub enum MqError {
 pub struct Mq {
     inner: Arc<Mutex<State>>,
     url: SecretUrl,
+    prefix: Arc<str>,
     /// The names in use.
     pub topology: Arc<Topology>,
 }
@@ -130,8 +131,10 @@ enum State {
     Closed,
 }
 
-fn properties() -> ConnectionProperties {
-    ConnectionProperties::default().with_connection_name("order-service".into())
+/// Named `order-service <prefix>` so an operator (or a test) can tell instances apart in
+/// `rabbitmqctl list_connections name`.
+fn properties(prefix: &str) -> ConnectionProperties {
+    ConnectionProperties::default().with_connection_name(format!("order-service {prefix}").into())
 }
 
 impl Mq {
@@ -140,7 +143,8 @@ impl Mq {
         let url = config.amqp_url.to_string();
         let give_up = Instant::now() + config.dependency_wait;
         let conn = loop {
-            match Connection::connect(config.amqp_url.expose(), properties()).await {
+            match Connection::connect(config.amqp_url.expose(), properties(&config.mq_prefix)).await
+            {
                 Ok(c) => break c,
                 Err(e) if Instant::now() < give_up => {
                     tracing::info!(error = %e, url = %url, "RabbitMQ not reachable yet; retrying");
@@ -169,6 +173,7 @@ impl Mq {
         Ok(Self {
             inner: Arc::new(Mutex::new(State::Open(Box::new(conn)))),
             url: config.amqp_url.clone(),
+            prefix: config.mq_prefix.as_str().into(),
             topology: Arc::new(topology),
         })
     }
@@ -181,7 +186,7 @@ impl Mq {
             State::Open(conn) if conn.status().connected() => conn,
             State::Open(_) => {
                 tracing::warn!(url = %self.url, "RabbitMQ connection lost; reconnecting");
-                let conn = Connection::connect(self.url.expose(), properties()).await?;
+                let conn = Connection::connect(self.url.expose(), properties(&self.prefix)).await?;
                 *state = State::Open(Box::new(conn));
                 match &*state {
                     State::Open(conn) => conn,
