@@ -1,0 +1,258 @@
+//! The zero-loss checks, read from the database and the broker after the pods are gone:
+//!
+//! - every confirmed payment message had exactly one effect: its id is in
+//!   `processed_messages` as applied, its order has the status it asked for, and the order has
+//!   exactly one payment event in the outbox (a duplicate or a redelivery would add a second);
+//! - every committed outbox event was published: no row is left unsent, and every event id
+//!   arrived (as `message_id`) on the test's own queue bound to the app's events exchange;
+//! - every order a client was told was created exists.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use sqlx::PgPool;
+use tokio::time::Instant;
+
+use crate::payments::Published;
+use crate::sandbox::{Sandbox, amqp_url};
+
+/// Payment effects.
+#[derive(Debug, Default, Clone)]
+pub struct PaymentCheck {
+    /// Distinct message ids published (confirmed at least once).
+    pub confirmed: usize,
+    /// Confirmed copies in total (deliberate duplicates included).
+    pub copies: u64,
+    /// Sent but never confirmed (broker down): may have one effect, never two.
+    pub unconfirmed: usize,
+    /// Confirmed messages whose effect is in the database.
+    pub applied: usize,
+    /// Orders with more than one payment event.
+    pub double_effects: usize,
+    pub problems: Vec<String>,
+    /// Messages left in the payments queue and its dead-letter queue.
+    pub queue_left: u32,
+    pub dead_lettered: u32,
+}
+
+/// Outbox events.
+#[derive(Debug, Default, Clone)]
+pub struct EventCheck {
+    pub committed: usize,
+    pub unsent: i64,
+    /// Deliveries on the test queue (duplicates included).
+    pub received: usize,
+    pub received_unique: usize,
+    /// Committed event ids never received.
+    pub missing: Vec<String>,
+}
+
+/// Orders acknowledged to clients.
+#[derive(Debug, Default, Clone)]
+pub struct OrderCheck {
+    pub acknowledged: usize,
+    pub found: usize,
+}
+
+async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(-1)
+}
+
+/// Messages ready in `queue` (passive declare; 0 if it does not exist).
+pub async fn queue_depth(queue: &str) -> u32 {
+    let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
+        return 0;
+    };
+    let depth = match conn.create_channel().await {
+        Ok(ch) => ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0),
+        Err(_) => 0,
+    };
+    let _ = conn.close(200, "depth".into()).await;
+    depth
+}
+
+/// Waits (polling, up to `within`) until every confirmed message is processed, then checks
+/// each one's effect.
+pub async fn payments(
+    pool: &PgPool,
+    sandbox: &Sandbox,
+    published: &[Published],
+    within: Duration,
+) -> PaymentCheck {
+    let confirmed: Vec<&Published> = published.iter().filter(|p| p.copies > 0).collect();
+    let ids: Vec<String> = confirmed.iter().map(|p| p.message_id.clone()).collect();
+    let deadline = Instant::now() + within;
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM processed_messages WHERE message_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_one(pool)
+        .await
+        .unwrap_or(-1);
+        if n == ids.len() as i64 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all_ids: Vec<String> = published.iter().map(|p| p.message_id.clone()).collect();
+    let orders: Vec<uuid::Uuid> = published
+        .iter()
+        .map(|p| p.order_id.parse().unwrap_or_default())
+        .collect();
+    let rows: Vec<(String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+        "SELECT m.id, pm.effect, o.status, \
+                (SELECT count(*) FROM outbox e WHERE e.aggregate_id = m.order_id \
+                   AND e.event_type IN ('order.paid', 'order.payment_failed')) \
+         FROM unnest($1::text[], $2::uuid[]) AS m(id, order_id) \
+         LEFT JOIN processed_messages pm ON pm.message_id = m.id \
+         LEFT JOIN orders o ON o.id = m.order_id",
+    )
+    .bind(&all_ids)
+    .bind(&orders)
+    .fetch_all(pool)
+    .await
+    .expect("read the payment effects");
+    let by_id: BTreeMap<&str, &Published> = published
+        .iter()
+        .map(|p| (p.message_id.as_str(), p))
+        .collect();
+    let mut out = PaymentCheck {
+        confirmed: confirmed.len(),
+        copies: confirmed.iter().map(|p| u64::from(p.copies)).sum(),
+        unconfirmed: published.len() - confirmed.len(),
+        ..PaymentCheck::default()
+    };
+    for (id, effect, status, events) in rows {
+        let Some(p) = by_id.get(id.as_str()) else {
+            continue;
+        };
+        if events > 1 {
+            out.double_effects += 1;
+            out.problems.push(format!(
+                "{id}: order {} has {events} payment events",
+                p.order_id
+            ));
+        }
+        let want = format!("applied:{}", p.expected_status());
+        if p.copies == 0 {
+            // May or may not have arrived; if it did, exactly one effect.
+            if effect.is_some() && effect.as_deref() != Some(want.as_str()) {
+                out.problems
+                    .push(format!("{id} (unconfirmed): effect {effect:?}"));
+            }
+            continue;
+        }
+        if effect.as_deref() == Some(want.as_str())
+            && status.as_deref() == Some(p.expected_status())
+            && events == 1
+        {
+            out.applied += 1;
+        } else {
+            out.problems.push(format!(
+                "{id}: effect {effect:?}, order {} status {status:?}, {events} payment events; expected {want}",
+                p.order_id
+            ));
+        }
+    }
+    out.queue_left = queue_depth(&sandbox.payments_queue()).await;
+    out.dead_lettered = queue_depth(&sandbox.dead_letter_queue()).await;
+    out
+}
+
+/// Waits (up to `within`) until the outbox has no unsent row and every committed event id
+/// arrived on the sandbox's events queue.
+pub async fn events(pool: &PgPool, sandbox: &Sandbox, within: Duration) -> EventCheck {
+    let deadline = Instant::now() + within;
+    let mut unsent = scalar(pool, "SELECT count(*) FROM outbox WHERE sent_at IS NULL").await;
+    while unsent != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        unsent = scalar(pool, "SELECT count(*) FROM outbox WHERE sent_at IS NULL").await;
+    }
+    let committed: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM outbox")
+        .fetch_all(pool)
+        .await
+        .expect("read the outbox");
+    let committed: BTreeSet<String> = committed.iter().map(|u| u.to_string()).collect();
+    let mut received = 0usize;
+    let mut seen = BTreeSet::new();
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ to read the events queue");
+    let channel = conn.create_channel().await.expect("channel");
+    let mut consumer = channel
+        .basic_consume(
+            sandbox.events_queue().as_str().into(),
+            "e2e-events".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume the events test queue");
+    loop {
+        let all = committed.iter().all(|id| seen.contains(id));
+        // Once everything arrived, wait a little longer for late duplicates, then stop.
+        let wait = if all {
+            Duration::from_millis(300)
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        if wait.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(wait, consumer.next()).await {
+            Ok(Some(Ok(d))) => {
+                received += 1;
+                if let Some(id) = d.properties.message_id() {
+                    seen.insert(id.as_str().to_owned());
+                }
+            }
+            _ => break,
+        }
+    }
+    let _ = conn.close(200, "events read".into()).await;
+    EventCheck {
+        committed: committed.len(),
+        unsent,
+        received,
+        received_unique: seen.len(),
+        missing: committed
+            .iter()
+            .filter(|id| !seen.contains(*id))
+            .take(20)
+            .cloned()
+            .collect(),
+    }
+}
+
+/// Every order id a client got back from CreateOrder exists.
+pub async fn acknowledged_orders(pool: &PgPool, ids: &[String]) -> OrderCheck {
+    let uuids: Vec<uuid::Uuid> = ids.iter().filter_map(|i| i.parse().ok()).collect();
+    let found: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = ANY($1)")
+        .bind(&uuids)
+        .fetch_one(pool)
+        .await
+        .expect("count acknowledged orders");
+    OrderCheck {
+        acknowledged: ids.len(),
+        found: found as usize,
+    }
+}
