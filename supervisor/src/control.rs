@@ -198,9 +198,17 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
         let rtt = began.elapsed();
         match result {
             Ok(reply) => record_reply(&ctx, &rows, began, &reply),
-            Err(why) => {
-                let outcome = if ctx.child_ended() {
-                    StepOutcome::Skipped
+            Err(mut why) => {
+                // A connection that breaks mid-step usually means the app died: give the reaper a moment
+                // to say so, so the row names the exit instead of a socket error.
+                if !why.starts_with("no reply") {
+                    let _ = ctx
+                        .wait_end_until(Instant::now() + Duration::from_millis(200))
+                        .await;
+                }
+                let outcome = if let Some(end) = *ctx.end.borrow() {
+                    why = format!("app {end} during this step");
+                    StepOutcome::Error
                 } else if why.starts_with("no reply") {
                     StepOutcome::Timeout
                 } else {

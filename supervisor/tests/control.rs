@@ -253,7 +253,11 @@ fn an_app_crashing_mid_sequence_skips_the_rest_and_keeps_its_code() {
     assert_eq!(status.code(), Some(3));
     let msg = message(&s);
     assert_eq!(outcome(&msg, "stop-cron"), "ok", "{msg}");
-    assert_eq!(outcome(&msg, "stop-consumer"), "skipped", "{msg}");
+    assert_eq!(outcome(&msg, "stop-consumer"), "error", "{msg}");
+    assert!(
+        msg.contains("app exited with code 3 during this step"),
+        "{msg}"
+    );
     assert_eq!(outcome(&msg, "stop-poller"), "skipped", "{msg}");
     assert_eq!(outcome(&msg, "close-db"), "skipped", "{msg}");
     assert!(msg.contains("app exited with code 3"), "{msg}");
