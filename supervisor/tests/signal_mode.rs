@@ -305,3 +305,35 @@ fn rewrite_map_and_group_forwarding() {
     send(child.id(), libc::SIGTERM);
     assert_eq!(wait_timeout(&mut child, T).code(), Some(0));
 }
+
+#[test]
+fn on_a_terminal_the_app_gets_its_own_foreground_process_group() {
+    let s = Scratch::new();
+    // `script` runs the command on a fresh pseudo-terminal, as `docker run -t` would.
+    let inner = format!(
+        "{} -- {} print-foreground",
+        quiesce_bin().display(),
+        testbin().display()
+    );
+    let mut c = std::process::Command::new("script");
+    c.args(["-qec", &inner, "/dev/null"]);
+    isolate(&mut c, &s);
+    let out = output_timeout(c, T);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("foreground="))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.starts_with("foreground=yes"), "{line}");
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(k))
+            .map(str::to_string)
+    };
+    assert_eq!(
+        field("pgrp="),
+        field("pid="),
+        "the app leads its own process group: {line}"
+    );
+}

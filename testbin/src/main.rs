@@ -15,6 +15,7 @@
 //! testbin block SIG -- CMD...       block SIG, then exec CMD (to test mask inheritance)
 //! testbin zombie-burst N            orphan N exited processes at once to our parent (the init under test)
 //!                                   and print "reaped N in MICROS us" once none is left unreaped
+//! testbin print-foreground         print "foreground=yes" if our process group owns the terminal on stdin
 //! testbin term-latency              print "ready", then on SIGTERM print "term NANOS" (CLOCK_MONOTONIC) and exit
 //! ```
 #![allow(unsafe_code)]
@@ -70,6 +71,11 @@ fn main() {
         }
         ["zombie-burst", n] => zombie_burst(n.parse().unwrap_or_else(|_| usage())),
         ["term-latency"] => term_latency(),
+        ["print-foreground"] => {
+            let fg = nix::unistd::tcgetpgrp(std::io::stdin()).ok();
+            let ours = nix::unistd::getpgrp();
+            println!("foreground={} pgrp={ours} pid={}", if fg == Some(ours) { "yes" } else { "no" }, std::process::id());
+        }
         ["block", sig, "--", cmd @ ..] if !cmd.is_empty() => {
             let mut set = SigSet::empty();
             set.add(Signal::try_from(parse_sig(sig)).unwrap_or_else(|_| usage()));
