@@ -59,8 +59,9 @@ pub async fn connect(
     None
 }
 
-/// Keeps the driver connected from start-up on: connects once, and again whenever the sequence drops it.
-pub async fn keep_driver(
+/// Connects the driver at start-up (retrying while the app starts); the stop sequence reconnects by itself
+/// if that connection breaks later.
+pub async fn connect_driver(
     path: PathBuf,
     connect_timeout: Duration,
     driver: Driver,

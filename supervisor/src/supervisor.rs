@@ -163,7 +163,7 @@ pub async fn run(
     ));
     let driver = cfg.control_socket.clone().map(|path| {
         let driver = Driver::default();
-        tokio::spawn(control::keep_driver(
+        tokio::spawn(control::connect_driver(
             path,
             cfg.control_connect_timeout,
             driver.clone(),
