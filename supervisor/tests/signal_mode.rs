@@ -337,3 +337,62 @@ fn on_a_terminal_the_app_gets_its_own_foreground_process_group() {
         "the app leads its own process group: {line}"
     );
 }
+
+#[test]
+fn environment_and_working_directory_reach_the_app() {
+    let s = Scratch::new();
+    let file = s.path("q.toml");
+    std::fs::write(&file, "[env]\nFROM_FILE = \"1\"\n").expect("config");
+    let mut c = quiesce(&s);
+    c.arg("--config").arg(&file).args([
+        "--env",
+        "FROM_FLAG=two words",
+        "--workdir",
+        "/tmp",
+        "--",
+        "/usr/bin/env",
+    ]);
+    let out = output_timeout(c, T);
+    let env = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(env.lines().any(|l| l == "FROM_FILE=1"), "{env}");
+    assert!(env.lines().any(|l| l == "FROM_FLAG=two words"), "{env}");
+    assert!(
+        env.lines().any(|l| l == "PWD=/tmp") || {
+            let mut c = quiesce(&s);
+            c.args(["--workdir", "/tmp", "--", "/bin/pwd"]);
+            String::from_utf8_lossy(&output_timeout(c, T).stdout).trim() == "/tmp"
+        }
+    );
+}
+
+#[test]
+fn the_configured_stop_signal_is_what_the_app_receives() {
+    let s = Scratch::new();
+    let rec = s.path("rec");
+    let mut c = quiesce(&s);
+    c.args([
+        "--stop-signal",
+        "SIGUSR1",
+        "--grace-period",
+        "3s",
+        "--safety-margin",
+        "1s",
+        "--",
+    ])
+    .arg(testbin())
+    .arg("record-signals")
+    .arg(&rec);
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let read = || std::fs::read_to_string(&rec).unwrap_or_default();
+    assert!(wait_until(T, || read().starts_with("ready")));
+    send(child.id(), libc::SIGTERM);
+    assert!(wait_until(T, || read().contains("SIGUSR1")), "{}", read());
+    // The fixture only exits on SIGTERM, which it never gets: the deadline's SIGKILL ends it.
+    assert_eq!(wait_timeout(&mut child, T).code(), Some(137));
+    assert!(!read().contains("SIGTERM"), "{}", read());
+}
