@@ -18,9 +18,14 @@ pub fn consumer_hang(o: &Outcome) {
         m.text
     );
     assert!(
-        row.detail.contains("abandoned=1"),
+        row.detail.contains("abandoned"),
         "the message does not say what stop-consumer abandoned\n{}",
         m.text
+    );
+    let counts = o.logs.counts("stop-consumer").unwrap_or("");
+    assert!(
+        counts.contains("abandoned") && counts.contains("1"),
+        "the supervisor's step end log lacks the counts: {counts}"
     );
     for name in ["stop-poller", "close-mq", "close-redis", "close-db"] {
         let r = m.step(name).expect("row");

@@ -166,7 +166,7 @@ pub async fn run(
         }
         result.ticks += 1;
         let n = counter.fetch_add(1, Ordering::Relaxed);
-        let kind = if n % spec.create_every == 0 {
+        let kind = if n.is_multiple_of(spec.create_every) {
             Kind::Create
         } else {
             Kind::Get

@@ -146,8 +146,8 @@ pub fn parse_message(text: &str) -> Result<Message, String> {
 pub struct StepLogs {
     /// Supervisor "step start" lines: step names in log order.
     pub supervisor_started: Vec<String>,
-    /// Supervisor "step end" lines: (step, outcome, duration_ms).
-    pub supervisor_ended: Vec<(String, String, u64)>,
+    /// Supervisor "step end" lines: (step, outcome, duration_ms, counts as logged).
+    pub supervisor_ended: Vec<(String, String, u64, String)>,
     /// App "shutdown step started": sub-step names in log order.
     pub app_started: Vec<String>,
     /// App "shutdown step finished" (or "did not finish cleanly"): (sub-step, duration_ms).
@@ -157,6 +157,14 @@ pub struct StepLogs {
 }
 
 impl StepLogs {
+    /// The counts the supervisor logged at the end of `step` (as text), if any.
+    pub fn counts(&self, step: &str) -> Option<&str> {
+        self.supervisor_ended
+            .iter()
+            .find(|(s, ..)| s == step)
+            .map(|(.., c)| c.as_str())
+    }
+
     /// The app's own time in its stop functions (the sum of its sub-step durations).
     pub fn app_work(&self) -> Duration {
         Duration::from_millis(self.app_finished.iter().map(|(_, d)| d).sum())
@@ -186,11 +194,22 @@ pub fn step_logs(lines: &[LogLine]) -> StepLogs {
         };
         match msg {
             "step start" => out.supervisor_started.push(s("step")),
-            "step end" => out
-                .supervisor_ended
-                .push((s("step"), s("outcome"), n("duration_ms"))),
+            "step end" => out.supervisor_ended.push((
+                s("step"),
+                s("outcome"),
+                n("duration_ms"),
+                field(&v, "counts")
+                    .map(|c| c.to_string())
+                    .unwrap_or_default(),
+            )),
             "shutdown step started" => out.app_started.push(s("substep")),
             "shutdown step finished" | "shutdown step did not finish cleanly" => {
+                out.app_finished.push((s("substep"), n("duration_ms")))
+            }
+            // The app's warning for a step cut at its deadline carries a `message` field of its
+            // own (the step's note), which replaces the event's text in the JSON line: know it
+            // by its fields instead.
+            _ if field(&v, "substep").is_some() && field(&v, "duration_ms").is_some() => {
                 out.app_finished.push((s("substep"), n("duration_ms")))
             }
             "exiting" if field(&v, "code").is_some() => {

@@ -104,6 +104,8 @@ pub struct Outcome {
     /// Requests the fault held in flight on purpose (not part of the load).
     pub held: Vec<Record>,
     pub notes: Vec<String>,
+    /// Routing changes and failed probes, relative to the load's start (diagnostics).
+    pub timeline: Vec<String>,
 }
 
 impl Outcome {
@@ -216,6 +218,13 @@ impl Outcome {
         }
         if !self.notes.is_empty() {
             o.push('\n');
+        }
+        if !self.timeline.is_empty() {
+            let _ = writeln!(
+                o,
+                "Timeline (from the load's start): {}.\n",
+                self.timeline.join("; ")
+            );
         }
         if let Some(m) = &self.message {
             let _ = writeln!(o, "Termination message:\n\n```text\n{}```\n", m.text);
@@ -570,6 +579,34 @@ pub async fn terminate_under_load(sc: Scenario) -> Outcome {
         .iter()
         .find(|r| r.probe == "readiness" && !r.serving && r.at >= termination.started)
         .map(|r| r.at.saturating_duration_since(termination.started));
+    let load_start = load
+        .records
+        .first()
+        .map_or(termination.started, |r| r.sent_at);
+    let rel = |at: Instant| at.saturating_duration_since(load_start).as_secs_f64();
+    let mut timeline: Vec<(f64, String)> = endpoints
+        .changes()
+        .iter()
+        .map(|c| {
+            (
+                rel(c.at),
+                format!("{} {}", c.pod, if c.routed { "routed" } else { "unrouted" }),
+            )
+        })
+        .collect();
+    timeline.extend(
+        prober
+            .results()
+            .iter()
+            .filter(|r| !r.serving)
+            .map(|r| (rel(r.at), format!("{} probe failed: {}", r.probe, r.detail))),
+    );
+    timeline.push((rel(termination.started), "termination starts".into()));
+    timeline.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let timeline = timeline
+        .into_iter()
+        .map(|(t, s)| format!("+{t:.3} s {s}"))
+        .collect();
     drop(pod);
 
     // The successor catches up; then nothing may be missing.
@@ -614,6 +651,7 @@ pub async fn terminate_under_load(sc: Scenario) -> Outcome {
         queued_at_exit,
         held,
         notes,
+        timeline,
     }
 }
 
