@@ -189,10 +189,18 @@ async fn stop_cron_waits_for_the_running_job() {
             .execute(&mut blocker)
             .await
             .unwrap();
-        wait_until("the job running", Duration::from_secs(5), || async {
-            app.cron().status()["job_running"] == true
+        // A run that started before the lock may finish without needing it: wait until one is
+        // really blocked on it (a backend of this database waiting for a lock).
+        wait_until("a job run blocked on the lock", Duration::from_secs(10), || async {
+            scalar(
+                &pool,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+                >= 1
         })
         .await;
+        assert_eq!(app.cron().status()["job_running"], true);
         let stop = tokio::spawn({
             let app = app.clone();
             async move { app.run_substep(SubStep::StopCron, secs(10)).await }
