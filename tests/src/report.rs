@@ -209,7 +209,10 @@ pub fn step_logs(lines: &[LogLine]) -> StepLogs {
             // The app's warning for a step cut at its deadline carries a `message` field of its
             // own (the step's note), which replaces the event's text in the JSON line: know it
             // by its fields instead.
-            _ if field(&v, "substep").is_some() && field(&v, "duration_ms").is_some() => {
+            _ if s("level") == "WARN"
+                && field(&v, "substep").is_some()
+                && field(&v, "duration_ms").is_some() =>
+            {
                 out.app_finished.push((s("substep"), n("duration_ms")))
             }
             "exiting" if field(&v, "code").is_some() => {
@@ -255,6 +258,32 @@ total: 5.321s\n";
         assert_eq!(m.rows[3].number, None);
         assert_eq!(m.total_ms, Some(5321));
         assert!(m.is_complete().is_err(), "only 3 of 9 steps");
+    }
+
+    #[test]
+    fn counts_each_app_step_once_even_when_its_warning_lost_its_text() {
+        let at = tokio::time::Instant::now();
+        let line = |text: &str| LogLine {
+            at,
+            text: text.to_owned(),
+        };
+        let lines = [
+            line(
+                r#"{"level":"INFO","message":"shutdown step finished","substep":"stop-cron","duration_ms":3}"#,
+            ),
+            line(
+                r#"{"level":"INFO","message":"sub-step finished","substep":"stop-cron","duration_ms":3}"#,
+            ),
+            line(
+                r#"{"level":"WARN","message":"1 handler(s) abandoned","substep":"stop-consumer","duration_ms":4900}"#,
+            ),
+            line(
+                r#"{"level":"INFO","message":"sub-step finished","substep":"stop-consumer","duration_ms":4901}"#,
+            ),
+        ];
+        let logs = step_logs(&lines);
+        assert_eq!(logs.app_finished.len(), 2, "{:?}", logs.app_finished);
+        assert_eq!(logs.app_work(), Duration::from_millis(4903));
     }
 
     #[test]

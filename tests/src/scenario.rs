@@ -112,7 +112,7 @@ impl Outcome {
     /// The supervisor's overhead on its own clock: its total minus step 1 (the preStop delay)
     /// and the app's time in its stop functions.
     pub fn supervisor_overhead(&self) -> Option<Duration> {
-        let m = self.message.as_ref()?;
+        let m = self.overhead_applies()?;
         let total = Duration::from_millis(m.total_ms?);
         let step1 = Duration::from_millis(m.step("health-not-serving")?.took_ms);
         Some(
@@ -125,7 +125,7 @@ impl Outcome {
     /// The same on kubelet's clock: preStop exec start to container exit, minus step 1 and the
     /// app's work (includes the hook's exec, SIGTERM delivery, exit and reaping).
     pub fn wall_overhead(&self) -> Option<Duration> {
-        let m = self.message.as_ref()?;
+        let m = self.overhead_applies()?;
         let step1 = Duration::from_millis(m.step("health-not-serving")?.took_ms);
         Some(
             self.termination
@@ -133,6 +133,13 @@ impl Outcome {
                 .saturating_sub(step1)
                 .saturating_sub(self.logs.app_work()),
         )
+    }
+
+    /// Overhead is only defined when the app ran and logged all eight of its sub-steps (not
+    /// when it was killed in the middle).
+    fn overhead_applies(&self) -> Option<&Message> {
+        (self.logs.app_finished.len() == 8).then_some(())?;
+        self.message.as_ref()
     }
 
     /// Routed requests that failed, grouped "Code: message" → count.

@@ -14,7 +14,7 @@ use e2e::scenario::{self, Fault, Scenario};
 use e2e::{assert_no_failed_request, assert_nothing_lost, assert_story, hard_timeout, serial};
 
 /// Requests per second for debug builds.
-pub const DEBUG_RATE: u32 = 250;
+pub const DEBUG_RATE: u32 = 200;
 const RATE: u32 = if cfg!(debug_assertions) {
     DEBUG_RATE
 } else {
