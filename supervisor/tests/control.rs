@@ -343,3 +343,19 @@ fn an_app_that_never_says_hello_is_stopped_with_the_signal() {
     assert_eq!(outcome(&msg, "drain-in-flight"), "skipped", "{msg}");
     assert!(msg.contains("no control connection"), "{msg}");
 }
+
+#[test]
+fn the_close_reply_always_arrives_before_the_app_exits() {
+    // The app exits as soon as `close` finished; the agent must still deliver the reply first.
+    for round in 0..10 {
+        let s = Scratch::new();
+        let mut sup = start(&s, &[], &[]);
+        wait_connected(&s);
+        send(sup.id(), libc::SIGTERM);
+        assert_eq!(wait_timeout(&mut sup, T).code(), Some(0));
+        let msg = message(&s);
+        for step in ["close-mq", "close-redis", "close-db"] {
+            assert_eq!(outcome(&msg, step), "ok", "round {round}:\n{msg}");
+        }
+    }
+}

@@ -238,6 +238,7 @@ impl AgentBuilder {
     /// Builds the agent.
     pub fn build(self) -> Agent {
         let (closed, _) = watch::channel(false);
+        let (close_replied, _) = watch::channel(false);
         Agent {
             inner: Arc::new(Inner {
                 app: self.app,
@@ -253,6 +254,7 @@ impl AgentBuilder {
                     driver: None,
                 }),
                 closed,
+                close_replied,
                 next_connection: AtomicU64::new(1),
             }),
         }
@@ -288,6 +290,8 @@ pub(crate) struct Inner {
     pub(crate) socket_mode: u32,
     state: Mutex<State>,
     closed: watch::Sender<bool>,
+    /// Set once a connection has written its reply after `close` finished.
+    pub(crate) close_replied: watch::Sender<bool>,
     pub(crate) next_connection: AtomicU64,
 }
 
@@ -443,6 +447,10 @@ impl Agent {
                     agent.inner.lock().sequence.finish(reply.clone());
                     publish.send_replace(Some(reply));
                     if verb == StepVerb::Close {
+                        if local {
+                            // Nobody waits for a reply to an in-process `close`.
+                            agent.inner.close_replied.send_replace(true);
+                        }
                         agent.inner.closed.send_replace(true);
                     }
                 });
@@ -554,6 +562,10 @@ impl Agent {
         let mut closed = self.inner.closed.subscribe();
         // The sender lives in `Inner`, which `self` keeps alive, so this cannot fail.
         let _ = closed.wait_for(|c| *c).await;
+        // Give the driver's connection the moment it needs to write the `close` reply, so an app that
+        // exits right away does not leave its supervisor without it (bounded: the driver may be gone).
+        let mut replied = self.inner.close_replied.subscribe();
+        let _ = tokio::time::timeout(Duration::from_millis(500), replied.wait_for(|r| *r)).await;
     }
 }
 

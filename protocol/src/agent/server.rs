@@ -237,6 +237,10 @@ async fn serve_connection(agent: Agent, mut stream: UnixStream, owner: SocketOwn
         if write.write_all(line.as_bytes()).await.is_err() {
             break;
         }
+        if agent.is_closed() {
+            // The reply to `close` (or anything after it) is on its way: the app may exit now.
+            agent.inner.close_replied.send_replace(true);
+        }
     }
 }
 
