@@ -74,7 +74,11 @@ fn main() {
         ["print-foreground"] => {
             let fg = nix::unistd::tcgetpgrp(std::io::stdin()).ok();
             let ours = nix::unistd::getpgrp();
-            println!("foreground={} pgrp={ours} pid={}", if fg == Some(ours) { "yes" } else { "no" }, std::process::id());
+            println!(
+                "foreground={} pgrp={ours} pid={}",
+                if fg == Some(ours) { "yes" } else { "no" },
+                std::process::id()
+            );
         }
         ["block", sig, "--", cmd @ ..] if !cmd.is_empty() => {
             let mut set = SigSet::empty();
