@@ -103,6 +103,8 @@ pub struct Outcome {
     pub queued_at_exit: u32,
     /// Requests the fault held in flight on purpose (not part of the load).
     pub held: Vec<Record>,
+    /// The same requests retried (same idempotency keys) on the successor.
+    pub retried: Vec<Result<(), (tonic::Code, String)>>,
     pub notes: Vec<String>,
     /// Routing changes and failed probes, relative to the load's start (diagnostics).
     pub timeline: Vec<String>,
@@ -306,6 +308,19 @@ fn is_app_step_start(l: &LogLine, substep: &str) -> bool {
     })
 }
 
+/// The CreateOrder the PostgreSQL fault holds in flight (and retries after recovery).
+fn held_request(key: &str) -> order_service::proto::CreateOrderRequest {
+    order_service::proto::CreateOrderRequest {
+        customer_id: "e2e-held".into(),
+        items: vec![order_service::proto::LineItem {
+            sku: "held".into(),
+            quantity: 1,
+            price_cents: 100,
+        }],
+        idempotency_key: key.to_owned(),
+    }
+}
+
 /// What the fault does while kubelet terminates the pod.
 async fn during_termination(fault: Fault, watch: PodWatch, t0: Instant) -> Vec<String> {
     let mut notes = Vec::new();
@@ -407,6 +422,7 @@ pub async fn terminate_under_load(sc: Scenario) -> Outcome {
     let mut extra_published = Vec::new();
     let mut lock: Option<HeldLock> = None;
     let mut held_calls = Vec::new();
+    let mut held_keys: Vec<String> = Vec::new();
     let mut pg_guard: Option<PgGuard> = None;
     let mut rabbit_guard: Option<RabbitGuard> = None;
     match sc.fault {
@@ -448,21 +464,12 @@ pub async fn terminate_under_load(sc: Scenario) -> Outcome {
                 .map(|i| format!("e2e-held-{}-{i}", sandbox.suffix))
                 .collect();
             lock = Some(HeldLock::idempotency_keys(&sandbox.database_url(), &keys).await);
+            held_keys = keys.clone();
             for key in keys {
                 let mut client = endpoints.client("a").expect("pod a tracked");
                 held_calls.push(tokio::spawn(async move {
                     let sent_at = Instant::now();
-                    let r = client
-                        .create_order(order_service::proto::CreateOrderRequest {
-                            customer_id: "e2e-held".into(),
-                            items: vec![order_service::proto::LineItem {
-                                sku: "held".into(),
-                                quantity: 1,
-                                price_cents: 100,
-                            }],
-                            idempotency_key: key,
-                        })
-                        .await;
+                    let r = client.create_order(held_request(&key)).await;
                     Record {
                         sent_at,
                         pod: Some("a".into()),
@@ -625,11 +632,36 @@ pub async fn terminate_under_load(sc: Scenario) -> Outcome {
         pod: mut successor,
         prober: mut successor_prober,
     } = start_pod("successor", &sandbox, &manifest, None, &successor_opts).await;
+    // A client retries what failed with its idempotency key: after recovery it must succeed.
+    let mut retried = Vec::new();
+    if !held_keys.is_empty() {
+        let addr = successor.app_grpc_addr(START_WITHIN).await;
+        let mut client = order_service::proto::order_service_client::OrderServiceClient::connect(
+            format!("http://{addr}"),
+        )
+        .await
+        .expect("connect to the successor");
+        for key in &held_keys {
+            let r = client.create_order(held_request(key)).await;
+            notes.push(format!(
+                "retried {key} on the successor: {}",
+                match &r {
+                    Ok(_) => "OK".to_owned(),
+                    Err(s) => format!("{:?} ({})", s.code(), s.message()),
+                }
+            ));
+            retried.push(
+                r.map(|_| ())
+                    .map_err(|s| (s.code(), s.message().to_owned())),
+            );
+        }
+    }
     let payments = verify::payments(&pool, &sandbox, &publish.published, CATCH_UP_WITHIN).await;
     let events = verify::events(&pool, &sandbox, CATCH_UP_WITHIN).await;
     let acknowledged: Vec<String> = load
         .records
         .iter()
+        .chain(held.iter())
         .filter_map(|r| r.order_id.clone())
         .collect();
     let orders_check = verify::acknowledged_orders(&pool, &acknowledged).await;
@@ -657,6 +689,7 @@ pub async fn terminate_under_load(sc: Scenario) -> Outcome {
         unsent_at_exit,
         queued_at_exit,
         held,
+        retried,
         notes,
         timeline,
     }

@@ -33,9 +33,7 @@ async fn full_termination_under_load() {
     )
     .await;
     let m = assert_story(&o, 0);
-    for r in m.numbered() {
-        assert_eq!(r.outcome, "ok", "{}", m.text);
-    }
+    e2e::checks::all_ok(m);
     assert_no_failed_request(&o);
     assert_nothing_lost(&o);
     let steps: Vec<&str> = e2e::report::STEPS.to_vec();
