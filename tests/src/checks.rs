@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::report::Message;
 use crate::scenario::Outcome;
+use crate::{assert_no_failed_request, assert_nothing_lost, assert_story};
 
 /// Every numbered row `ok`, except that the three close rows may read `error` with "app
 /// exited with code 0 during this step": the supervisor sometimes takes the app's exit, which

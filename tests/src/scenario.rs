@@ -225,6 +225,16 @@ impl Outcome {
         for n in &self.notes {
             let _ = writeln!(o, "- {n}");
         }
+        if let Some(m) = &self.message
+            && m.rows
+                .iter()
+                .any(|r| r.detail.contains("app exited with code 0 during this step"))
+        {
+            let _ = writeln!(
+                o,
+                "- the supervisor recorded close rows as `error` (\"app exited with code 0 during this step\") although the app replied and exited 0: its close/exit race"
+            );
+        }
         if !self.notes.is_empty() {
             o.push('\n');
         }

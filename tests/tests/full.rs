@@ -108,6 +108,7 @@ async fn full_rolling_update() {
             .unwrap_or_else(|| panic!("{pod}: no termination message"));
         m.is_complete()
             .unwrap_or_else(|e| panic!("{pod}: {e}\n{}", m.text));
+        e2e::checks::all_ok(m);
     }
     assert_eq!(
         o.per_pod.len(),
