@@ -269,16 +269,30 @@ async fn send_step(
     // The client's own timeout is set past ours, so a silent app is always our `timeout`.
     let client_wait = wait_until - began + Duration::from_secs(1);
     let mut end = ctx.end.clone();
-    tokio::select! {
-        r = timeout_at(wait_until, c.request::<StepReply>(&req, client_wait)) => match r {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(ClientError::Timeout { .. })) | Err(_) => {
-                Err(format!("no reply within {}", humantime::format_duration(budget)))
+    let reply = c.request::<StepReply>(&req, client_wait);
+    tokio::pin!(reply);
+    let got = tokio::select! {
+        biased;
+        r = timeout_at(wait_until, &mut reply) => r,
+        _ = async { drop(end.wait_for(|e| e.is_some()).await) } => {
+            // An app that exits right after answering (as one does after `close`) may be reaped before
+            // its reply is read: the reply is already in the socket buffer, so finish reading it.
+            match tokio::time::timeout(Duration::from_millis(100), &mut reply).await {
+                Ok(Ok(r)) => Ok(Ok(r)),
+                _ => return Err(exited_detail(ctx)),
             }
-            Ok(Err(ClientError::Refused { reply, .. })) => Err(format!("refused: {} ({})", reply.message, reply.error)),
-            Ok(Err(e)) => Err(e.to_string()),
-        },
-        _ = end.wait_for(|e| e.is_some()) => Err(exited_detail(ctx)),
+        }
+    };
+    match got {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(ClientError::Timeout { .. })) | Err(_) => Err(format!(
+            "no reply within {}",
+            humantime::format_duration(budget)
+        )),
+        Ok(Err(ClientError::Refused { reply, .. })) => {
+            Err(format!("refused: {} ({})", reply.message, reply.error))
+        }
+        Ok(Err(e)) => Err(e.to_string()),
     }
 }
 

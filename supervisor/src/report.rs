@@ -23,7 +23,8 @@ pub struct Summary<'a> {
 }
 
 pub fn render(s: &Summary<'_>) -> String {
-    let mut detail_width = 100;
+    // Wide enough for a whole note; narrowed only when kubelet's limit requires it.
+    let mut detail_width = 240;
     loop {
         let text = render_with(s, detail_width, usize::MAX);
         if text.len() < LIMIT {
@@ -79,13 +80,18 @@ fn render_with(s: &Summary<'_>, detail_width: usize, max_rows: usize) -> String 
             } else {
                 r.number.to_string()
             };
-            let mut detail = r.detail.clone();
-            let counts: Vec<String> = r.counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            if !counts.is_empty() {
+            // Counts first: they are short and the part an operator compares; the note may be cut.
+            let mut detail: String = r
+                .counts
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            if !r.detail.is_empty() {
                 if !detail.is_empty() {
                     detail.push_str("; ");
                 }
-                detail.push_str(&counts.join(" "));
+                detail.push_str(&r.detail);
             }
             if detail.chars().count() > detail_width {
                 detail = detail
@@ -180,7 +186,7 @@ mod tests {
             text.starts_with("quiesce: exit code 0 - stopped\n"),
             "{text}"
         );
-        assert!(text.contains(" 5  stop-consumer        timeout    1.234s   0.005s  deadline 5s passed; acked=3 <-"), "{text}");
+        assert!(text.contains(" 5  stop-consumer        timeout    1.234s   0.005s  acked=3; deadline 5s passed <-"), "{text}");
         assert!(text.contains("total: 7.000s"));
     }
 
