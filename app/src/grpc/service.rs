@@ -167,11 +167,36 @@ fn create_error(e: CreateError) -> Status {
     }
 }
 
+/// Whether a server error is transient by its SQLSTATE: a connection exception (class 08), an
+/// operator intervention such as a shutdown or a restart in progress (57: `57P01
+/// terminating connection due to administrator command`, `57P03 cannot connect now`), or
+/// insufficient resources (53: too many connections).
+fn transient_sqlstate(code: &str) -> bool {
+    matches!(code.get(..2), Some("08" | "57" | "53"))
+}
+
+/// Serialization failure or deadlock: the transaction can be retried as a whole.
+fn conflict_sqlstate(code: &str) -> bool {
+    matches!(code, "40001" | "40P01")
+}
+
 fn db_error(e: sqlx::Error) -> Status {
+    let sqlstate = match &e {
+        sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+        _ => None,
+    };
     match e {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
             tracing::warn!(error = %e, "database unavailable");
             Status::unavailable("the database is unavailable; retry later")
+        }
+        e if sqlstate.as_deref().is_some_and(transient_sqlstate) => {
+            tracing::warn!(error = %e, "database unavailable");
+            Status::unavailable("the database is unavailable; retry later")
+        }
+        e if sqlstate.as_deref().is_some_and(conflict_sqlstate) => {
+            tracing::warn!(error = %e, "transaction conflict");
+            Status::aborted("the transaction conflicted with another; retry")
         }
         e => {
             tracing::error!(error = %e, "database error");
@@ -309,5 +334,26 @@ impl OrderService for OrderApi {
                 "order {id} is {status}; only a pending order can be cancelled"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod sqlstate_tests {
+    use super::*;
+
+    #[test]
+    fn shutdowns_and_connection_errors_are_retryable() {
+        for code in ["57P01", "57P02", "57P03", "08006", "08001", "53300"] {
+            assert!(transient_sqlstate(code), "{code}");
+        }
+        for code in ["23505", "42P01", "22P02", "XX000"] {
+            assert!(!transient_sqlstate(code), "{code}");
+        }
+        assert!(conflict_sqlstate("40001") && conflict_sqlstate("40P01"));
+        assert!(!conflict_sqlstate("40000"));
+        assert_eq!(
+            db_error(sqlx::Error::PoolTimedOut).code(),
+            tonic::Code::Unavailable
+        );
     }
 }
