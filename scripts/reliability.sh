@@ -43,19 +43,26 @@ report=$(mktemp -d)
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 status=0
-run() { # label, cargo test filter args...
-  local label=$1; shift
-  echo "==> $label"
-  if E2E_REPORT_DIR="$report" cargo test --release -p e2e --test full -- --ignored --test-threads 1 "$@"; then
+run() { # test name, label
+  local name=$1 label=$2
+  echo "==> $label ($name)"
+  if E2E_REPORT_DIR="$report" cargo test --release -p e2e --test full -- --ignored --exact "$name"; then
     echo "$label: passed" >> "$report/status"
   else
     echo "$label: FAILED" >> "$report/status"
     status=1
   fi
 }
-run "full variants" --skip shared_services
+run full_termination_under_load "termination under load"
+run full_consumer_step_hangs "the consumer step hangs"
+run full_app_crashes_mid_sequence "the app crashes mid-sequence"
+run full_rolling_update "rolling update"
 if [ "$skip_shared" = 0 ]; then
-  run "shared-service faults" shared_services
+  # These two stop services every test on the machine shares: alone, last.
+  run shared_services_postgres_stops_mid_drain "PostgreSQL stops mid-drain"
+  run shared_services_rabbitmq_restarts_before_termination "RabbitMQ restarts before the termination"
+else
+  echo "PostgreSQL stops mid-drain, RabbitMQ restarts: not run (--skip-shared)" >> "$report/status"
 fi
 restore_services
 

@@ -178,6 +178,11 @@ pub fn assert_story(o: &Outcome, code: i32) -> &report::Message {
         "{}: kubelet had to SIGKILL\n{}",
         o.name, m.text
     );
+    assert!(
+        !o.liveness_failed,
+        "{}: the liveness probe failed {} times in a row: kubelet would have restarted the pod",
+        o.name, o.manifest.liveness.failure_threshold
+    );
     if let Err(e) = m.is_complete() {
         panic!(
             "{}: incomplete termination message: {e}\n{}",

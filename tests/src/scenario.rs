@@ -106,6 +106,9 @@ pub struct Outcome {
     /// The same requests retried (same idempotency keys) on the successor.
     pub retried: Vec<Result<(), (tonic::Code, String)>>,
     pub notes: Vec<String>,
+    /// Kubelet's liveness probe reached its failure threshold at some point (it would have
+    /// restarted the container).
+    pub liveness_failed: bool,
     /// Routing changes and failed probes, relative to the load's start (diagnostics).
     pub timeline: Vec<String>,
 }
@@ -533,6 +536,7 @@ pub async fn terminate_under_load(sc: Scenario) -> Outcome {
     let ep = endpoints.clone();
     let termination = kubelet::terminate(&mut pod, &manifest, || ep.mark_terminating("a")).await;
     notes.extend(mid.await.unwrap_or_default());
+    let liveness_failed = prober.now().liveness_failed;
     prober.stop();
 
     // Undo the fault.
@@ -701,6 +705,7 @@ pub async fn terminate_under_load(sc: Scenario) -> Outcome {
         held,
         retried,
         notes,
+        liveness_failed,
         timeline,
     }
 }
