@@ -77,8 +77,8 @@ async fn run_logged(app: &App, ctx: StepCtx) -> Result<Report, HandlerError> {
 }
 
 /// Maps a component's stop report to the agent's: counts kept; a component that reached its
-/// (soft) deadline and wrapped up still reports its counts, with `deadline_reached: 1` and the
-/// reason as the note; an error becomes the handler's error.
+/// (soft) deadline and wrapped up still reports its counts, with `deadline_reached: 1`, the reason
+/// as the note, and outcome `timeout`; an error becomes the handler's error.
 pub fn to_protocol(report: StopReport) -> Result<Report, HandlerError> {
     let mut out = Report::new();
     for (name, value) in &report.counts {
@@ -86,7 +86,7 @@ pub fn to_protocol(report: StopReport) -> Result<Report, HandlerError> {
     }
     match report.outcome {
         Outcome::Ok => Ok(out),
-        Outcome::Timeout => Ok(out.count("deadline_reached", 1).note(
+        Outcome::Timeout => Ok(out.count("deadline_reached", 1).timed_out().note(
             report
                 .message
                 .unwrap_or_else(|| "deadline reached".to_owned()),
@@ -119,6 +119,10 @@ mod tests {
         .unwrap();
         assert_eq!(late.counts().get("requests_cancelled"), Some(&2));
         assert_eq!(late.counts().get("deadline_reached"), Some(&1));
+        assert!(
+            late.is_timed_out(),
+            "a step cut at its deadline is a timeout"
+        );
         let err = to_protocol(StopReport::ok().error("broken pipe")).unwrap_err();
         assert_eq!(err.message(), "broken pipe");
     }

@@ -906,3 +906,31 @@ async fn bad_budgets_are_refused_and_change_nothing() {
         [SubStep::StopAccepting, SubStep::DrainInFlight]
     );
 }
+
+#[tokio::test]
+async fn a_handler_that_reached_its_deadline_reports_timeout_with_its_counts() {
+    let dir = SocketDir::new();
+    let agent = Agent::builder("test-app")
+        .on(SubStep::DrainInFlight, |_ctx: StepCtx| async {
+            Ok(Report::new()
+                .count("requests_cancelled", 2)
+                .note("2 requests still running at the deadline were cancelled")
+                .timed_out())
+        })
+        .build();
+    let _handle = serve(&agent, &dir).await;
+    let mut c = Conn::open(&dir.path()).await;
+    assert_ok(&c.call("hello role=driver").await);
+    let reply = c.call("drain deadline_ms=2000").await;
+    assert_ok(&reply);
+    assert_eq!(reply["outcome"], "timeout", "{reply}");
+    let sub = &reply["substeps"][1];
+    assert_eq!(sub["name"], "drain-in-flight");
+    assert_eq!(sub["outcome"], "timeout");
+    assert_eq!(sub["counts"]["requests_cancelled"], 2);
+    assert_eq!(
+        sub["message"],
+        "2 requests still running at the deadline were cancelled"
+    );
+    assert_eq!(reply["substeps"][0]["outcome"], "ok");
+}

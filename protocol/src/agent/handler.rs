@@ -27,6 +27,7 @@ pub(crate) type RequestHook = Arc<dyn Fn(&crate::wire::Request) + Send + Sync>;
 pub struct Report {
     counts: Counts,
     note: Option<String>,
+    timed_out: bool,
 }
 
 impl Report {
@@ -49,13 +50,27 @@ impl Report {
         self
     }
 
+    /// Marks the sub-step as having reached its deadline: it stopped taking work and wrapped up,
+    /// but did not finish cleanly. Recorded as outcome `timeout` (with these counts, and the note
+    /// as its `message`) so the supervisor names the step that hung.
+    #[must_use]
+    pub fn timed_out(mut self) -> Report {
+        self.timed_out = true;
+        self
+    }
+
+    /// Whether [`Report::timed_out`] was called.
+    pub fn is_timed_out(&self) -> bool {
+        self.timed_out
+    }
+
     /// The counts so far.
     pub fn counts(&self) -> &BTreeMap<String, u64> {
         &self.counts
     }
 
-    pub(crate) fn into_parts(self) -> (Counts, Option<String>) {
-        (self.counts, self.note)
+    pub(crate) fn into_parts(self) -> (Counts, Option<String>, bool) {
+        (self.counts, self.note, self.timed_out)
     }
 }
 

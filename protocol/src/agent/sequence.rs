@@ -260,9 +260,14 @@ async fn run_substep(
     let mut task = tokio::spawn(future);
     match tokio::time::timeout_at(cut_at, &mut task).await {
         Ok(Ok(Ok(report))) => {
-            let (counts, note) = report.into_parts();
+            let (counts, note, timed_out) = report.into_parts();
             reply.counts = counts;
-            reply.note = note;
+            if timed_out {
+                reply.outcome = Outcome::Timeout;
+                reply.message = Some(note.unwrap_or_else(|| "reached its deadline".to_owned()));
+            } else {
+                reply.note = note;
+            }
         }
         Ok(Ok(Err(error))) => {
             reply.outcome = Outcome::Error;
