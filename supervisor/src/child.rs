@@ -97,7 +97,11 @@ pub fn resolve_ids(
         Some(g) => lookup_group(g)?,
         None => primary.unwrap_or_else(Gid::current),
     };
-    if !Uid::effective().is_root() && (uid != Uid::effective() || gid != Gid::effective()) {
+    if !Uid::effective().is_root() && uid == Uid::effective() && gid == Gid::effective() {
+        // Already those ids: nothing to drop (and setgroups would need CAP_SETGID).
+        return Ok(None);
+    }
+    if !Uid::effective().is_root() {
         return Err(SpawnError::Privilege(format!(
             "switching to uid {uid} gid {gid} needs root, but the supervisor runs as uid {}; run it as root or drop `user`/`group`",
             Uid::effective()

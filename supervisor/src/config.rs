@@ -399,6 +399,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: LevelFilter,
     pub admin_socket: Option<PathBuf>,
+    /// The admin socket path was configured (not the default): failing to bind it is then fatal.
+    pub admin_socket_explicit: bool,
     pub env: BTreeMap<String, String>,
     pub rewrite: Rewrite,
     pub control_socket: Option<PathBuf>,
@@ -661,6 +663,7 @@ impl Config {
             workdir: non_empty(l.workdir),
             log_format: l.log_format.unwrap_or(LogFormat::Auto),
             log_level: l.log_level.map(|l| l.0).unwrap_or(LevelFilter::INFO),
+            admin_socket_explicit: l.admin_socket.is_some(),
             admin_socket: match l.admin_socket {
                 None => Some(PathBuf::from("/run/quiesce/admin.sock")),
                 some => non_empty(some),

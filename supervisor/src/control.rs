@@ -155,7 +155,14 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
             );
             continue;
         }
-        let budget = verb_budget(&ctx.cfg.budgets, &rows, began, ctx.deadline());
+        let mut budget = verb_budget(&ctx.cfg.budgets, &rows, began, ctx.deadline());
+        if budget + REPLY_SLACK > left {
+            // Cut short by the overall deadline: leave the agent time to write its reply (with the counts
+            // of the step that ran out of time) before our own wait ends.
+            budget = left
+                .saturating_sub(REPLY_SLACK)
+                .max(Duration::from_millis(1));
+        }
         for &i in &rows {
             tracing::info!(
                 step = STEPS[i].name,
@@ -165,7 +172,9 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
                 "step start"
             );
         }
-        let wait_until = began + budget + REPLY_SLACK.min(left - budget);
+        let wait_until = (began + budget + REPLY_SLACK)
+            .min(ctx.deadline())
+            .max(began + budget);
         let own: Vec<Duration> = rows
             .iter()
             .map(|&i| ctx.cfg.budgets[i].max(Duration::from_millis(1)))
@@ -196,6 +205,34 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
             per_substep = false;
             result = send_step(&ctx, c, verb, budget, None, began, wait_until).await;
         }
+        // A connection that broke while idle (long before the stop) fails the first write: the app never saw
+        // the verb, so reconnect and send it again, once, with what is left of its budget.
+        if let Err(why) = &result
+            && !why.starts_with("no reply")
+            && !why.starts_with("refused")
+            && !ctx.child_ended()
+            && let Some(fresh) = reconnect(&ctx).await
+        {
+            tracing::warn!(reason = %why, verb = verb_name, "control connection broke; sending the step again");
+            client = Some(fresh);
+            let now = Instant::now();
+            let again = budget
+                .saturating_sub(now - began)
+                .max(Duration::from_millis(1));
+            if let Some(c) = client.as_mut() {
+                let budgets = per_substep.then(|| own.clone());
+                result = send_step(
+                    &ctx,
+                    c,
+                    verb,
+                    again,
+                    budgets,
+                    now,
+                    wait_until.max(now + again),
+                )
+                .await;
+            }
+        }
         let rtt = began.elapsed();
         match result {
             Ok(reply) => record_reply(&ctx, &rows, began, &reply),
@@ -203,9 +240,8 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
                 // A connection that breaks mid-step usually means the app died: give the reaper a moment
                 // to say so, so the row names the exit instead of a socket error.
                 if !why.starts_with("no reply") {
-                    let _ = ctx
-                        .wait_end_until(Instant::now() + Duration::from_millis(200))
-                        .await;
+                    let until = (Instant::now() + Duration::from_millis(200)).min(ctx.deadline());
+                    let _ = ctx.wait_end_until(until).await;
                 }
                 let outcome = if let Some(end) = *ctx.end.borrow() {
                     why = format!("app {end} during this step");

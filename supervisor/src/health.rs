@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `liveness` | the app process is alive and (control mode) its socket answers `status` in time |
 //! | `readiness`, `""` and the names the app announces | hello seen, required dependencies up, no stop begun |
-//! | `startup` | hello seen once (signal mode: the process started) |
+//! | `startup` | hello seen once (signal mode: the process started), no stop begun |
 //!
 //! Three parts: [`compute`] is the pure rule above; [`track`] (main runtime) recomputes it whenever an input
 //! changes and publishes a map on a watch channel; [`spawn_server`] answers probes from that map on its own
@@ -54,7 +54,7 @@ pub struct Inputs {
 
 /// The table in the module docs, as code.
 pub fn compute(i: &Inputs) -> Statuses {
-    let started = if i.control { i.hello } else { i.alive };
+    let started = (if i.control { i.hello } else { i.alive }) && !i.stopping;
     let live = i.alive && (!i.control || i.live_ok);
     let ready = i.alive && !i.stopping && (!i.control || (i.hello && i.deps_ok));
     let mut m = Statuses::new();
@@ -409,7 +409,8 @@ mod tests {
             stopping: true,
             ..inputs()
         });
-        assert!(m[LIVENESS] && m[STARTUP]);
+        assert!(m[LIVENESS]);
+        assert!(!m[STARTUP]);
         assert!(!m[READINESS] && !m[""] && !m["order.v1.OrderService"]);
     }
 

@@ -135,7 +135,10 @@ pub fn run(cfg: Config) -> i32 {
                         watches.clone(),
                     ));
                 }
-                Err(e) => return Err(fail(code::BIND, &format!("{e}"))),
+                Err(e) if cfg.admin_socket_explicit => return Err(fail(code::BIND, &format!("{e}"))),
+                // The default path (/run/quiesce) may not be writable for a non-root drop-in init: run
+                // without the admin socket rather than refuse to start the app.
+                Err(e) => tracing::warn!(error = %e, "no admin socket: `quiesce prestop` and `quiesce ctl` will not reach this supervisor"),
             }
         }
         supervisor::run(cfg.clone(), spec, shared, chans, events_rx)

@@ -185,8 +185,14 @@ pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
         return;
     };
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // e.g. EMFILE: back off instead of spinning on the error.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {

@@ -153,14 +153,6 @@ impl Shared {
         self.metrics.signal(&name);
         *self.lock().signals_received.entry(name).or_default() += 1;
     }
-
-    /// Milliseconds since the shutdown began.
-    pub fn since_stop(&self, at: Instant) -> u64 {
-        self.lock()
-            .stop_started
-            .map(|s| ms(at.saturating_duration_since(s)))
-            .unwrap_or(0)
-    }
 }
 
 pub fn ms(d: Duration) -> u64 {

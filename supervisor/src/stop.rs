@@ -84,6 +84,8 @@ impl StopCtx {
 /// Step 1: every service but liveness NOT_SERVING, then the preStop delay (ends early if the app exits).
 pub async fn step_one(ctx: &StopCtx) {
     let began = Instant::now();
+    // Only NOT_SERVING answers from now on count (earlier ones came from dependency outages).
+    let probes_before = *ctx.probes.borrow();
     ctx.stopping.send_replace(true);
     let delay = ctx.cfg.prestop_delay;
     tracing::info!(
@@ -100,7 +102,7 @@ pub async fn step_one(ctx: &StopCtx) {
         let mut probes = ctx.probes.clone();
         let margin = ctx.cfg.health.propagation_margin;
         let observed = async move {
-            let _ = probes.wait_for(|n| *n >= want).await;
+            let _ = probes.wait_for(|n| *n >= probes_before + want).await;
             sleep(margin).await;
         };
         tokio::select! {

@@ -142,7 +142,8 @@ pub async fn run(
     }
     tracing::info!(pid, command = ?spec.argv, "child started");
     let app_health = cfg.control_socket.as_ref().map(|_| {
-        let (deps_tx, deps_ok) = watch::channel(true);
+        // Not ready until the app's first `health` answer says so.
+        let (deps_tx, deps_ok) = watch::channel(false);
         let (live_tx, live_ok) = watch::channel(true);
         tokio::spawn(health::poll(
             cfg.clone(),
@@ -177,6 +178,8 @@ pub async fn run(
     let end_tx = chans.end;
     let (none_left_tx, none_left_rx) = watch::channel(false);
     let mut stop_task: Option<JoinHandle<StopContext>> = None;
+    // The stop task's result once it is over (it ends after the child's end, or after the forced kill).
+    let mut stopped: Option<StopContext> = None;
     let mut finish: Option<JoinHandle<Outcome>> = None;
     let mut start: Option<Instant> = None;
 
@@ -184,7 +187,7 @@ pub async fn run(
                       stop_task: &mut Option<JoinHandle<StopContext>>,
                       start: &mut Option<Instant>,
                       send: Sig| {
-        if stop_task.is_some() || end_tx.borrow().is_some() {
+        if start.is_some() || end_tx.borrow().is_some() {
             tracing::info!(%trigger, "shutdown already under way; not restarting it");
             return;
         }
@@ -215,8 +218,7 @@ pub async fn run(
 
     loop {
         tokio::select! {
-            origin = sigs.next() => {
-                let Some(origin) = origin else { continue };
+            Some(origin) = sigs.next() => {
                 let sig = Sig(origin.signal);
                 if sig == Sig::CHLD {
                     let r = reaper::reap(pid);
@@ -233,14 +235,14 @@ pub async fn run(
                             st.phase = Phase::Exiting;
                         }
                         end_tx.send_replace(Some(end));
-                        finish = Some(tokio::spawn(finish_up(cfg.clone(), shared.clone(), end, stop_task.take(), start, none_left_rx.clone())));
+                        finish = Some(tokio::spawn(finish_up(cfg.clone(), shared.clone(), end, stop_task.take(), stopped, start, none_left_rx.clone())));
                     }
                     if r.none_left {
                         none_left_tx.send_replace(true);
                     }
                     continue;
                 }
-                if sig == Sig::PIPE && !sent_by_process(&origin) {
+                if sig == Sig::PIPE && !sent_by_another_process(&origin) {
                     continue; // raised by our own socket write, not meant for the app
                 }
                 shared.signal(sig.name());
@@ -257,10 +259,21 @@ pub async fn run(
                 tracing::debug!(received = %sig, forwarded = %out, "forwarding signal");
                 stop::deliver(pid, out, cfg.forward_to);
             }
-            ev = events.recv() => match ev {
-                Some(Event::Stop(trigger)) => begin_stop(trigger, &mut stop_task, &mut start, cfg.stop_signal),
-                None => {}
+            Some(ev) = events.recv() => match ev {
+                Event::Stop(trigger) => begin_stop(trigger, &mut stop_task, &mut start, cfg.stop_signal),
             },
+            done = async { stop_task.as_mut().expect("guarded").await }, if stop_task.is_some() && finish.is_none() => {
+                stop_task = None;
+                let ctx = done.unwrap_or(StopContext { asked_with: None, forced: true });
+                stopped = Some(ctx);
+                if ctx.forced && end_tx.borrow().is_none() {
+                    // SIGKILL was sent and waited for, yet the child was not reaped (stuck in the kernel, e.g. a
+                    // hung mount). Exit anyway, inside the grace period, with the story written.
+                    tracing::error!(pid, "the app was not reaped after SIGKILL; exiting without waiting for it");
+                    let end = ChildEnd::Signaled(Sig::KILL);
+                    finish = Some(tokio::spawn(finish_up(cfg.clone(), shared.clone(), end, None, stopped, start, none_left_rx.clone())));
+                }
+            }
             out = async { finish.as_mut().expect("guarded").await }, if finish.is_some() => {
                 return Ok(out.unwrap_or_else(|e| Outcome { code: code::INTERNAL, reason: format!("internal error: {e}") }));
             }
@@ -268,8 +281,12 @@ pub async fn run(
     }
 }
 
-fn sent_by_process(o: &Origin) -> bool {
+/// A signal another process sent with kill(2) and friends. The kernel reports the SIGPIPE of a write to a
+/// closed socket as SI_USER from ourselves, so our own pid does not count.
+fn sent_by_another_process(o: &Origin) -> bool {
+    let me = std::process::id() as libc::pid_t;
     matches!(o.cause, Cause::Sent(Sent::User | Sent::TKill | Sent::Queue))
+        && o.process.is_none_or(|p| p.pid != me)
 }
 
 /// After the main child ended: let the stop task finish, sweep leftovers, decide the code, write the report.
@@ -278,12 +295,13 @@ async fn finish_up(
     shared: Shared,
     end: ChildEnd,
     stop_task: Option<JoinHandle<StopContext>>,
+    stopped: Option<StopContext>,
     start: Option<Instant>,
     none_left: watch::Receiver<bool>,
 ) -> Outcome {
     let stop = match stop_task {
         Some(t) => t.await.ok(),
-        None => None,
+        None => stopped,
     };
     cleanup(&cfg, &shared, start, none_left).await;
     let code = exit::exit_code(end, stop, cfg.stop_exit_code);

@@ -27,7 +27,10 @@ pub fn install(cmd: &mut Command, plan: ExecPlan) {
         if plan.foreground {
             // Still ignoring SIGTTOU (inherited from the supervisor), so a background group may take the
             // terminal. Errors (no controlling terminal) are ignored, as tini does.
-            let _ = tcsetpgrp(std::io::stdin(), getpid());
+            // SAFETY: fd 0 stays open for the duration of the call; borrowing it allocates nothing
+            // (unlike `std::io::stdin()`, which must not be first touched after fork).
+            let stdin = unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::STDIN_FILENO) };
+            let _ = tcsetpgrp(stdin, getpid());
         }
         // The supervisor ignores these so its terminal never stops it; the app gets the defaults back.
         // SAFETY: setting SIG_DFL installs no handler; async-signal-safe.

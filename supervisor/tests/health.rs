@@ -410,3 +410,52 @@ fn a_taken_probe_port_is_a_startup_error_naming_the_address() {
     );
     assert!(!marker.exists(), "the child must not start");
 }
+
+#[test]
+fn readiness_waits_for_the_first_health_answer() {
+    let s = Scratch::new();
+    std::fs::write(s.path("deps"), "db=down\n").expect("deps");
+    let pod = start(&s, &[], &[]);
+    let (mut probe, rx) = probe_loop(&pod.addr, &["startup", "readiness"], None);
+    until_line(&rx, "startup SERVING");
+    // For the next second (three poll intervals) the pod must never look ready: its database is down.
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        if let Ok((_, l)) = rx.recv_timeout(Duration::from_millis(200)) {
+            assert_ne!(l, "readiness SERVING", "ready with its database down");
+        }
+    }
+    let _ = probe.kill();
+    let _ = probe.wait();
+}
+
+#[test]
+fn kubelet_probes_seen_before_the_stop_do_not_shorten_the_delay() {
+    let s = Scratch::new();
+    let mut pod = start(
+        &s,
+        &[
+            "--prestop-delay",
+            "1500ms",
+            "--health-observed-probes",
+            "2",
+            "--health-propagation-margin",
+            "0s",
+        ],
+        &[],
+    );
+    assert!(wait_until(T, || check(&pod.addr, "readiness") == "SERVING"));
+    // A dependency outage while kubelet probes: many NOT_SERVING answers, long before any stop.
+    let (mut probe, rx) = probe_loop(&pod.addr, &["readiness"], Some("kube-probe/1.31"));
+    std::fs::write(s.path("deps"), "db=down\n").expect("deps");
+    until_line(&rx, "readiness NOT_SERVING");
+    until_line(&rx, "readiness NOT_SERVING");
+    until_line(&rx, "readiness NOT_SERVING");
+    let _ = probe.kill();
+    let _ = probe.wait();
+    // No probe during the stop: the delay must run in full.
+    send(pod.sup.id(), libc::SIGTERM);
+    assert_eq!(wait_timeout(&mut pod.sup, T).code(), Some(0));
+    let msg = std::fs::read_to_string(s.path("termination-log")).expect("report");
+    assert!(msg.contains("preStop delay 1s 500ms"), "{msg}");
+}
