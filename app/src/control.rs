@@ -69,7 +69,8 @@ async fn run_logged(app: &App, ctx: StepCtx) -> Result<Report, HandlerError> {
             duration_ms,
             counts,
             ?outcome,
-            message = report.message.as_deref().unwrap_or(""),
+            // Not `message`: that name would replace the event's text in JSON logs.
+            note = report.message.as_deref().unwrap_or(""),
             "shutdown step did not finish cleanly"
         ),
     }
