@@ -154,6 +154,11 @@ pub struct StepLogs {
     pub app_finished: Vec<(String, u64)>,
     /// The supervisor's last line: `exiting` with code and reason.
     pub exiting: Option<(i64, String)>,
+    /// When the app's last sub-step line, the supervisor's "child ended" and its "exiting"
+    /// lines arrived (for the overhead's breakdown).
+    pub last_app_step_at: Option<tokio::time::Instant>,
+    pub child_ended_at: Option<tokio::time::Instant>,
+    pub exiting_at: Option<tokio::time::Instant>,
 }
 
 impl StepLogs {
@@ -204,8 +209,10 @@ pub fn step_logs(lines: &[LogLine]) -> StepLogs {
             )),
             "shutdown step started" => out.app_started.push(s("substep")),
             "shutdown step finished" | "shutdown step did not finish cleanly" => {
-                out.app_finished.push((s("substep"), n("duration_ms")))
+                out.app_finished.push((s("substep"), n("duration_ms")));
+                out.last_app_step_at = Some(l.at);
             }
+            "child ended" => out.child_ended_at = Some(l.at),
             // The app's warning for a step cut at its deadline carries a `message` field of its
             // own (the step's note), which replaces the event's text in the JSON line: know it
             // by its fields instead.
@@ -213,13 +220,15 @@ pub fn step_logs(lines: &[LogLine]) -> StepLogs {
                 && field(&v, "substep").is_some()
                 && field(&v, "duration_ms").is_some() =>
             {
-                out.app_finished.push((s("substep"), n("duration_ms")))
+                out.app_finished.push((s("substep"), n("duration_ms")));
+                out.last_app_step_at = Some(l.at);
             }
             "exiting" if field(&v, "code").is_some() => {
                 let code = field(&v, "code")
                     .and_then(serde_json::Value::as_i64)
                     .unwrap_or(-1);
                 out.exiting = Some((code, s("reason")));
+                out.exiting_at = Some(l.at);
             }
             _ => {}
         }

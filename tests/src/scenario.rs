@@ -225,6 +225,22 @@ impl Outcome {
             fmt(self.supervisor_overhead()),
             fmt(self.wall_overhead()),
         );
+        if let (Some(last), Some(child), Some(exiting), Some(ended)) = (
+            self.logs.last_app_step_at,
+            self.logs.child_ended_at,
+            self.logs.exiting_at,
+            self.termination.ended,
+        ) && self.overhead_applies().is_some()
+        {
+            let d = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
+            let _ = writeln!(
+                o,
+                "Where the overhead goes (log arrival times): the app's last step → the supervisor reaps it {:.1} ms (the app's own exit after `close`); → the supervisor's `exiting` line {:.1} ms (leftover sweep, termination message); → the container has exited {:.1} ms.\n",
+                d(last, child),
+                d(child, exiting),
+                d(exiting, ended),
+            );
+        }
         for n in &self.notes {
             let _ = writeln!(o, "- {n}");
         }
