@@ -63,9 +63,6 @@ pub use error::StartError;
 pub use quiesce_protocol::wire::StepReply;
 use quiesce_protocol::wire::{Outcome as ProtocolOutcome, StepStatus};
 
-/// How long the control socket stays up after `close` so its reply reaches the driver.
-pub const CLOSE_REPLY_LINGER: std::time::Duration = std::time::Duration::from_millis(100);
-
 /// How a run ended.
 #[derive(Debug)]
 pub struct RunSummary {
@@ -115,12 +112,8 @@ pub async fn run(
     );
     let supervised = handle.is_some();
     tokio::select! {
-        () = agent.closed(), if supervised => {
-            // `closed` resolves when the close step is recorded, a moment before the agent's
-            // connection task writes the reply; give the driver time to receive it before the
-            // socket and the process go away.
-            tokio::time::sleep(CLOSE_REPLY_LINGER).await;
-        }
+        // `closed` resolves once the reply to `close` has been written to the driver.
+        () = agent.closed(), if supervised => {}
         () = shutdown => {
             tracing::info!(budget_ms = budget.as_millis() as u64, "stop requested; running the remaining steps in order");
             agent.run_local(budget).await;
