@@ -106,7 +106,8 @@ pub fn channels() -> (Channels, Watches) {
         step_one_done: watch::channel(false).0,
         end: watch::channel(None).0,
         hello: watch::channel(None).0,
-        statuses: watch::channel(Statuses::new()).0,
+        // Known from the first moment (NOT_SERVING): before the child starts, probes get an answer, not NOT_FOUND.
+        statuses: watch::channel(health::compute(&health::Inputs::default())).0,
         probes: watch::channel(0).0,
     };
     let watches = chans.watches();
