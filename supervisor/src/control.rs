@@ -180,7 +180,7 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
             .map(|&i| ctx.cfg.budgets[i].max(Duration::from_millis(1)))
             .collect();
         let mut result = match client.as_mut() {
-            None => Err("control connection lost".to_string()),
+            None => Err(StepFailure::Connection("control connection lost".into())),
             Some(c) => {
                 send_step(
                     &ctx,
@@ -197,8 +197,8 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
         // An app on an agent without per-sub-step budgets refuses `budgets_ms`: say it once, then drive it
         // the plain way (sub-steps then share the verb's deadline).
         if per_substep
-            && let Err(why) = &result
-            && why.contains("budgets_ms")
+            && let Err(why @ StepFailure::Refused { message, .. }) = &result
+            && message.contains("budgets_ms")
             && let Some(c) = client.as_mut()
         {
             tracing::warn!(reason = %why, "the app does not take per-sub-step budgets; sending plain deadlines");
@@ -207,9 +207,7 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
         }
         // A connection that broke while idle (long before the stop) fails the first write: the app never saw
         // the verb, so reconnect and send it again, once, with what is left of its budget.
-        if let Err(why) = &result
-            && !why.starts_with("no reply")
-            && !why.starts_with("refused")
+        if let Err(why @ StepFailure::Connection(_)) = &result
             && !ctx.child_ended()
             && let Some(fresh) = reconnect(&ctx).await
         {
@@ -236,20 +234,17 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
         let rtt = began.elapsed();
         match result {
             Ok(reply) => record_reply(&ctx, &rows, began, &reply),
-            Err(mut why) => {
+            Err(failure) => {
                 // A connection that breaks mid-step usually means the app died: give the reaper a moment
                 // to say so, so the row names the exit instead of a socket error.
-                if !why.starts_with("no reply") {
+                if !matches!(failure, StepFailure::NoReply(_)) {
                     let until = (Instant::now() + Duration::from_millis(200)).min(ctx.deadline());
                     let _ = ctx.wait_end_until(until).await;
                 }
-                let outcome = if let Some(end) = *ctx.end.borrow() {
-                    why = format!("app {end} during this step");
-                    StepOutcome::Error
-                } else if why.starts_with("no reply") {
-                    StepOutcome::Timeout
-                } else {
-                    StepOutcome::Error
+                let (outcome, why) = match (*ctx.end.borrow(), &failure) {
+                    (Some(end), _) => (StepOutcome::Error, format!("app {end} during this step")),
+                    (None, StepFailure::NoReply(_)) => (StepOutcome::Timeout, failure.to_string()),
+                    (None, _) => (StepOutcome::Error, failure.to_string()),
                 };
                 for &i in &rows {
                     ctx.record(STEPS[i].number, STEPS[i].name, outcome, began, why.clone());
@@ -286,6 +281,31 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
     }
 }
 
+/// Why a step verb got no usable reply.
+#[derive(Debug)]
+enum StepFailure {
+    /// Nothing within the budget (the app is busy or frozen).
+    NoReply(Duration),
+    /// The app refused the request (`budgets_ms` names the argument an older agent does not know).
+    Refused { message: String, code: String },
+    /// The app exited while the step ran.
+    Exited(String),
+    /// The connection broke or was never there.
+    Connection(String),
+}
+
+impl std::fmt::Display for StepFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepFailure::NoReply(b) => {
+                write!(f, "no reply within {}", humantime::format_duration(*b))
+            }
+            StepFailure::Refused { message, code } => write!(f, "refused: {message} ({code})"),
+            StepFailure::Exited(why) | StepFailure::Connection(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Sends one step verb and waits for its reply until `wait_until` (or the app's end).
 async fn send_step(
     ctx: &StopCtx,
@@ -295,7 +315,7 @@ async fn send_step(
     budgets: Option<Vec<Duration>>,
     began: Instant,
     wait_until: Instant,
-) -> Result<StepReply, String> {
+) -> Result<StepReply, StepFailure> {
     let req = AgentCommand::Step {
         verb,
         deadline: budget,
@@ -315,20 +335,18 @@ async fn send_step(
             // its reply is read: the reply is already in the socket buffer, so finish reading it.
             match tokio::time::timeout(Duration::from_millis(100), &mut reply).await {
                 Ok(Ok(r)) => Ok(Ok(r)),
-                _ => return Err(exited_detail(ctx)),
+                _ => return Err(StepFailure::Exited(exited_detail(ctx))),
             }
         }
     };
     match got {
         Ok(Ok(reply)) => Ok(reply),
-        Ok(Err(ClientError::Timeout { .. })) | Err(_) => Err(format!(
-            "no reply within {}",
-            humantime::format_duration(budget)
-        )),
-        Ok(Err(ClientError::Refused { reply, .. })) => {
-            Err(format!("refused: {} ({})", reply.message, reply.error))
-        }
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(ClientError::Timeout { .. })) | Err(_) => Err(StepFailure::NoReply(budget)),
+        Ok(Err(ClientError::Refused { reply, .. })) => Err(StepFailure::Refused {
+            message: reply.message,
+            code: reply.error.to_string(),
+        }),
+        Ok(Err(e)) => Err(StepFailure::Connection(e.to_string())),
     }
 }
 

@@ -46,8 +46,6 @@ pub struct Watches {
     pub hello: HelloWatch,
     /// What the health server answers, per service.
     pub statuses: watch::Receiver<Statuses>,
-    /// Readiness checks from kubelet answered NOT_SERVING.
-    pub probes: watch::Receiver<u32>,
 }
 
 /// How the supervisor ends.
@@ -95,7 +93,6 @@ impl Channels {
             end: self.end.subscribe(),
             hello: self.hello.subscribe(),
             statuses: self.statuses.subscribe(),
-            probes: self.probes.subscribe(),
         }
     }
 }
