@@ -104,36 +104,7 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
             1..STEPS.len(),
             "no control connection; the stop signal was sent instead",
         );
-        let began = Instant::now();
-        stop::deliver(ctx.pid, ctx.cfg.stop_signal, ctx.cfg.forward_to);
-        if ctx.wait_end_until(ctx.deadline()).await {
-            ctx.record(
-                0,
-                "stop-signal",
-                StepOutcome::Ok,
-                began,
-                format!("sent {}", ctx.cfg.stop_signal),
-            );
-            return StopContext {
-                asked_with: Some(ctx.cfg.stop_signal),
-                forced: false,
-            };
-        }
-        ctx.record(
-            0,
-            "stop-signal",
-            StepOutcome::Timeout,
-            began,
-            format!(
-                "sent {}; still running at the deadline",
-                ctx.cfg.stop_signal
-            ),
-        );
-        stop::force(&ctx, false).await;
-        return StopContext {
-            asked_with: Some(ctx.cfg.stop_signal),
-            forced: true,
-        };
+        return stop::ask_with_signal(&ctx, ctx.cfg.stop_signal).await;
     }
 
     let mut per_substep = true;

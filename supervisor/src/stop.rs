@@ -142,6 +142,12 @@ pub async fn signal_mode(ctx: StopCtx, send: Sig) -> StopContext {
             forced: false,
         };
     }
+    ask_with_signal(&ctx, send).await
+}
+
+/// Sends `send` to the app (or its group), waits for its end until the deadline, then forces it; records
+/// the `stop-signal` row. Signal mode's stop, and control mode's fallback when the app never connected.
+pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopContext {
     let began = Instant::now();
     let target = match ctx.cfg.forward_to {
         ForwardTo::Child => format!("pid {}", ctx.pid),
@@ -170,7 +176,7 @@ pub async fn signal_mode(ctx: StopCtx, send: Sig) -> StopContext {
         began,
         format!("sent {send} to {target}; still running at the deadline"),
     );
-    force(&ctx, false).await;
+    force(ctx, false).await;
     StopContext {
         asked_with: Some(send),
         forced: true,
