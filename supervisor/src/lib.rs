@@ -160,6 +160,6 @@ pub fn run(cfg: Config) -> i32 {
 /// The supervisor's own failure: one line on stderr (also logged), and its documented code.
 pub fn fail(code: i32, reason: &str) -> i32 {
     tracing::error!(code, reason, "exiting");
-    eprintln!("quiesce: {reason}");
+    logging::say(&format!("quiesce: {reason}"));
     code
 }

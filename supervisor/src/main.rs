@@ -26,7 +26,7 @@ fn main() {
                 quiesce::run(cfg)
             }
             Err(e) => {
-                eprintln!("quiesce: config error: {e}");
+                quiesce::logging::say(&format!("quiesce: config error: {e}"));
                 code::CONFIG
             }
         },
@@ -36,7 +36,7 @@ fn main() {
                 0
             }
             Err(e) => {
-                eprintln!("quiesce: config error: {e}");
+                quiesce::logging::say(&format!("quiesce: config error: {e}"));
                 code::CONFIG
             }
         },
@@ -78,7 +78,7 @@ fn client(
             0
         }
         Err((code, reason)) => {
-            eprintln!("quiesce: {reason}");
+            quiesce::logging::say(&format!("quiesce: {reason}"));
             code
         }
     }

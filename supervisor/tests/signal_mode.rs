@@ -276,25 +276,16 @@ fn child_runs_as_the_configured_user_with_no_supplementary_groups() {
 #[test]
 fn rewrite_map_and_group_forwarding() {
     let s = Scratch::new();
-    let rec = s.path("rec");
-    let mut c = quiesce(&s);
-    c.args([
-        "--signals-rewrite",
-        "SIGHUP=SIGUSR2",
-        "--forward-to",
-        "group",
-        "--",
-    ])
-    .arg(testbin())
-    .arg("record-signals")
-    .arg(&rec);
-    let mut child = c
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let read = || std::fs::read_to_string(&rec).unwrap_or_default();
-    assert!(wait_until(T, || read().starts_with("ready")));
+    let (mut child, read) = start_recorder(
+        &s,
+        &[
+            "--signals-rewrite",
+            "SIGHUP=SIGUSR2",
+            "--forward-to",
+            "group",
+        ],
+        &[],
+    );
     send(child.id(), libc::SIGHUP);
     assert!(
         wait_until(T, || read().contains("SIGUSR2")),
@@ -366,30 +357,60 @@ fn environment_and_working_directory_reach_the_app() {
 #[test]
 fn the_configured_stop_signal_is_what_the_app_receives() {
     let s = Scratch::new();
-    let rec = s.path("rec");
-    let mut c = quiesce(&s);
-    c.args([
-        "--stop-signal",
-        "SIGUSR1",
-        "--grace-period",
-        "3s",
-        "--safety-margin",
-        "1s",
-        "--",
-    ])
-    .arg(testbin())
-    .arg("record-signals")
-    .arg(&rec);
-    let mut child = c
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let read = || std::fs::read_to_string(&rec).unwrap_or_default();
-    assert!(wait_until(T, || read().starts_with("ready")));
+    let (mut child, read) = start_recorder(
+        &s,
+        &[
+            "--stop-signal",
+            "SIGUSR1",
+            "--grace-period",
+            "3s",
+            "--safety-margin",
+            "1s",
+        ],
+        &[],
+    );
     send(child.id(), libc::SIGTERM);
     assert!(wait_until(T, || read().contains("SIGUSR1")), "{}", read());
     // The fixture only exits on SIGTERM, which it never gets: the deadline's SIGKILL ends it.
     assert_eq!(wait_timeout(&mut child, T).code(), Some(137));
     assert!(!read().contains("SIGTERM"), "{}", read());
+}
+
+#[test]
+fn the_supervisors_own_sigpipe_is_not_forwarded() {
+    let s = Scratch::new();
+    let rec = s.path("rec");
+    let mut c = quiesce(&s);
+    c.args([
+        "--grace-period",
+        "3s",
+        "--safety-margin",
+        "1s",
+        "--log-format",
+        "human",
+        "--",
+    ])
+    .arg(testbin())
+    .args(["record-signals"])
+    .arg(&rec)
+    .arg("--stay");
+    // Its log pipe's reader goes away (a log collector restarting): the next log line raises SIGPIPE in
+    // the supervisor, which the kernel reports as sent by the supervisor itself.
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stderr.take());
+    let read = || std::fs::read_to_string(&rec).unwrap_or_default();
+    assert!(wait_until(T, || read().starts_with("ready")));
+    // SIGTERM makes it log; the app stays, recording everything it gets until the deadline's SIGKILL.
+    send(child.id(), libc::SIGTERM);
+    assert_eq!(wait_timeout(&mut child, T).code(), Some(137));
+    assert!(read().contains("SIGTERM"), "{}", read());
+    assert!(
+        !read().contains("SIGPIPE"),
+        "the supervisor's own SIGPIPE was forwarded: {}",
+        read()
+    );
 }

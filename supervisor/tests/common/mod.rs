@@ -294,3 +294,31 @@ pub fn admin_status(s: &Scratch) -> serde_json::Value {
     let out = output_timeout(c, Duration::from_secs(20));
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
+
+/// Starts quiesce with `args` over `testbin record-signals FILE APP_ARGS`, waits until the app is ready, and
+/// returns the supervisor and a reader of the signal names the app has recorded so far.
+pub fn start_recorder(
+    s: &Scratch,
+    args: &[&str],
+    app_args: &[&str],
+) -> (Child, impl Fn() -> String + use<>) {
+    let rec = s.path("rec");
+    let mut c = quiesce(s);
+    c.args(args)
+        .arg("--")
+        .arg(testbin())
+        .arg("record-signals")
+        .arg(&rec)
+        .args(app_args);
+    let child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let read = move || std::fs::read_to_string(&rec).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(30), || read().starts_with("ready")),
+        "recorder never ready"
+    );
+    (child, read)
+}
