@@ -70,18 +70,13 @@ impl AgentCommand {
                         ));
                     }
                 };
-                let version = request
-                    .parse_arg::<u32>("version", "a protocol version number, e.g. `version=1`")?
-                    .unwrap_or(PROTOCOL_VERSION);
-                if version != PROTOCOL_VERSION {
-                    return Err(WireError::new(
-                        ErrorCode::UnsupportedVersion,
-                        format!(
-                            "protocol version {version} is not supported: this side speaks version {PROTOCOL_VERSION}; send `hello version={PROTOCOL_VERSION}`"
-                        ),
-                    ));
+                if let Some(value) = request.get("version") {
+                    check_version(value)?;
                 }
-                Ok(AgentCommand::Hello { role, version })
+                Ok(AgentCommand::Hello {
+                    role,
+                    version: PROTOCOL_VERSION,
+                })
             }
             "status" => {
                 request.check_keys(&[])?;
@@ -94,13 +89,7 @@ impl AgentCommand {
             verb => match StepVerb::parse(verb) {
                 Some(step) => {
                     request.check_keys(&["deadline_ms", "budgets_ms"])?;
-                    request.required("deadline_ms", "5000")?;
-                    let ms = request
-                        .parse_arg::<u64>(
-                            "deadline_ms",
-                            "a whole number of milliseconds, e.g. `deadline_ms=5000`",
-                        )?
-                        .unwrap_or_default();
+                    let ms = parse_deadline(request.required("deadline_ms", "5000")?)?;
                     let budgets = request
                         .get("budgets_ms")
                         .map(|value| parse_budgets(step, value))
@@ -178,20 +167,88 @@ fn parse_budgets(verb: StepVerb, value: &str) -> Result<Vec<Duration>, WireError
     }
     items
         .iter()
-        .map(|item| {
-            if item.is_empty() {
-                return Err(refuse("one entry is empty (check the commas)".to_owned()));
+        .map(|item| match whole_number(item) {
+            Err(NotWhole::NotDigits) if item.is_empty() => {
+                Err(refuse("one entry is empty (check the commas)".to_owned()))
             }
-            if !item.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(refuse(format!("{} is not a whole number", quote(item))));
+            Ok(0) => Err(refuse("a budget of 0 ms is not allowed".to_owned())),
+            Ok(ms) => Ok(Duration::from_millis(ms)),
+            Err(NotWhole::NotDigits) => {
+                Err(refuse(format!("{} is not a whole number", quote(item))))
             }
-            match item.parse::<u64>() {
-                Ok(0) => Err(refuse("a budget of 0 ms is not allowed".to_owned())),
-                Ok(ms) => Ok(Duration::from_millis(ms)),
-                Err(_) => Err(refuse(format!("{} is too large", quote(item)))),
-            }
+            Err(NotWhole::TooLarge) => Err(refuse(format!(
+                "{} is too large (at most {})",
+                quote(item),
+                u64::MAX
+            ))),
         })
         .collect()
+}
+
+/// Why a value is not a whole number in the sense of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotWhole {
+    /// Empty, or something other than ASCII digits (a sign, a unit, a decimal point, spaces).
+    NotDigits,
+    /// Digits, but more than `u64::MAX`.
+    TooLarge,
+}
+
+/// The protocol's "whole number": one or more ASCII digits, no sign; leading zeros are allowed and
+/// ignored (`0100` is 100); at most `u64::MAX` (18446744073709551615).
+fn whole_number(text: &str) -> Result<u64, NotWhole> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(NotWhole::NotDigits);
+    }
+    text.parse().map_err(|_| NotWhole::TooLarge)
+}
+
+/// `deadline_ms=N`: a whole number of milliseconds, at least 1.
+fn parse_deadline(value: &str) -> Result<u64, WireError> {
+    let problem = match whole_number(value) {
+        Ok(0) => {
+            "a deadline of 0 ms is not allowed: expected a whole number of milliseconds from 1"
+                .to_owned()
+        }
+        Ok(ms) => return Ok(ms),
+        Err(NotWhole::NotDigits) => "expected a whole number of milliseconds".to_owned(),
+        Err(NotWhole::TooLarge) => {
+            format!("expected a whole number of milliseconds up to {}", u64::MAX)
+        }
+    };
+    Err(WireError::new(
+        ErrorCode::BadArgument,
+        format!(
+            "`deadline_ms={}` is not valid: {problem}, e.g. `deadline_ms=5000`",
+            shown(value)
+        ),
+    ))
+}
+
+/// `version=N`: digits name a version (only 1 is spoken; any other number, however large, is
+/// `unsupported_version`); anything else is not a version number (`bad_argument`).
+fn check_version(value: &str) -> Result<(), WireError> {
+    match whole_number(value) {
+        Ok(v) if u64::from(PROTOCOL_VERSION) == v => Ok(()),
+        Err(NotWhole::NotDigits) => Err(WireError::new(
+            ErrorCode::BadArgument,
+            format!(
+                "`version={}` is not valid: expected a protocol version number, e.g. `version={PROTOCOL_VERSION}`",
+                shown(value)
+            ),
+        )),
+        Ok(_) | Err(NotWhole::TooLarge) => {
+            let digits = value.trim_start_matches('0');
+            let digits = if digits.is_empty() { "0" } else { digits };
+            Err(WireError::new(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "protocol version {} is not supported: this side speaks version {PROTOCOL_VERSION}; send `hello version={PROTOCOL_VERSION}`",
+                    shown(digits)
+                ),
+            ))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -237,6 +294,126 @@ mod tests {
         assert_eq!(cmd("close deadline_ms=-1"), Err(ErrorCode::BadArgument));
         assert_eq!(cmd("close deadline_ms=1 x=2"), Err(ErrorCode::BadArgument));
         assert_eq!(cmd("shutdown"), Err(ErrorCode::UnknownVerb));
+    }
+
+    #[test]
+    fn whole_numbers_are_digits_only_leading_zeros_allowed() {
+        let ms = Duration::from_millis;
+        let deadline = |line: &str| match cmd(line) {
+            Ok(AgentCommand::Step { deadline, .. }) => Ok(deadline),
+            Ok(other) => panic!("{line}: {other:?}"),
+            Err(code) => Err(code),
+        };
+        assert_eq!(deadline("drain deadline_ms=0100"), Ok(ms(100)));
+        assert_eq!(deadline("drain deadline_ms=1"), Ok(ms(1)));
+        assert_eq!(
+            deadline("drain deadline_ms=18446744073709551615"),
+            Ok(ms(u64::MAX))
+        );
+        for bad in [
+            "0",
+            "000",
+            "+5000",
+            "-1",
+            "5s",
+            "1.5",
+            "1_000",
+            "18446744073709551616",
+            "٣",
+        ] {
+            let line = format!("drain deadline_ms={bad}");
+            let e =
+                AgentCommand::from_request(&Request::parse(line.as_bytes()).unwrap()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadArgument, "{line}");
+            assert!(
+                e.message
+                    .starts_with(&format!("`deadline_ms={bad}` is not valid: ")),
+                "{line}: {}",
+                e.message
+            );
+        }
+        let refusal = |line: &str| {
+            AgentCommand::from_request(&Request::parse(line.as_bytes()).unwrap())
+                .unwrap_err()
+                .message
+        };
+        assert!(refusal("drain deadline_ms=0").contains("0 ms is not allowed"));
+        assert!(
+            refusal("drain deadline_ms=99999999999999999999")
+                .contains("up to 18446744073709551615")
+        );
+        assert_eq!(
+            cmd("drain deadline_ms=5000 budgets_ms=01000,007"),
+            Ok(AgentCommand::Step {
+                verb: StepVerb::Drain,
+                deadline: ms(5000),
+                budgets: Some(vec![ms(1000), ms(7)]),
+            })
+        );
+        assert_eq!(
+            cmd("drain deadline_ms=5000 budgets_ms=00,1"),
+            Err(ErrorCode::BadArgument)
+        );
+    }
+
+    #[test]
+    fn versions_are_numbers_and_only_1_is_spoken() {
+        let hello = Ok(AgentCommand::Hello {
+            role: Role::Observer,
+            version: 1,
+        });
+        assert_eq!(cmd("hello version=1"), hello);
+        assert_eq!(cmd("hello version=001"), hello);
+        for unsupported in ["0", "2", "10", "4294967297", "99999999999999999999999"] {
+            assert_eq!(
+                cmd(&format!("hello version={unsupported}")),
+                Err(ErrorCode::UnsupportedVersion),
+                "{unsupported}"
+            );
+        }
+        for bad in ["abc", "+1", "-1", "1.0", "v1", "١"] {
+            assert_eq!(
+                cmd(&format!("hello version={bad}")),
+                Err(ErrorCode::BadArgument),
+                "{bad}"
+            );
+        }
+        let e = AgentCommand::from_request(&Request::parse(b"hello version=0002").unwrap())
+            .unwrap_err();
+        assert!(
+            e.message.starts_with("protocol version 2 is not supported"),
+            "{}",
+            e.message
+        );
+        let e =
+            AgentCommand::from_request(&Request::parse(b"hello version=00").unwrap()).unwrap_err();
+        assert!(
+            e.message.starts_with("protocol version 0 is not supported"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn checks_apply_in_the_documented_order() {
+        // Within validation: unknown key, then a missing required argument, then values.
+        assert_eq!(cmd("drain x=1"), Err(ErrorCode::BadArgument));
+        assert_eq!(cmd("drain budgets_ms=1,2"), Err(ErrorCode::MissingArgument));
+        assert_eq!(
+            cmd("drain budgets_ms=1 deadline_ms=0"),
+            Err(ErrorCode::BadArgument)
+        );
+        // An unknown verb wins over its arguments.
+        assert_eq!(cmd("reboot now=1"), Err(ErrorCode::UnknownVerb));
+        // hello: unknown key, then role, then version.
+        let e = AgentCommand::from_request(&Request::parse(b"hello role=admin version=2").unwrap())
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadArgument);
+        assert!(e.message.contains("role=admin"), "{}", e.message);
+        assert_eq!(
+            cmd("hello version=2 colour=red"),
+            Err(ErrorCode::BadArgument)
+        );
     }
 
     #[test]
