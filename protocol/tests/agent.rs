@@ -934,3 +934,74 @@ async fn a_handler_that_reached_its_deadline_reports_timeout_with_its_counts() {
     );
     assert_eq!(reply["substeps"][0]["outcome"], "ok");
 }
+
+#[tokio::test]
+async fn closed_waits_for_the_close_reply_not_for_an_observers_reply() {
+    let dir = SocketDir::new();
+    let gate = Arc::new(Notify::new());
+    let started = Arc::new(AtomicBool::new(false));
+    let agent = {
+        let gate = Arc::clone(&gate);
+        let started = Arc::clone(&started);
+        Agent::builder("closing")
+            .on(SubStep::CloseDb, move |_ctx: StepCtx| {
+                let gate = Arc::clone(&gate);
+                let started = Arc::clone(&started);
+                async move {
+                    started.store(true, Ordering::SeqCst);
+                    gate.notified().await;
+                    Ok::<_, HandlerError>(Report::new())
+                }
+            })
+            .build()
+    };
+    let _handle = serve(&agent, &dir).await;
+    let mut driver = Conn::open(&dir.path()).await;
+    assert_ok(&driver.call("hello role=driver").await);
+    for verb in &StepVerb::ALL[..4] {
+        assert_ok(&driver.call(&format!("{verb} deadline_ms=2000")).await);
+    }
+    // The driver sends `close` and vanishes while close-db runs: nobody has its reply yet.
+    driver.send(b"close deadline_ms=10000\n").await;
+    wait_until("close-db to start", PATIENCE, || {
+        let started = Arc::clone(&started);
+        async move { started.load(Ordering::SeqCst) }
+    })
+    .await;
+    drop(driver);
+    let exited = Arc::new(AtomicBool::new(false));
+    tokio::spawn({
+        let agent = agent.clone();
+        let exited = Arc::clone(&exited);
+        async move {
+            agent.closed().await;
+            exited.store(true, Ordering::SeqCst);
+        }
+    });
+    gate.notify_one();
+
+    // An observer's replies written after `close` finished are not the close reply.
+    let mut observer = Conn::open(&dir.path()).await;
+    wait_until("close to finish", PATIENCE, || {
+        let path = dir.path();
+        async move { Conn::open(&path).await.call("status").await["phase"] == "closed" }
+    })
+    .await;
+    assert_eq!(observer.call("status").await["phase"], "closed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !exited.load(Ordering::SeqCst),
+        "closed() resolved on an observer's reply, before any driver had the close reply"
+    );
+
+    // A reconnecting driver repeats `close`: its reply is the one the app waits for.
+    let mut next = Conn::open(&dir.path()).await;
+    assert_ok(&next.call("hello role=driver").await);
+    let again = next.call("close deadline_ms=1000").await;
+    assert_eq!(again["repeated"], true, "{again}");
+    wait_until("closed() to resolve", PATIENCE, || {
+        let exited = Arc::clone(&exited);
+        async move { exited.load(Ordering::SeqCst) }
+    })
+    .await;
+}

@@ -62,6 +62,10 @@ use crate::wire::{
 /// Default time a health check may take before it counts as down.
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long [`Agent::closed`] waits, after `close` finished, for its reply to be written before
+/// it resolves anyway (the driver may be gone; a reconnecting one repeats `close` within this).
+pub const CLOSE_REPLY_WAIT: Duration = Duration::from_millis(500);
+
 /// Default socket file mode: owner only.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
@@ -556,16 +560,18 @@ impl Agent {
         *self.inner.closed.borrow()
     }
 
-    /// Resolves once `close` has finished (driven over the socket or run locally): the moment the
-    /// app should exit.
+    /// Resolves once `close` has finished (driven over the socket or run locally) and its reply
+    /// has been written to a connection that asked for it (first or repeated): the moment the app
+    /// should exit, with code 0. If no connection takes the reply within
+    /// [`CLOSE_REPLY_WAIT`] of `close` finishing (the driver is gone and did not come back to
+    /// repeat it), it resolves anyway. Replies to other requests (an observer's `status`) do
+    /// not count.
     pub async fn closed(&self) {
         let mut closed = self.inner.closed.subscribe();
         // The sender lives in `Inner`, which `self` keeps alive, so this cannot fail.
         let _ = closed.wait_for(|c| *c).await;
-        // Give the driver's connection the moment it needs to write the `close` reply, so an app that
-        // exits right away does not leave its supervisor without it (bounded: the driver may be gone).
         let mut replied = self.inner.close_replied.subscribe();
-        let _ = tokio::time::timeout(Duration::from_millis(500), replied.wait_for(|r| *r)).await;
+        let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, replied.wait_for(|r| *r)).await;
     }
 }
 

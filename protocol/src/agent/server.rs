@@ -22,7 +22,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::{Agent, AgentError, Inner, instant_after};
-use crate::wire::{AgentCommand, ErrorCode, LineReader, Request, Role, WireError, render_reply};
+use crate::wire::{
+    AgentCommand, ErrorCode, LineReader, Request, Role, StepVerb, WireError, render_reply,
+};
 
 /// Who owns the socket file, which decides who may connect.
 #[derive(Debug, Clone, Copy)]
@@ -229,19 +231,30 @@ async fn serve_connection(agent: Agent, mut stream: UnixStream, owner: SocketOwn
         held: false,
     };
     loop {
-        let line = match reader.next_request().await {
+        let (line, kind) = match reader.next_request().await {
             Ok(None) | Err(_) => break,
-            Ok(Some(Err(refusal))) => refusal.render_reply(),
+            Ok(Some(Err(refusal))) => (refusal.render_reply(), Answered::Other),
             Ok(Some(Ok(request))) => answer(&agent, &request, &mut driver, &mut reader).await,
         };
         if write.write_all(line.as_bytes()).await.is_err() {
             break;
         }
-        if agent.is_closed() {
-            // The reply to `close` (or anything after it) is on its way: the app may exit now.
+        if kind == Answered::CloseReply {
+            // The driver has the reply to `close` (first or repeated): the app may exit now.
+            // Only this reply counts: an observer's `status` written after `close` finished
+            // must not let the app exit before the driver's reply is out.
             agent.inner.close_replied.send_replace(true);
         }
     }
+}
+
+/// What a written line was, for the app's exit after `close`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answered {
+    /// The step reply to `close` (recorded, waited for or repeated).
+    CloseReply,
+    /// Anything else: a refusal, another verb's reply.
+    Other,
 }
 
 async fn answer<R>(
@@ -249,6 +262,21 @@ async fn answer<R>(
     request: &Request,
     driver: &mut DriverSlot,
     reader: &mut LineReader<R>,
+) -> (String, Answered)
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    let mut kind = Answered::Other;
+    let line = answer_line(agent, request, driver, reader, &mut kind).await;
+    (line, kind)
+}
+
+async fn answer_line<R>(
+    agent: &Agent,
+    request: &Request,
+    driver: &mut DriverSlot,
+    reader: &mut LineReader<R>,
+    kind: &mut Answered,
 ) -> String
 where
     R: tokio::io::AsyncBufRead + Unpin,
@@ -305,7 +333,12 @@ where
                 tokio::select! {
                     result = &mut step => {
                         return match result {
-                            Ok(reply) => render_reply(&reply),
+                            Ok(reply) => {
+                                if reply.step == StepVerb::Close {
+                                    *kind = Answered::CloseReply;
+                                }
+                                render_reply(&reply)
+                            }
                             Err(refusal) => refusal.render_reply(),
                         };
                     }
