@@ -2,7 +2,8 @@
 //!
 //! The other-uid client is this test binary re-executed as uid 65534 (std's `CommandExt::uid`,
 //! so no unsafe `fork`/`setuid` here), running the `peer_helper` test with the socket path in
-//! its environment. Needs root; elsewhere the tests say so and return.
+//! its environment. Needs root: elsewhere the tests fail, or skip with a line on stderr when
+//! `QUIESCE_ALLOW_SKIP=1`.
 
 mod common;
 
@@ -20,8 +21,7 @@ fn peer_helper() {
 
 #[tokio::test]
 async fn a_peer_with_another_uid_is_refused_and_disconnected() {
-    if !is_root() {
-        eprintln!("skipped: running a client as uid {NOBODY} needs root");
+    if !needs_root(&format!("running a client as uid {NOBODY}")) {
         return;
     }
     let dir = SocketDir::new();
@@ -45,8 +45,7 @@ async fn a_peer_with_another_uid_is_refused_and_disconnected() {
 
 #[tokio::test]
 async fn group_mode_admits_the_socket_group_only() {
-    if !is_root() {
-        eprintln!("skipped: running a client as uid {NOBODY} needs root");
+    if !needs_root(&format!("running a client as uid {NOBODY}")) {
         return;
     }
     let dir = SocketDir::new();

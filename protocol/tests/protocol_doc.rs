@@ -263,11 +263,12 @@ async fn run_block(block: &Block, coverage: &mut Coverage) -> Vec<String> {
         }
         needs_peer |= text.starts_with("# connection") && text.contains(" as uid ");
     }
-    if needs_peer && !is_root() {
-        eprintln!(
-            "skipped the example at line {}: a peer with another uid needs root",
+    if needs_peer
+        && !needs_root(&format!(
+            "the example at line {} connects as another uid",
             block.line
-        );
+        ))
+    {
         return Vec::new();
     }
     let agent = doc_agent(&failing, &hanging);

@@ -205,6 +205,25 @@ pub fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0)
 }
 
+/// Set to `1` to let tests that need root skip (with a line on stderr) instead of failing.
+pub const ALLOW_SKIP_ENV: &str = "QUIESCE_ALLOW_SKIP";
+
+/// Whether a test that needs root (`what` says for what) can run. As root: `true`. Otherwise it
+/// prints `skipped: needs root: …` to stderr and fails, unless `QUIESCE_ALLOW_SKIP=1`, in which
+/// case it returns `false` and the caller returns early. CI runs as root, so a skip never passes
+/// silently there.
+pub fn needs_root(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    eprintln!("skipped: needs root: {what}");
+    assert!(
+        std::env::var(ALLOW_SKIP_ENV).is_ok_and(|v| v == "1"),
+        "this test needs root ({what}); run it as root, or set {ALLOW_SKIP_ENV}=1 to skip it"
+    );
+    false
+}
+
 /// Body of the re-executed peer: connects, sends `status`, prints the first line it gets and
 /// whether the connection then closed. Each test binary that uses [`run_peer`] wraps this in a
 /// `#[test] fn peer_helper()`; without the environment variable it returns at once.
