@@ -120,7 +120,7 @@ impl App {
             None => None,
         };
         let listener = bind(config.grpc_addr, "gRPC", "APP_GRPC_ADDR").await?;
-        let api = OrderApi::new(db.clone(), redis.clone(), wake);
+        let api = OrderApi::new(db.clone(), redis.clone(), wake, config.idempotency_lease);
         let grpc = GrpcServer::start(listener, api, metrics.clone()).map_err(|source| {
             StartError::Bind {
                 what: "gRPC",
@@ -259,6 +259,7 @@ impl App {
             "redis": { "state": if self.redis.is_closed() { "closed" } else { "open" } },
             "db": {
                 "state": if self.db.is_closed() { "closed" } else { "open" },
+                "application_name": self.db.application_name(),
                 "pool_size": self.db.pool().size(),
                 "pool_idle": self.db.pool().num_idle(),
             },

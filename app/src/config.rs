@@ -109,6 +109,9 @@ pub struct Config {
     pub consumer_concurrency: usize,
     /// How long an idempotency key is remembered.
     pub idempotency_ttl: Duration,
+    /// Longest lease of a key's `pending` marker; a request's own deadline (`grpc-timeout`)
+    /// shortens it. Bounds how long a marker can outlive a process killed mid-request.
+    pub idempotency_lease: Duration,
     /// PostgreSQL pool size.
     pub db_max_connections: u32,
     /// Budget of the local ordered stop (SIGTERM without a supervisor).
@@ -141,6 +144,7 @@ impl Default for Config {
             prefetch: 256,
             consumer_concurrency: 32,
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            idempotency_lease: Duration::from_secs(10),
             db_max_connections: 32,
             shutdown_budget: Duration::from_secs(25),
             dependency_wait: Duration::from_secs(5),
@@ -236,6 +240,9 @@ pub struct Cli {
     /// Idempotency key lifetime [default: 24h].
     #[arg(long, env = "APP_IDEMPOTENCY_TTL", value_parser = humantime::parse_duration)]
     pub idempotency_ttl: Option<Duration>,
+    /// Longest lease of an idempotency key's pending marker [default: 10s].
+    #[arg(long, env = "APP_IDEMPOTENCY_LEASE", value_parser = humantime::parse_duration)]
+    pub idempotency_lease: Option<Duration>,
     /// PostgreSQL pool size [default: 32].
     #[arg(long, env = "APP_DB_MAX_CONNECTIONS")]
     pub db_max_connections: Option<u32>,
@@ -280,6 +287,8 @@ struct FileConfig {
     consumer_concurrency: Option<usize>,
     #[serde(default, with = "opt_duration")]
     idempotency_ttl: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    idempotency_lease: Option<Duration>,
     db_max_connections: Option<u32>,
     #[serde(default, with = "opt_duration")]
     shutdown_budget: Option<Duration>,
@@ -367,6 +376,7 @@ impl Config {
         set(&mut self.prefetch, f.prefetch);
         set(&mut self.consumer_concurrency, f.consumer_concurrency);
         set(&mut self.idempotency_ttl, f.idempotency_ttl);
+        set(&mut self.idempotency_lease, f.idempotency_lease);
         set(&mut self.db_max_connections, f.db_max_connections);
         set(&mut self.shutdown_budget, f.shutdown_budget);
         set(&mut self.dependency_wait, f.dependency_wait);
@@ -400,6 +410,7 @@ impl Config {
         set(&mut self.prefetch, c.prefetch);
         set(&mut self.consumer_concurrency, c.consumer_concurrency);
         set(&mut self.idempotency_ttl, c.idempotency_ttl);
+        set(&mut self.idempotency_lease, c.idempotency_lease);
         set(&mut self.db_max_connections, c.db_max_connections);
         set(&mut self.shutdown_budget, c.shutdown_budget);
         set(&mut self.dependency_wait, c.dependency_wait);
@@ -443,6 +454,14 @@ impl Config {
         }
         if self.idempotency_ttl.as_secs() == 0 {
             return invalid("idempotency_ttl", "must be at least 1s");
+        }
+        if self.idempotency_lease < Duration::from_millis(100)
+            || self.idempotency_lease > self.idempotency_ttl
+        {
+            return invalid(
+                "idempotency_lease",
+                "must be at least 100ms and at most idempotency_ttl (e.g. \"10s\")",
+            );
         }
         if self.breaker_failures == 0 {
             return invalid("breaker_failures", "must be at least 1");

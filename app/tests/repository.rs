@@ -93,10 +93,15 @@ async fn create_writes_order_items_and_event_in_one_transaction() {
     hard_timeout(60, async {
         let db = migrated(&env).await;
         let pool = db.pool();
-        let order = orders::create(pool, &new_order("c1"), None).await.unwrap();
+        let order = orders::create(&mut pool.acquire().await.unwrap(), &new_order("c1"), None)
+            .await
+            .unwrap();
         assert_eq!(order.status, OrderStatus::Pending);
         assert_eq!(order.total_cents, 305);
-        let read = orders::get(pool, order.id).await.unwrap().unwrap();
+        let read = orders::get(&mut pool.acquire().await.unwrap(), order.id)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(read, order, "a re-read equals what create returned");
 
         let mut tx = pool.begin().await.unwrap();
@@ -111,15 +116,27 @@ async fn create_writes_order_items_and_event_in_one_transaction() {
 
         // A failure inside the transaction leaves neither the order nor its event: the
         // second create reuses the key, violates the unique index and rolls back.
-        orders::create(pool, &new_order("c1"), Some(("k1", "h1")))
-            .await
-            .unwrap();
+        orders::create(
+            &mut pool.acquire().await.unwrap(),
+            &new_order("c1"),
+            Some(("k1", "h1")),
+        )
+        .await
+        .unwrap();
         let before = scalar(pool, "SELECT count(*) FROM outbox").await;
-        let dup = orders::create(pool, &new_order("c2"), Some(("k1", "h2"))).await;
+        let dup = orders::create(
+            &mut pool.acquire().await.unwrap(),
+            &new_order("c2"),
+            Some(("k1", "h2")),
+        )
+        .await;
         assert!(matches!(dup, Err(CreateError::DuplicateKey)));
         assert_eq!(scalar(pool, "SELECT count(*) FROM outbox").await, before);
         assert_eq!(scalar(pool, "SELECT count(*) FROM orders").await, 2);
-        let keyed = orders::find_by_key(pool, "k1").await.unwrap().unwrap();
+        let keyed = orders::find_by_key(&mut pool.acquire().await.unwrap(), "k1")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(keyed.request_hash.as_deref(), Some("h1"));
         assert_eq!(keyed.order.customer_id, "c1");
     })
@@ -133,9 +150,13 @@ async fn claim_skips_rows_locked_by_another_poller_and_mark_sent_hides_them() {
         let db = migrated(&env).await;
         let pool = db.pool();
         for i in 0..5 {
-            orders::create(pool, &new_order(&format!("c{i}")), None)
-                .await
-                .unwrap();
+            orders::create(
+                &mut pool.acquire().await.unwrap(),
+                &new_order(&format!("c{i}")),
+                None,
+            )
+            .await
+            .unwrap();
         }
         let mut first = pool.begin().await.unwrap();
         let a = outbox::claim_batch(&mut first, 3).await.unwrap();
@@ -163,15 +184,21 @@ async fn list_pages_newest_first_and_filters_by_customer() {
         for i in 0..7 {
             let customer = if i % 2 == 0 { "even" } else { "odd" };
             created.push(
-                orders::create(pool, &new_order(customer), None)
-                    .await
-                    .unwrap(),
+                orders::create(
+                    &mut pool.acquire().await.unwrap(),
+                    &new_order(customer),
+                    None,
+                )
+                .await
+                .unwrap(),
             );
         }
         let mut seen = Vec::new();
         let mut cursor = None;
         loop {
-            let (page, next) = orders::list(pool, 3, cursor, None).await.unwrap();
+            let (page, next) = orders::list(&mut pool.acquire().await.unwrap(), 3, cursor, None)
+                .await
+                .unwrap();
             assert!(page.len() <= 3);
             seen.extend(page.into_iter().map(|o| o.id));
             match next {
@@ -182,7 +209,10 @@ async fn list_pages_newest_first_and_filters_by_customer() {
         let mut expected = created.clone();
         expected.sort_by_key(|o| std::cmp::Reverse((o.created_at, o.id)));
         assert_eq!(seen, expected.iter().map(|o| o.id).collect::<Vec<_>>());
-        let (evens, next) = orders::list(pool, 10, None, Some("even")).await.unwrap();
+        let (evens, next) =
+            orders::list(&mut pool.acquire().await.unwrap(), 10, None, Some("even"))
+                .await
+                .unwrap();
         assert_eq!(evens.len(), 4);
         assert!(next.is_none());
         assert!(evens.iter().all(|o| o.customer_id == "even"));
@@ -197,8 +227,13 @@ async fn cancel_moves_only_pending_orders_and_writes_an_event() {
     hard_timeout(60, async {
         let db = migrated(&env).await;
         let pool = db.pool();
-        let order = orders::create(pool, &new_order("c"), None).await.unwrap();
-        let CancelResult::Cancelled(cancelled) = orders::cancel(pool, order.id).await.unwrap()
+        let order = orders::create(&mut pool.acquire().await.unwrap(), &new_order("c"), None)
+            .await
+            .unwrap();
+        let CancelResult::Cancelled(cancelled) =
+            orders::cancel(&mut pool.acquire().await.unwrap(), order.id)
+                .await
+                .unwrap()
         else {
             panic!("expected cancelled");
         };
@@ -206,7 +241,9 @@ async fn cancel_moves_only_pending_orders_and_writes_an_event() {
         assert!(cancelled.updated_at >= order.updated_at);
         // Again: unchanged, no second event.
         assert!(matches!(
-            orders::cancel(pool, order.id).await.unwrap(),
+            orders::cancel(&mut pool.acquire().await.unwrap(), order.id)
+                .await
+                .unwrap(),
             CancelResult::Cancelled(_)
         ));
         assert_eq!(
@@ -218,15 +255,21 @@ async fn cancel_moves_only_pending_orders_and_writes_an_event() {
             1
         );
         assert!(matches!(
-            orders::cancel(pool, uuid::Uuid::new_v4()).await.unwrap(),
+            orders::cancel(&mut pool.acquire().await.unwrap(), uuid::Uuid::new_v4())
+                .await
+                .unwrap(),
             CancelResult::NotFound
         ));
-        let paid = orders::create(pool, &new_order("c"), None).await.unwrap();
+        let paid = orders::create(&mut pool.acquire().await.unwrap(), &new_order("c"), None)
+            .await
+            .unwrap();
         payments::apply(pool, "m-1", PaymentKind::Succeeded, paid.id)
             .await
             .unwrap();
         assert!(matches!(
-            orders::cancel(pool, paid.id).await.unwrap(),
+            orders::cancel(&mut pool.acquire().await.unwrap(), paid.id)
+                .await
+                .unwrap(),
             CancelResult::NotPending(OrderStatus::Paid)
         ));
     })
@@ -239,7 +282,9 @@ async fn payment_message_applies_once() {
     hard_timeout(60, async {
         let db = migrated(&env).await;
         let pool = db.pool();
-        let order = orders::create(pool, &new_order("c"), None).await.unwrap();
+        let order = orders::create(&mut pool.acquire().await.unwrap(), &new_order("c"), None)
+            .await
+            .unwrap();
         let first = payments::apply(pool, "msg-1", PaymentKind::Succeeded, order.id)
             .await
             .unwrap();
@@ -258,7 +303,11 @@ async fn payment_message_applies_once() {
             .unwrap();
         assert_eq!(unknown, PaymentEffect::UnknownOrder);
         assert_eq!(
-            orders::get(pool, order.id).await.unwrap().unwrap().status,
+            orders::get(&mut pool.acquire().await.unwrap(), order.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .status,
             OrderStatus::Paid
         );
         assert_eq!(

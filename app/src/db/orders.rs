@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::outbox;
@@ -127,9 +127,10 @@ pub fn event_payload(event_id: Uuid, event_type: &str, order: &OrderHead) -> ser
 
 /// Inserts a pending order, its lines and its `order.created` event in one transaction (one
 /// statement).
-/// `key` is the idempotency key and request fingerprint, if any.
+/// `key` is the idempotency key and request fingerprint, if any. `db` is a request's
+/// connection (as for the other API queries).
 pub async fn create(
-    pool: &PgPool,
+    db: &mut PgConnection,
     new: &NewOrder,
     key: Option<(&str, &str)>,
 ) -> Result<Order, CreateError> {
@@ -174,7 +175,7 @@ pub async fn create(
     .bind(event_id)
     .bind(events::ORDER_CREATED)
     .bind(sqlx::types::Json(&payload))
-    .execute(pool)
+    .execute(&mut *db)
     .await;
     match inserted {
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
@@ -190,20 +191,23 @@ fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 /// One order by id.
-pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Order>, sqlx::Error> {
+pub async fn get(db: &mut PgConnection, id: Uuid) -> Result<Option<Order>, sqlx::Error> {
     sqlx::query(concat!(select_order!(), " WHERE o.id = $1"))
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *db)
         .await?
         .map(|row| order_from_row(&row))
         .transpose()
 }
 
 /// The order holding an idempotency key, with the fingerprint stored alongside.
-pub async fn find_by_key(pool: &PgPool, key: &str) -> Result<Option<KeyedOrder>, sqlx::Error> {
+pub async fn find_by_key(
+    db: &mut PgConnection,
+    key: &str,
+) -> Result<Option<KeyedOrder>, sqlx::Error> {
     let Some(row) = sqlx::query(concat!(select_order!(), " WHERE o.idempotency_key = $1"))
         .bind(key)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *db)
         .await?
     else {
         return Ok(None);
@@ -254,7 +258,7 @@ impl Cursor {
 /// One page of orders, newest first, optionally of one customer. Returns the orders and the
 /// cursor of the next page (None on the last page).
 pub async fn list(
-    pool: &PgPool,
+    db: &mut PgConnection,
     page_size: u32,
     after: Option<Cursor>,
     customer_id: Option<&str>,
@@ -277,7 +281,7 @@ pub async fn list(
         .bind(after.map(|c| c.id))
         .bind(i64::from(page_size) + 1)
         .bind(customer_id)
-        .fetch_all(pool)
+        .fetch_all(&mut *db)
         .await?;
     let mut orders = rows
         .iter()
@@ -302,7 +306,7 @@ pub async fn list(
 /// `OrderStatus::can_become`) and the row lock the UPDATE takes serialises concurrent changes:
 /// a second one waits, re-reads the row, finds it no longer pending and changes nothing.
 pub async fn transition(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut Transaction<'_, Postgres>,
     id: Uuid,
     to: OrderStatus,
     event_type: &'static str,
@@ -344,21 +348,21 @@ pub async fn transition(
 
 /// Cancels a pending order (with its `order.cancelled` event). Cancelling a cancelled order
 /// returns it unchanged.
-pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<CancelResult, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+pub async fn cancel(db: &mut PgConnection, id: Uuid) -> Result<CancelResult, sqlx::Error> {
+    let mut tx = db.begin().await?;
     let result = transition(&mut tx, id, OrderStatus::Cancelled, events::ORDER_CANCELLED).await?;
     match result {
         None => Ok(CancelResult::NotFound),
         Some(Ok(_)) => {
             tx.commit().await?;
-            match get(pool, id).await? {
+            match get(&mut *db, id).await? {
                 Some(order) => Ok(CancelResult::Cancelled(order)),
                 None => Ok(CancelResult::NotFound),
             }
         }
         Some(Err(OrderStatus::Cancelled)) => {
             drop(tx);
-            match get(pool, id).await? {
+            match get(&mut *db, id).await? {
                 Some(order) => Ok(CancelResult::Cancelled(order)),
                 None => Ok(CancelResult::NotFound),
             }

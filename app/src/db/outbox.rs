@@ -25,7 +25,7 @@ pub struct OutboxEvent {
 
 /// Inserts one event inside the caller's transaction; `payload` receives the new event id.
 pub async fn insert_event(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut Transaction<'_, Postgres>,
     aggregate_id: Uuid,
     event_type: &str,
     payload: impl FnOnce(Uuid) -> serde_json::Value,

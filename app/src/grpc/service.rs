@@ -1,6 +1,11 @@
 //! The `order.v1.OrderService` handlers: validate, call the repository, map results to gRPC
-//! codes. CreateOrder's idempotency key is claimed in Redis (SET NX) and also stored on the
-//! order row (unique), so a Redis outage degrades to the database's check instead of failing.
+//! codes. Each request runs its statements on its own [`RequestConn`], so a cancelled request
+//! also cancels its database work.
+//!
+//! CreateOrder's idempotency key is claimed in Redis with a lease (see `redis_store`) and also
+//! stored on the order row under a unique index. The row is the truth: a Redis outage, a lost
+//! key, or a marker left by a process that died after its commit all end in a database lookup
+//! that returns the committed order, never in a second order or a refusal that lasts.
 //!
 //! | condition | code |
 //! |---|---|
@@ -18,12 +23,12 @@ use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::db::Db;
 use crate::db::orders::{self, CancelResult, CreateError, Cursor};
+use crate::db::{Db, RequestConn};
 use crate::domain::{self, NewOrder, Order, OrderStatus, ValidationError};
 use crate::proto;
 use crate::proto::order_service_server::OrderService;
-use crate::redis_store::{KeyState, RedisStore};
+use crate::redis_store::{KeyState, PendingMarker, RedisStore};
 
 /// Default and maximum ListOrders page sizes.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
@@ -39,40 +44,80 @@ pub struct OrderApi {
     db: Db,
     redis: RedisStore,
     outbox_wake: Arc<Notify>,
+    max_lease: Duration,
+}
+
+/// The lease of a request's pending marker: its `grpc-timeout` (the client gives up then and
+/// tonic drops the handler), capped by `max`.
+pub fn lease_for(metadata: &tonic::metadata::MetadataMap, max: Duration) -> Duration {
+    metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(max, |t| t.min(max))
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 impl OrderApi {
     /// Handlers over `db` and `redis`; `outbox_wake` is notified after each committed change so
-    /// the outbox poller relays it without waiting for its next poll.
-    pub fn new(db: Db, redis: RedisStore, outbox_wake: Arc<Notify>) -> Self {
+    /// the outbox poller relays it without waiting for its next poll. `max_lease` caps the
+    /// lease of an idempotency key's pending marker.
+    pub fn new(db: Db, redis: RedisStore, outbox_wake: Arc<Notify>, max_lease: Duration) -> Self {
         Self {
             db,
             redis,
             outbox_wake,
+            max_lease,
         }
     }
 
-    async fn create(&self, new: NewOrder, key: Option<&str>) -> Result<(Order, bool), Status> {
+    async fn create(
+        &self,
+        conn: &mut RequestConn,
+        new: NewOrder,
+        key: Option<&str>,
+        lease: Duration,
+    ) -> Result<(Order, bool), Status> {
         let Some(key) = key else {
-            let order = orders::create(self.db.pool(), &new, None)
-                .await
-                .map_err(create_error)?;
+            let db = conn.get().await.map_err(db_error)?;
+            let order = orders::create(db, &new, None).await.map_err(create_error)?;
             self.outbox_wake.notify_one();
             return Ok((order, false));
         };
         let fingerprint = new.fingerprint();
         let deadline = tokio::time::Instant::now() + IN_PROGRESS_WAIT;
         loop {
-            let state = match self.redis.begin(key, &fingerprint).await {
+            let state = match self.redis.begin(key, &fingerprint, lease).await {
                 Ok(state) => state,
                 Err(e) => {
                     // The order row's unique key still makes the call idempotent.
                     tracing::warn!(error = %e, "idempotency store unavailable; relying on the database key");
-                    return self.create_keyed(&new, key, &fingerprint, false).await;
+                    return self.create_keyed(conn, &new, key, &fingerprint, None).await;
                 }
             };
             match state {
-                KeyState::Owned => return self.create_keyed(&new, key, &fingerprint, true).await,
+                KeyState::Owned(marker) => {
+                    return self
+                        .create_keyed(conn, &new, key, &fingerprint, Some(marker))
+                        .await;
+                }
                 KeyState::Done {
                     fingerprint: theirs,
                     order_id,
@@ -80,67 +125,94 @@ impl OrderApi {
                     if theirs != fingerprint {
                         return Err(key_reused());
                     }
-                    return match orders::get(self.db.pool(), order_id)
-                        .await
-                        .map_err(db_error)?
-                    {
-                        Some(order) => Ok((order, true)),
+                    let db = conn.get().await.map_err(db_error)?;
+                    match orders::get(db, order_id).await.map_err(db_error)? {
+                        Some(order) => return Ok((order, true)),
                         // The key outlived its order (database reset): start afresh.
                         None => {
-                            let _ = self.redis.release(key).await;
-                            continue;
+                            let _ = self.redis.forget_done(key, &theirs, order_id).await;
                         }
-                    };
+                    }
                 }
                 KeyState::InProgress {
                     fingerprint: theirs,
+                    value,
+                    legacy,
                 } => {
                     if theirs != fingerprint {
                         return Err(key_reused());
                     }
-                    if tokio::time::Instant::now() >= deadline {
+                    if !legacy && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    if let Some(found) = self.replay_from_db(conn, key, &fingerprint).await? {
+                        return Ok(found);
+                    }
+                    if !legacy {
                         return Err(Status::aborted(
                             "another request with this idempotency_key is still being processed; retry shortly",
                         ));
                     }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    // A marker without a lease never ends on its own; the database said no
+                    // order holds the key, so take the key over.
+                    let _ = self.redis.delete_if(key, &value).await;
                 }
             }
         }
     }
 
+    /// The order the database holds under `key`, when the marker in Redis cannot say (its owner
+    /// may have committed and then died before recording it): the same request gets the order
+    /// (and Redis is repaired to `done`), a different one ALREADY_EXISTS, no order `None`.
+    async fn replay_from_db(
+        &self,
+        conn: &mut RequestConn,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<Option<(Order, bool)>, Status> {
+        let db = conn.get().await.map_err(db_error)?;
+        match orders::find_by_key(db, key).await.map_err(db_error)? {
+            Some(found) if found.request_hash.as_deref() == Some(fingerprint) => {
+                if let Err(e) = self.redis.complete(key, fingerprint, found.order.id).await {
+                    tracing::warn!(error = %e, "cannot repair the idempotency key in Redis");
+                }
+                Ok(Some((found.order, true)))
+            }
+            Some(_) => Err(key_reused()),
+            None => Ok(None),
+        }
+    }
+
     async fn create_keyed(
         &self,
+        conn: &mut RequestConn,
         new: &NewOrder,
         key: &str,
         fingerprint: &str,
-        own_redis_key: bool,
+        marker: Option<PendingMarker>,
     ) -> Result<(Order, bool), Status> {
-        let result = match orders::create(self.db.pool(), new, Some((key, fingerprint))).await {
+        let db = conn.get().await.map_err(db_error)?;
+        let result = match orders::create(db, new, Some((key, fingerprint))).await {
             Ok(order) => {
                 self.outbox_wake.notify_one();
                 Ok((order, false))
             }
             Err(CreateError::DuplicateKey) => {
-                match orders::find_by_key(self.db.pool(), key)
-                    .await
-                    .map_err(db_error)?
-                {
-                    Some(found) if found.request_hash.as_deref() == Some(fingerprint) => {
-                        Ok((found.order, true))
-                    }
-                    Some(_) => Err(key_reused()),
-                    None => Err(Status::aborted(
+                match self.replay_from_db(conn, key, fingerprint).await {
+                    Ok(Some(found)) => Ok(found),
+                    Ok(None) => Err(Status::aborted(
                         "the idempotency_key was taken and released concurrently; retry",
                     )),
+                    Err(status) => Err(status),
                 }
             }
             Err(e) => Err(create_error(e)),
         };
-        if own_redis_key {
+        if let Some(marker) = marker {
             let recorded = match &result {
-                Ok((order, _)) => self.redis.complete(key, fingerprint, order.id).await,
-                Err(_) => self.redis.release(key).await,
+                Ok((order, _)) => marker.complete(order.id).await,
+                Err(_) => marker.release().await,
             };
             if let Err(e) = recorded {
                 tracing::warn!(error = %e, "cannot record the idempotency key outcome in Redis");
@@ -254,6 +326,7 @@ impl OrderService for OrderApi {
         &self,
         request: Request<proto::CreateOrderRequest>,
     ) -> Result<Response<proto::CreateOrderResponse>, Status> {
+        let lease = lease_for(request.metadata(), self.max_lease);
         let req = request.into_inner();
         let new = NewOrder::validate(
             &req.customer_id,
@@ -263,7 +336,10 @@ impl OrderService for OrderApi {
         )
         .map_err(invalid)?;
         let key = domain::validate_idempotency_key(&req.idempotency_key).map_err(invalid)?;
-        let (order, replayed) = self.create(new, key).await?;
+        let mut conn = self.db.request_conn();
+        let created = self.create(&mut conn, new, key, lease).await;
+        conn.finish();
+        let (order, replayed) = created?;
         Ok(Response::new(proto::CreateOrderResponse {
             order: Some(order_to_proto(order)),
             replayed,
@@ -275,7 +351,13 @@ impl OrderService for OrderApi {
         request: Request<proto::GetOrderRequest>,
     ) -> Result<Response<proto::GetOrderResponse>, Status> {
         let id = parse_order_id(&request.get_ref().order_id)?;
-        match orders::get(self.db.pool(), id).await.map_err(db_error)? {
+        let mut conn = self.db.request_conn();
+        let found = match conn.get().await {
+            Ok(db) => orders::get(db, id).await,
+            Err(e) => Err(e),
+        };
+        conn.finish();
+        match found.map_err(db_error)? {
             Some(order) => Ok(Response::new(proto::GetOrderResponse {
                 order: Some(order_to_proto(order)),
             })),
@@ -308,9 +390,13 @@ impl OrderService for OrderApi {
             })?)
         };
         let customer = (!req.customer_id.is_empty()).then_some(req.customer_id.as_str());
-        let (found, next) = orders::list(self.db.pool(), page_size, cursor, customer)
-            .await
-            .map_err(db_error)?;
+        let mut conn = self.db.request_conn();
+        let page = match conn.get().await {
+            Ok(db) => orders::list(db, page_size, cursor, customer).await,
+            Err(e) => Err(e),
+        };
+        conn.finish();
+        let (found, next) = page.map_err(db_error)?;
         Ok(Response::new(proto::ListOrdersResponse {
             orders: found.into_iter().map(order_to_proto).collect(),
             next_page_token: next.map(|c| c.encode()).unwrap_or_default(),
@@ -322,7 +408,13 @@ impl OrderService for OrderApi {
         request: Request<proto::CancelOrderRequest>,
     ) -> Result<Response<proto::CancelOrderResponse>, Status> {
         let id = parse_order_id(&request.get_ref().order_id)?;
-        match orders::cancel(self.db.pool(), id).await.map_err(db_error)? {
+        let mut conn = self.db.request_conn();
+        let cancelled = match conn.get().await {
+            Ok(db) => orders::cancel(db, id).await,
+            Err(e) => Err(e),
+        };
+        conn.finish();
+        match cancelled.map_err(db_error)? {
             CancelResult::Cancelled(order) => {
                 self.outbox_wake.notify_one();
                 Ok(Response::new(proto::CancelOrderResponse {
@@ -340,6 +432,26 @@ impl OrderService for OrderApi {
 #[cfg(test)]
 mod sqlstate_tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeout_bounds_the_lease() {
+        assert_eq!(
+            parse_grpc_timeout("1500m"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        for bad in ["", "S", "123456789S", "10x", "-1S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+        let max = Duration::from_secs(10);
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        assert_eq!(lease_for(&metadata, max), max);
+        metadata.insert("grpc-timeout", "2500m".parse().unwrap());
+        assert_eq!(lease_for(&metadata, max), Duration::from_millis(2500));
+        metadata.insert("grpc-timeout", "1H".parse().unwrap());
+        assert_eq!(lease_for(&metadata, max), max);
+    }
 
     #[test]
     fn shutdowns_and_connection_errors_are_retryable() {
