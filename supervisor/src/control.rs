@@ -1,11 +1,13 @@
 //! Control mode, supervisor side: connect to the app's control socket, say hello as driver, and walk the
-//! nine-step table under the deadlines of SPEC §2.
+//! nine-step table under the window's deadlines.
 //!
 //! Two connections: the *driver* sends step verbs only; the *observer* polls `health` and `status` for the
 //! probes, so a long drain never delays a liveness answer. Both are (re)connected with retry while the app
-//! runs. Budgets: each verb gets min(sum of its rows' budgets, time left); a verb that does not answer in
-//! time is recorded `timeout` and the sequence goes on; at the overall deadline the app's process group gets
-//! SIGTERM then SIGKILL.
+//! runs. Budgets: each verb gets the sum of its rows' budgets, all scaled down alike when the time left is
+//! less than what the remaining steps ask for ([`plan`]); a verb that does not answer in time is recorded
+//! `timeout` and the sequence goes on. A driver connection that fails in any way is closed before a new one
+//! claims the slot, and the verb is sent once more. When the steps' time is over the app's process group
+//! gets SIGTERM, and SIGKILL at the window's end.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -93,7 +95,7 @@ pub async fn connect_driver(
 /// The control-mode stop: step 1, then each verb in table order, then wait for the app to exit.
 pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
     stop::step_one(&ctx).await;
-    let mut client = driver.0.lock().await.take();
+    let client = driver.0.lock().await.take();
     if client.is_none() && !ctx.child_ended() {
         // The app never connected: the best we can do is ask it the signal way.
         tracing::warn!(
@@ -104,135 +106,24 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
             1..STEPS.len(),
             "no control connection; the stop signal was sent instead",
         );
-        return stop::ask_with_signal(&ctx, ctx.cfg.stop_signal).await;
+        return stop::ask_with_signal(&ctx, ctx.ask_with).await;
     }
-
-    let mut per_substep = true;
+    let mut walk = Walk {
+        ctx: &ctx,
+        client,
+        per_substep: true,
+    };
     for (verb_name, rows) in verbs() {
-        if ctx.child_ended() {
-            skip_rows(&ctx, rows.iter().copied(), &exited_detail(&ctx));
-            continue;
-        }
-        let Some(verb) = StepVerb::parse(verb_name) else {
-            continue;
-        };
-        let began = Instant::now();
-        let left = ctx.deadline().saturating_duration_since(began);
-        if left.is_zero() {
-            skip_rows(
-                &ctx,
-                rows.iter().copied(),
-                "no time left before the overall deadline",
-            );
-            continue;
-        }
-        let mut budget = verb_budget(&ctx.cfg.budgets, &rows, began, ctx.deadline());
-        if budget + REPLY_SLACK > left {
-            // Cut short by the overall deadline: leave the agent time to write its reply (with the counts
-            // of the step that ran out of time) before our own wait ends.
-            budget = left
-                .saturating_sub(REPLY_SLACK)
-                .max(Duration::from_millis(1));
-        }
-        for &i in &rows {
-            tracing::info!(
-                step = STEPS[i].name,
-                number = STEPS[i].number,
-                verb = verb_name,
-                budget_ms = ms(budget),
-                "step start"
-            );
-        }
-        let wait_until = (began + budget + REPLY_SLACK)
-            .min(ctx.deadline())
-            .max(began + budget);
-        let own: Vec<Duration> = rows
-            .iter()
-            .map(|&i| ctx.cfg.budgets[i].max(Duration::from_millis(1)))
-            .collect();
-        let mut result = match client.as_mut() {
-            None => Err(StepFailure::Connection("control connection lost".into())),
-            Some(c) => {
-                send_step(
-                    &ctx,
-                    c,
-                    verb,
-                    budget,
-                    per_substep.then(|| own.clone()),
-                    began,
-                    wait_until,
-                )
-                .await
-            }
-        };
-        // An app on an agent without per-sub-step budgets refuses `budgets_ms`: say it once, then drive it
-        // the plain way (sub-steps then share the verb's deadline).
-        if per_substep
-            && let Err(why @ StepFailure::Refused { message, .. }) = &result
-            && message.contains("budgets_ms")
-            && let Some(c) = client.as_mut()
-        {
-            tracing::warn!(reason = %why, "the app does not take per-sub-step budgets; sending plain deadlines");
-            per_substep = false;
-            result = send_step(&ctx, c, verb, budget, None, began, wait_until).await;
-        }
-        // A connection that broke while idle (long before the stop) fails the first write: the app never saw
-        // the verb, so reconnect and send it again, once, with what is left of its budget.
-        if let Err(why @ StepFailure::Connection(_)) = &result
-            && !ctx.child_ended()
-            && let Some(fresh) = reconnect(&ctx).await
-        {
-            tracing::warn!(reason = %why, verb = verb_name, "control connection broke; sending the step again");
-            client = Some(fresh);
-            let now = Instant::now();
-            let again = budget
-                .saturating_sub(now - began)
-                .max(Duration::from_millis(1));
-            if let Some(c) = client.as_mut() {
-                let budgets = per_substep.then(|| own.clone());
-                result = send_step(
-                    &ctx,
-                    c,
-                    verb,
-                    again,
-                    budgets,
-                    now,
-                    wait_until.max(now + again),
-                )
-                .await;
-            }
-        }
-        let rtt = began.elapsed();
-        match result {
-            Ok(reply) => record_reply(&ctx, &rows, began, &reply),
-            Err(failure) => {
-                // A connection that breaks mid-step usually means the app died: give the reaper a moment
-                // to say so, so the row names the exit instead of a socket error.
-                if !matches!(failure, StepFailure::NoReply(_)) {
-                    let until = (Instant::now() + Duration::from_millis(200)).min(ctx.deadline());
-                    let _ = ctx.wait_end_until(until).await;
-                }
-                let (outcome, why) = match (*ctx.end.borrow(), &failure) {
-                    (Some(end), _) => (StepOutcome::Error, format!("app {end} during this step")),
-                    (None, StepFailure::NoReply(_)) => (StepOutcome::Timeout, failure.to_string()),
-                    (None, _) => (StepOutcome::Error, failure.to_string()),
-                };
-                for &i in &rows {
-                    ctx.record(STEPS[i].number, STEPS[i].name, outcome, began, why.clone());
-                }
-                // A request without its reply leaves the connection out of step: start afresh.
-                client = None;
-                if !ctx.child_ended() {
-                    client = reconnect(&ctx).await;
-                }
-            }
-        }
-        tracing::debug!(verb = verb_name, rtt_ms = ms(rtt), "control round trip");
+        walk.verb(verb_name, &rows).await;
     }
+    wait_exit(&ctx).await
+}
 
-    // After `close` the app exits by itself.
+/// After `close` the app exits by itself; one that does not gets the deadline's SIGTERM when the steps' time
+/// is over and SIGKILL at the window's end.
+async fn wait_exit(ctx: &StopCtx) -> StopContext {
     let began = Instant::now();
-    if ctx.wait_end_until(ctx.deadline()).await {
+    if ctx.wait_end_until(ctx.steps_deadline()).await {
         return StopContext {
             asked_with: None,
             forced: false,
@@ -245,10 +136,191 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
         began,
         "the app did not exit after its last step".into(),
     );
-    stop::force(&ctx, true).await;
+    stop::force(ctx, true).await;
     StopContext {
         asked_with: Some(crate::signals::Sig::TERM),
         forced: true,
+    }
+}
+
+/// One verb's deadlines, fixed when it is sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// `deadline_ms`: the verb's (scaled) budget, cut to leave the reply slack inside the window.
+    pub deadline: Duration,
+    /// `budgets_ms`: each sub-step's (scaled) budget.
+    pub substeps: Vec<Duration>,
+    /// How long the supervisor waits for the reply.
+    pub wait_until: Instant,
+}
+
+/// The budget rule (docs/OPERATIONS.md, "Budgets"): a hung step never takes the later steps' time away.
+/// When the time left before `end` is less than the budgets of every step still to run (this verb's rows
+/// and all later ones), each is scaled by the same factor, time left ÷ remaining budgets. Recomputed at
+/// every verb, so time a fast step leaves unused goes to the later ones.
+pub fn plan(budgets: &[Duration; 9], rows: &[usize], began: Instant, end: Instant) -> Plan {
+    let left = end.saturating_duration_since(began);
+    let remaining: Duration = budgets[rows[0]..].iter().sum();
+    let scale = |d: Duration| {
+        if remaining > left {
+            d.mul_f64(left.as_secs_f64() / remaining.as_secs_f64())
+        } else {
+            d
+        }
+    };
+    let substeps: Vec<Duration> = rows.iter().map(|&i| scale(budgets[i])).collect();
+    let mut deadline: Duration = substeps.iter().sum();
+    if deadline + REPLY_SLACK > left {
+        // Cut short by the window: leave the agent time to write its reply (with the counts of the step
+        // that ran out of time) before our own wait ends.
+        deadline = left.saturating_sub(REPLY_SLACK);
+    }
+    let deadline = deadline.max(MIN_DEADLINE);
+    Plan {
+        deadline,
+        substeps: substeps
+            .into_iter()
+            .map(|d| d.clamp(MIN_DEADLINE, deadline))
+            .collect(),
+        wait_until: (began + deadline + REPLY_SLACK)
+            .min(end)
+            .max(began + deadline),
+    }
+}
+
+/// The shortest deadline sent: the protocol's unit is the millisecond.
+const MIN_DEADLINE: Duration = Duration::from_millis(1);
+
+/// The walk over the verbs; owns the driver connection while the stop runs.
+struct Walk<'a> {
+    ctx: &'a StopCtx,
+    client: Option<Client>,
+    /// Whether the app takes `budgets_ms` (an older agent refuses it once; then plain deadlines).
+    per_substep: bool,
+}
+
+impl Walk<'_> {
+    /// Sends one verb, retrying once over a fresh connection when the old one failed, and records its rows.
+    async fn verb(&mut self, verb_name: &'static str, rows: &[usize]) {
+        let ctx = self.ctx;
+        if ctx.child_ended() {
+            skip_rows(ctx, rows.iter().copied(), &exited_detail(ctx));
+            return;
+        }
+        let Some(verb) = StepVerb::parse(verb_name) else {
+            return;
+        };
+        let began = Instant::now();
+        let end = ctx.steps_deadline();
+        if end <= began {
+            skip_rows(
+                ctx,
+                rows.iter().copied(),
+                "no time left before the overall deadline",
+            );
+            return;
+        }
+        let plan = plan(&ctx.cfg.budgets, rows, began, end);
+        for &i in rows {
+            tracing::info!(
+                step = STEPS[i].name,
+                number = STEPS[i].number,
+                verb = verb_name,
+                budget_ms = ms(plan.deadline),
+                "step start"
+            );
+        }
+        let mut result = self.send(verb, &plan, began).await;
+        if self.per_substep
+            && let Err(why @ StepFailure::Refused { message, .. }) = &result
+            && message.contains("budgets_ms")
+        {
+            tracing::warn!(reason = %why, "the app does not take per-sub-step budgets; sending plain deadlines");
+            self.per_substep = false;
+            result = self.send(verb, &plan, began).await;
+        }
+        if let Err(why @ StepFailure::Connection(_)) = &result
+            && !ctx.child_ended()
+        {
+            // The connection is out of step (dropped, or a reply that is not protocol): close it first, so the
+            // app frees its driver slot, then claim the slot again and send the verb once more. A repeat
+            // returns the recorded result when the app had finished the step (PROTOCOL.md §6.3).
+            tracing::warn!(reason = %why, verb = verb_name, "control connection failed; reconnecting to send the step again");
+            self.client = None;
+            self.client = reconnect(ctx).await;
+            if self.client.is_some() {
+                let now = Instant::now();
+                let again = Plan {
+                    deadline: plan
+                        .deadline
+                        .saturating_sub(now - began)
+                        .max(MIN_DEADLINE),
+                    wait_until: plan.wait_until.max(now + MIN_DEADLINE),
+                    ..plan.clone()
+                };
+                result = self.send(verb, &again, now).await;
+            }
+        }
+        tracing::debug!(verb = verb_name, rtt_ms = ms(began.elapsed()), "control round trip");
+        match result {
+            Ok(reply) => record_reply(ctx, rows, began, &reply),
+            Err(failure) => {
+                record_failure(ctx, verb_name, rows, began, &failure).await;
+                // A request without its reply leaves the connection out of step: start afresh.
+                self.client = None;
+                if !ctx.child_ended() {
+                    self.client = reconnect(ctx).await;
+                }
+            }
+        }
+    }
+
+    async fn send(
+        &mut self,
+        verb: StepVerb,
+        plan: &Plan,
+        began: Instant,
+    ) -> Result<StepReply, StepFailure> {
+        let Some(c) = self.client.as_mut() else {
+            return Err(StepFailure::Connection("control connection lost".into()));
+        };
+        let budgets = self.per_substep.then(|| plan.substeps.clone());
+        send_step(self.ctx, c, verb, plan.deadline, budgets, began, plan.wait_until).await
+    }
+}
+
+/// Records the rows of a verb that got no usable reply. A verb that covers several rows (`drain`, `close`)
+/// is one request: when the app died during it, the supervisor cannot know which of its sub-steps had
+/// finished, so those rows say `unknown` rather than blame a step that may have finished.
+async fn record_failure(
+    ctx: &StopCtx,
+    verb_name: &str,
+    rows: &[usize],
+    began: Instant,
+    failure: &StepFailure,
+) {
+    // A connection that breaks mid-step usually means the app died: give the reaper a moment to say so,
+    // so the row names the exit instead of a socket error.
+    if !matches!(failure, StepFailure::NoReply(_)) {
+        let until = (Instant::now() + Duration::from_millis(200)).min(ctx.deadline());
+        let _ = ctx.wait_end_until(until).await;
+    }
+    let (outcome, why) = match (*ctx.end.borrow(), failure) {
+        (Some(end), _) if rows.len() > 1 => {
+            let (first, last) = (STEPS[rows[0]].number, STEPS[rows[rows.len() - 1]].number);
+            (
+                StepOutcome::Unknown,
+                format!(
+                    "app {end} during `{verb_name}` (steps {first}-{last}, one request); which of its sub-steps had finished is not known"
+                ),
+            )
+        }
+        (Some(end), _) => (StepOutcome::Error, format!("app {end} during this step")),
+        (None, StepFailure::NoReply(_)) => (StepOutcome::Timeout, failure.to_string()),
+        (None, _) => (StepOutcome::Error, failure.to_string()),
+    };
+    for &i in rows {
+        ctx.record(STEPS[i].number, STEPS[i].name, outcome, began, why.clone());
     }
 }
 
@@ -319,17 +391,6 @@ async fn send_step(
         }),
         Ok(Err(e)) => Err(StepFailure::Connection(e.to_string())),
     }
-}
-
-/// SPEC §2: a verb gets the sum of its rows' budgets, capped by what is left of the overall window.
-pub fn verb_budget(
-    budgets: &[Duration; 9],
-    rows: &[usize],
-    now: Instant,
-    deadline: Instant,
-) -> Duration {
-    let own: Duration = rows.iter().map(|&i| budgets[i]).sum();
-    own.min(deadline.saturating_duration_since(now))
 }
 
 async fn reconnect(ctx: &StopCtx) -> Option<Client> {
@@ -425,34 +486,55 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn budgets_shrink_to_the_time_left() {
+    async fn budgets_fit_unchanged_while_there_is_time() {
         let b = defaults();
-        let start = Instant::now();
-        let deadline = start + Duration::from_secs(28);
-        let plan = verbs();
-        // drain = stop-accepting 1s + drain-in-flight 7s
+        let plan_of = |verb: usize, end: Instant| plan(&b, &verbs()[verb].1, Instant::now(), end);
+        // drain = stop-accepting 1s + drain-in-flight 7s; 23s of budgets fit a 28s window.
+        let p = plan_of(0, Instant::now() + Duration::from_secs(28));
+        assert_eq!(p.deadline, Duration::from_secs(8));
+        assert_eq!(p.substeps, [Duration::from_secs(1), Duration::from_secs(7)]);
+        assert_eq!(p.wait_until, Instant::now() + Duration::from_millis(8250));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overcommitted_budgets_are_scaled_alike() {
+        let b = defaults();
+        let now = Instant::now();
+        // Steps 5-9 ask for 5+3+1+1+2 = 12s, but 3s are left: each gets a quarter of its budget.
+        let p = plan(&b, &verbs()[2].1, now, now + Duration::from_secs(3));
+        assert_eq!(p.deadline, Duration::from_millis(1250));
+        // close (1s+1s+2s) with 2s left and nothing after it: half of each, minus the reply slack.
+        let p = plan(&b, &verbs()[4].1, now, now + Duration::from_secs(2));
+        assert_eq!(p.deadline, Duration::from_millis(1750));
         assert_eq!(
-            verb_budget(&b, &plan[0].1, Instant::now(), deadline),
-            Duration::from_secs(8)
+            p.substeps,
+            [
+                Duration::from_millis(500),
+                Duration::from_millis(500),
+                Duration::from_millis(1000)
+            ]
         );
-        // 25s later only 3s are left: the 5s consumer budget is cut to 3s.
-        tokio::time::advance(Duration::from_secs(25)).await;
-        assert_eq!(
-            verb_budget(&b, &plan[2].1, Instant::now(), deadline),
-            Duration::from_secs(3)
-        );
-        // close = 1s + 1s + 2s, but 500ms are left.
-        tokio::time::advance(Duration::from_millis(2500)).await;
-        assert_eq!(
-            verb_budget(&b, &plan[4].1, Instant::now(), deadline),
-            Duration::from_millis(500)
-        );
-        // Past the deadline nothing is left.
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(
-            verb_budget(&b, &plan[4].1, Instant::now(), deadline),
-            Duration::ZERO
-        );
+        assert_eq!(p.wait_until, now + Duration::from_secs(2));
+        // Past the deadline the minimum is sent.
+        let p = plan(&b, &verbs()[4].1, now, now);
+        assert_eq!(p.deadline, Duration::from_millis(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_step_never_takes_the_later_steps_time() {
+        // A 4s window for 23s of budgets (steps 2-9): even when every verb uses all of its slice, `close`
+        // still gets its share of the window, 4/23 of 4s, less the reply slack it must leave inside it.
+        let b = defaults();
+        let end = Instant::now() + Duration::from_secs(4);
+        for (verb, rows) in &verbs() {
+            let p = plan(&b, rows, Instant::now(), end);
+            if *verb == "close" {
+                let share = Duration::from_secs(4).mul_f64(4.0 / 23.0);
+                assert!(p.deadline + REPLY_SLACK + Duration::from_millis(5) >= share, "{p:?}");
+                assert!(p.deadline >= Duration::from_millis(400), "{p:?}");
+            }
+            tokio::time::advance(p.deadline).await;
+        }
     }
 
     #[test]

@@ -77,10 +77,16 @@ pub struct StopContext {
 /// With [`StopExitCode::Zero`], a stop the supervisor started and the app finished in time exits 0 when the
 /// app ended the way a well-behaved app does: code 0, death by the signal it was sent, or the `128+N` code a
 /// runtime such as the JVM exits with after that signal.
+///
+/// A stop that reached the overall deadline is never reported as in time: an app that exits 0 after the
+/// deadline's SIGTERM gives 143 (128+SIGTERM), the code it would have had, had it died of that signal.
 pub fn exit_code(end: ChildEnd, stop: Option<StopContext>, policy: StopExitCode) -> i32 {
     let raw = end.raw_code();
     let Some(stop) = stop else { return raw };
-    if stop.forced || policy == StopExitCode::Signal {
+    if stop.forced {
+        return if raw == 0 { 128 + libc::SIGTERM } else { raw };
+    }
+    if policy == StopExitCode::Signal {
         return raw;
     }
     match (end, stop.asked_with) {
@@ -149,5 +155,17 @@ mod tests {
             forced: true,
         });
         assert_eq!(exit_code(ChildEnd::Signaled(Sig::KILL), forced, ZERO), 137);
+    }
+
+    #[test]
+    fn a_stop_that_hit_the_deadline_never_exits_zero() {
+        let forced = Some(StopContext {
+            asked_with: Some(Sig::TERM),
+            forced: true,
+        });
+        // The app outlived the steps, got the deadline's SIGTERM and then exited 0: not "in time".
+        assert_eq!(exit_code(ChildEnd::Exited(0), forced, ZERO), 143);
+        assert_eq!(exit_code(ChildEnd::Exited(0), forced, StopExitCode::Signal), 143);
+        assert_eq!(exit_code(ChildEnd::Exited(4), forced, ZERO), 4);
     }
 }

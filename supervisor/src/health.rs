@@ -77,14 +77,73 @@ pub struct AppHealth {
     pub live_ok: watch::Receiver<bool>,
 }
 
-/// Recomputes the statuses whenever an input changes; also mirrors them into the metrics.
+/// Why `service` has the answer [`compute`] gives it, in the words `quiesce ctl status` shows.
+pub fn reason(i: &Inputs, service: &str, deps_down: &[String], live_why: &str) -> String {
+    if !i.alive {
+        return "the app is not running".into();
+    }
+    if service == LIVENESS {
+        return match (i.control, i.live_ok) {
+            (false, _) => "the app process is running".into(),
+            (true, true) => "the app answers status on its control socket".into(),
+            (true, false) if live_why.is_empty() => "the app does not answer status".into(),
+            (true, false) => format!("the app does not answer status: {live_why}"),
+        };
+    }
+    if i.stopping {
+        return "the shutdown has begun".into();
+    }
+    if !i.control {
+        return "the app process is running".into();
+    }
+    if !i.hello {
+        return "the app has not said hello on its control socket yet".into();
+    }
+    if service == STARTUP {
+        return "the app said hello".into();
+    }
+    match (i.deps_ok, deps_down.is_empty()) {
+        (true, _) => "the app's required dependencies are up".into(),
+        (false, true) => "no health answer from the app yet".into(),
+        (false, false) => format!("{} down", deps_down.join(", ")),
+    }
+}
+
+/// Keeps each service's status, since when and why in the shared status (`quiesce ctl status`).
+fn publish(shared: &Shared, inputs: &Inputs, next: &Statuses) {
+    let mut st = shared.lock();
+    let (deps_down, live_why) = (st.deps_down.clone(), st.live_why.clone());
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    st.health.retain(|svc, _| next.contains_key(svc));
+    for (svc, serving) in next {
+        let status = if *serving { "SERVING" } else { "NOT_SERVING" };
+        let why = reason(inputs, svc, &deps_down, &live_why);
+        let e = st
+            .health
+            .entry(svc.clone())
+            .or_insert_with(|| crate::state::ServiceHealth {
+                status,
+                since: now.clone(),
+                why: why.clone(),
+            });
+        if e.status != status {
+            e.status = status;
+            e.since = now.clone();
+        }
+        e.why = why;
+    }
+}
+
+/// Recomputes the statuses whenever an input changes; also mirrors them into the metrics and the shared
+/// status.
 pub async fn track(
     cfg: Arc<Config>,
     mut w: Watches,
     app: Option<AppHealth>,
     out: watch::Sender<Statuses>,
-    metrics: Arc<Metrics>,
+    shared: Shared,
 ) {
+    let metrics = shared.metrics.clone();
     let control = cfg.control_socket.is_some();
     let (mut deps, mut live) = match app {
         Some(a) => (a.deps_ok, a.live_ok),
@@ -106,6 +165,7 @@ pub async fn track(
             services: services.unwrap_or_default(),
         };
         let next = compute(&inputs);
+        publish(&shared, &inputs, &next);
         out.send_if_modified(|cur| {
             if *cur == next {
                 return false;
@@ -179,6 +239,7 @@ pub async fn poll(
         match timeout(h.liveness_timeout, c.status()).await {
             Ok(Ok(_)) => {
                 shared.metrics.rtt("status", began.elapsed().as_secs_f64());
+                shared.lock().live_why.clear();
                 live_tx.send_if_modified(|v| !std::mem::replace(v, true));
             }
             other => {
@@ -189,6 +250,7 @@ pub async fn poll(
                         humantime::format_duration(h.liveness_timeout)
                     ),
                 };
+                shared.lock().live_why = why.clone();
                 if live_tx.send_if_modified(|v| std::mem::replace(v, false)) {
                     tracing::warn!(reason = %why, "liveness: the app's control socket does not answer");
                 }
@@ -202,14 +264,21 @@ pub async fn poll(
             Ok(Ok(reply)) => {
                 shared.metrics.rtt("health", began.elapsed().as_secs_f64());
                 let ok = deps_up(&reply, &h.required);
+                let down: Vec<String> = reply
+                    .checks
+                    .iter()
+                    .filter(|c| !c.up)
+                    .map(|c| match &c.error {
+                        Some(m) if !m.is_empty() => {
+                            let m: String = m.chars().take(120).filter(|c| !c.is_control()).collect();
+                            format!("{} ({m})", c.name)
+                        }
+                        _ => c.name.clone(),
+                    })
+                    .collect();
+                shared.lock().deps_down = down.clone();
                 if deps_tx.send_if_modified(|v| std::mem::replace(v, ok) != ok) {
-                    let down: Vec<&str> = reply
-                        .checks
-                        .iter()
-                        .filter(|c| !c.up)
-                        .map(|c| c.name.as_str())
-                        .collect();
-                    tracing::info!(ready = ok, ?down, "dependency health changed");
+                    tracing::info!(ready = ok, down = ?down, "dependency health changed");
                 }
             }
             _ => {

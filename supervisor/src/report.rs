@@ -39,9 +39,7 @@ pub fn render(s: &Summary<'_>) -> String {
         if text.len() < LIMIT {
             return text;
         }
-        let mut t = text;
-        t.truncate(LIMIT - 1);
-        return t;
+        return cut_at_char(text, LIMIT - 1);
     }
 }
 
@@ -100,7 +98,10 @@ fn render_with(s: &Summary<'_>, detail_width: usize, max_rows: usize) -> String 
                     .collect::<String>()
                     + "…";
             }
-            let mark = if matches!(r.outcome, StepOutcome::Timeout | StepOutcome::Error) {
+            let mark = if matches!(
+                r.outcome,
+                StepOutcome::Timeout | StepOutcome::Error | StepOutcome::Unknown
+            ) {
                 " <-"
             } else {
                 ""
@@ -131,6 +132,18 @@ fn render_with(s: &Summary<'_>, detail_width: usize, max_rows: usize) -> String 
         let _ = writeln!(out, "total: {}", secs(total));
     }
     out
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary: an app's note may hold any UTF-8.
+fn cut_at_char(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut at = max;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+    }
+    text
 }
 
 fn secs(ms: u64) -> String {
@@ -212,6 +225,29 @@ mod tests {
         assert!(text.len() < LIMIT, "{}", text.len());
         assert!(text.contains("rows left out"));
         assert!(text.contains("total: 0.001s"));
+    }
+
+    #[test]
+    fn multi_byte_notes_are_cut_at_a_character_boundary() {
+        // Rows wide enough that even the shortest form is over the limit: the last resort cuts the text.
+        // `é` is two bytes, so an odd byte limit falls inside one unless the cut looks for a boundary.
+        let shared = Shared::new("control");
+        for n in 1..=9 {
+            let mut r = record(n, "stop-consumer", StepOutcome::Error, "");
+            r.counts = (0..40).map(|i| (format!("{}{i}", "é".repeat(10)), 1)).collect();
+            shared.record(r);
+        }
+        let st = shared.lock();
+        let reason = "é".repeat(3000);
+        let text = render(&Summary {
+            code: 10,
+            reason: &reason,
+            status: &st,
+            window_ms: 1,
+            total_ms: Some(1),
+        });
+        assert!(text.len() < LIMIT, "{}", text.len());
+        assert!(text.starts_with("quiesce: exit code 10 - é"));
     }
 
     #[test]

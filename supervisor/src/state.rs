@@ -27,6 +27,8 @@ pub enum StepOutcome {
     Timeout,
     Error,
     Skipped,
+    /// The app died during a request that covered several steps: which of them had finished is not known.
+    Unknown,
 }
 
 impl StepOutcome {
@@ -36,6 +38,7 @@ impl StepOutcome {
             StepOutcome::Timeout => "timeout",
             StepOutcome::Error => "error",
             StepOutcome::Skipped => "skipped",
+            StepOutcome::Unknown => "unknown",
         }
     }
 }
@@ -76,6 +79,17 @@ impl std::fmt::Display for Trigger {
     }
 }
 
+/// One health service as `quiesce ctl status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceHealth {
+    /// `SERVING` or `NOT_SERVING`, as the probe port answers it.
+    pub status: &'static str,
+    /// When it last changed (RFC 3339, UTC).
+    pub since: String,
+    /// What the answer rests on, e.g. `dependencies down: db`.
+    pub why: String,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub phase: Phase,
@@ -91,6 +105,14 @@ pub struct Status {
     pub control: String,
     pub zombies_reaped: u64,
     pub signals_received: BTreeMap<String, u64>,
+    /// Each health service: status, since when, why.
+    pub health: BTreeMap<String, ServiceHealth>,
+    /// The app's dependencies that its last `health` answer reported down (control mode).
+    #[serde(skip)]
+    pub deps_down: Vec<String>,
+    /// Why the last liveness poll failed, if it did (control mode).
+    #[serde(skip)]
+    pub live_why: String,
 }
 
 fn ser_end<S: serde::Serializer>(end: &Option<ChildEnd>, s: S) -> Result<S::Ok, S::Error> {
@@ -124,6 +146,9 @@ impl Shared {
             },
             zombies_reaped: 0,
             signals_received: BTreeMap::new(),
+            health: BTreeMap::new(),
+            deps_down: Vec::new(),
+            live_why: String::new(),
         }));
         Shared {
             status,

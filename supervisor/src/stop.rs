@@ -32,12 +32,27 @@ pub struct StopCtx {
     pub stopping: watch::Sender<bool>,
     /// Readiness checks kubelet got NOT_SERVING for (for `health.observed_probes`).
     pub probes: watch::Receiver<u32>,
+    /// The signal that asks the app to stop, chosen once from the trigger ([`crate::signals::stop_signal_for`]).
+    pub ask_with: Sig,
 }
 
 impl StopCtx {
     /// The moment everything must be over: start + grace_period - safety_margin.
     pub fn deadline(&self) -> Instant {
         self.start + self.cfg.stop_window()
+    }
+
+    /// The app's last chance between the deadline's SIGTERM and SIGKILL (control mode): a quarter of the
+    /// safety margin, at most 500 ms. Taken from the end of the window, so the SIGKILL lands at the window's
+    /// end and the safety margin stays whole.
+    pub fn term_grace(&self) -> Duration {
+        (self.cfg.safety_margin / 4).min(Duration::from_millis(500))
+    }
+
+    /// When the steps' time is over: the window's end minus [`StopCtx::term_grace`]. The deadline's SIGTERM
+    /// goes out here.
+    pub fn steps_deadline(&self) -> Instant {
+        self.deadline() - self.term_grace()
     }
 
     pub fn child_ended(&self) -> bool {
@@ -133,8 +148,19 @@ pub async fn step_one(ctx: &StopCtx) {
     ctx.step_one_done.send_replace(true);
 }
 
+/// The one rule for the signal that asks the app to stop: a received SIGINT keeps its interactive meaning
+/// and goes through `signals.rewrite` like any forwarded signal; every other trigger (SIGTERM, the preStop
+/// hook, `quiesce ctl shutdown`) sends the configured `stop_signal`. Signal mode and control mode's
+/// no-connection fallback both use it.
+pub fn ask_signal(cfg: &Config, received: Option<Sig>) -> Sig {
+    match received {
+        Some(Sig::INT) => cfg.rewrite.apply(Sig::INT),
+        _ => cfg.stop_signal,
+    }
+}
+
 /// Signal mode: step 1, then the stop signal, then wait for the exit until the deadline, then SIGKILL.
-pub async fn signal_mode(ctx: StopCtx, send: Sig) -> StopContext {
+pub async fn signal_mode(ctx: StopCtx) -> StopContext {
     step_one(&ctx).await;
     if ctx.child_ended() {
         return StopContext {
@@ -142,7 +168,7 @@ pub async fn signal_mode(ctx: StopCtx, send: Sig) -> StopContext {
             forced: false,
         };
     }
-    ask_with_signal(&ctx, send).await
+    ask_with_signal(&ctx, ctx.ask_with).await
 }
 
 /// Sends `send` to the app (or its group), waits for its end until the deadline, then forces it; records
@@ -183,16 +209,15 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopContext {
     }
 }
 
-/// The deadline passed: the app's whole process group gets SIGTERM (optionally), then SIGKILL.
+/// The deadline passed: the app's whole process group gets SIGTERM (optionally, with what is left until the
+/// window's end as a last chance to flush logs), then SIGKILL at the window's end.
 pub async fn force(ctx: &StopCtx, term_first: bool) {
     let began = Instant::now();
     let pg = Pid::from_raw(ctx.pid);
     let mut detail = String::new();
     if term_first {
         let _ = killpg(pg, Signal::SIGTERM);
-        // A short last chance, from the safety margin, so the app can still flush logs.
-        let grace = (ctx.cfg.safety_margin / 4).min(Duration::from_millis(500));
-        if ctx.wait_end_until(Instant::now() + grace).await {
+        if ctx.wait_end_until(ctx.deadline()).await {
             ctx.record(
                 0,
                 "deadline",

@@ -158,7 +158,7 @@ pub async fn run(
         chans.watches(),
         app_health,
         chans.statuses.clone(),
-        shared.metrics.clone(),
+        shared.clone(),
     ));
     let driver = cfg.control_socket.clone().map(|path| {
         let driver = Driver::default();
@@ -184,7 +184,7 @@ pub async fn run(
     let begin_stop = |trigger: Trigger,
                       stop_task: &mut Option<JoinHandle<StopContext>>,
                       start: &mut Option<Instant>,
-                      send: Sig| {
+                      received: Option<Sig>| {
         if start.is_some() || end_tx.borrow().is_some() {
             tracing::info!(%trigger, "shutdown already under way; not restarting it");
             return;
@@ -207,10 +207,11 @@ pub async fn run(
             step_one_done: chans.step_one_done.clone(),
             stopping: chans.stopping.clone(),
             probes: chans.probes.subscribe(),
+            ask_with: stop::ask_signal(&cfg, received),
         };
         *stop_task = Some(match &driver {
             Some(d) => tokio::spawn(control::sequence(ctx, d.clone())),
-            None => tokio::spawn(stop::signal_mode(ctx, send)),
+            None => tokio::spawn(stop::signal_mode(ctx)),
         });
     };
 
@@ -245,9 +246,7 @@ pub async fn run(
                 }
                 shared.signal(sig.name());
                 if sig == Sig::TERM || sig == Sig::INT {
-                    // SIGINT keeps its interactive meaning: the app is asked with SIGINT, as tini would pass it.
-                    let send = if sig == Sig::INT { cfg.rewrite.apply(sig) } else { cfg.stop_signal };
-                    begin_stop(Trigger::Signal(sig.name()), &mut stop_task, &mut start, send);
+                    begin_stop(Trigger::Signal(sig.name()), &mut stop_task, &mut start, Some(sig));
                     continue;
                 }
                 if end_tx.borrow().is_some() {
@@ -258,7 +257,7 @@ pub async fn run(
                 stop::deliver(pid, out, cfg.forward_to);
             }
             Some(ev) = events.recv() => match ev {
-                Event::Stop(trigger) => begin_stop(trigger, &mut stop_task, &mut start, cfg.stop_signal),
+                Event::Stop(trigger) => begin_stop(trigger, &mut stop_task, &mut start, None),
             },
             done = async { stop_task.as_mut().expect("guarded").await }, if stop_task.is_some() && finish.is_none() => {
                 stop_task = None;
@@ -306,7 +305,7 @@ async fn finish_up(
     let reason = match (&stop, shared.lock().trigger.clone()) {
         (Some(s), Some(t)) if s.forced => {
             format!(
-                "stop by {t}: app still running at the deadline, its process group was killed (app {end})"
+                "stop by {t}: app still running at the deadline; its process group got the deadline's signals (app {end})"
             )
         }
         (_, Some(t)) if code == 0 && end.raw_code() != 0 => {
