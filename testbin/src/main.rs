@@ -6,7 +6,8 @@
 //! testbin sleep                     sleep until killed
 //! testbin ignore-sigterm            ignore SIGTERM and SIGINT, sleep until killed
 //! testbin record-signals FILE       append the name of every signal received to FILE; exit 0 on SIGTERM
-//!                                   unless `--stay` is given
+//!                                   unless `--stay` is given; with `--member FILE2`, first fork a second
+//!                                   process in our process group that records the same way into FILE2
 //! testbin spawn-orphans N [MODE]    double-fork N grandchildren that exit at once; then MODE: `exit` (default)
 //!                                   or `sleep`; prints "spawned N" when done
 //! testbin leave-daemon [stubborn]   start a grandchild that outlives us (ignoring SIGTERM if `stubborn`), exit 0
@@ -18,6 +19,10 @@
 //! testbin print-foreground         print "foreground=yes" if our process group owns the terminal on stdin
 //! testbin term-latency              print "ready", then on SIGTERM print "term NANOS" (CLOCK_MONOTONIC) and exit
 //! ```
+//!
+//! Every mode dies with the process that started it (a parent-death SIGKILL, see
+//! `quiesce_testbin::die_with_parent`), so a test that kills its supervisor leaves nothing running.
+//! The daemon of `leave-daemon` outlives its parent by design, but not the supervisor that adopts it.
 #![allow(unsafe_code)]
 
 use std::io::Write;
@@ -28,6 +33,7 @@ use nix::sys::signal::{SigHandler, SigSet, Signal, signal};
 use nix::unistd::{ForkResult, fork};
 
 fn main() {
+    quiesce_testbin::die_with_parent("testbin");
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.as_slice() {
@@ -43,7 +49,17 @@ fn main() {
             println!("ignoring SIGTERM");
             sleep_forever()
         }
-        ["record-signals", file, rest @ ..] => record_signals(file, rest.contains(&"--stay")),
+        ["record-signals", file, rest @ ..] => {
+            let stay = rest.contains(&"--stay");
+            let member = rest
+                .iter()
+                .position(|a| *a == "--member")
+                .map(|i| rest.get(i + 1).copied().unwrap_or_else(|| usage()));
+            if let Some(member) = member {
+                start_group_member(member, stay);
+            }
+            record_signals(file, stay)
+        }
         ["spawn-orphans", n, rest @ ..] => {
             spawn_orphans(n.parse().unwrap_or_else(|_| usage()), rest.first().copied())
         }
@@ -176,6 +192,24 @@ fn record_signals(file: &str, stay: bool) -> ! {
     }
 }
 
+/// Forks a second process that stays in our process group and records its signals into `file`
+/// (so a test can see what the group, not only its leader, receives). It dies with us.
+fn start_group_member(file: &str, stay: bool) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: we are single-threaded here; the child only sets up and records signals.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            quiesce_testbin::die_with(parent);
+            record_signals(file, stay)
+        }
+        Ok(ForkResult::Parent { .. }) => {}
+        Err(e) => {
+            eprintln!("testbin: fork: {e}");
+            exit(3)
+        }
+    }
+}
+
 fn spawn_orphans(n: usize, then: Option<&str>) -> ! {
     for _ in 0..n {
         // SAFETY: the children only call fork and _exit.
@@ -205,6 +239,7 @@ fn spawn_orphans(n: usize, then: Option<&str>) -> ! {
 }
 
 fn leave_daemon(stubborn: bool) -> ! {
+    let parent = nix::unistd::getpid();
     // SAFETY: the child only sets a disposition and sleeps.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => {
@@ -213,6 +248,13 @@ fn leave_daemon(stubborn: bool) -> ! {
                     let _ = signal(Signal::SIGTERM, SigHandler::SigIgn);
                 }
             }
+            // Outlive our parent (that is the point), then die with whoever adopted us (the
+            // supervisor, a subreaper), so a killed supervisor does not leave us behind.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while nix::unistd::getppid() == parent && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            quiesce_testbin::die_with_parent("testbin daemon");
             sleep_forever()
         }
         Ok(ForkResult::Parent { child }) => {

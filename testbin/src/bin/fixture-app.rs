@@ -33,7 +33,8 @@
 //! `signal SIGTERM`, `local-shutdown begin`/`local-shutdown end`, `closed`, `exit code=N`.
 //!
 //! It exits with the exit code after `close` has run, and on SIGTERM or SIGINT runs the remaining
-//! steps in-process first (`Agent::run_local`), with or without a control socket.
+//! steps in-process first (`Agent::run_local`), with or without a control socket. It is SIGKILLed
+//! when the process that started it dies (a parent-death signal).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -467,6 +468,9 @@ async fn run(config: Config, log: EventLog) -> i32 {
 }
 
 fn main() {
+    // Before the runtime starts any thread: die with the process that started us (the
+    // supervisor under test), so a killed supervisor never leaves this app running.
+    quiesce_testbin::die_with_parent("fixture-app");
     let config = match parse_args(std::env::args().skip(1)) {
         Ok(config) => config,
         Err(message) => {
