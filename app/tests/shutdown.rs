@@ -6,8 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    TestEnv, client, confirm_channel, create_request, hard_timeout, insert_pending_orders,
-    publish_payment, queue_depth, scalar, wait_until,
+    TestEnv, client, confirm_channel, create_request, hard_timeout, idempotency_marker,
+    insert_pending_orders, lock_waiters, orders_with_key, publish_payment, queue_depth, scalar,
+    wait_until,
 };
 use order_service::App;
 use order_service::control::{SubStep, stop_all};
@@ -160,6 +161,113 @@ async fn drain_deadline_cancels_what_is_still_running() {
             assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         }
         release(lock).await;
+        stop_all(&app, Duration::from_secs(10)).await;
+    })
+    .await;
+}
+
+/// Issue 10 item 1: a keyed CreateOrder stuck behind a table lock is cancelled at the drain
+/// deadline. Its statement must die with it (so close-db does not wait out its budget), its
+/// pending marker must go (so a retry is not refused for the marker's lifetime), and a retry
+/// on a fresh instance creates the order exactly once.
+#[tokio::test]
+async fn a_create_cancelled_at_the_drain_deadline_takes_its_db_work_and_its_key_with_it() {
+    const KEY: &str = "key-drain";
+    let env = TestEnv::new().await;
+    hard_timeout(90, async {
+        let app = App::start(env.config()).await.expect("start");
+        let pool = env.pool().await;
+        // The expiry job runs once at start and reads `orders`: let it finish before locking.
+        wait_until("the first expiry run", Duration::from_secs(10), || async {
+            app.cron().runs() >= 1
+        })
+        .await;
+        let mut blocker = sqlx::PgConnection::connect(&env.database_url())
+            .await
+            .unwrap();
+        sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+        sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut blocker)
+            .await
+            .unwrap();
+        let mut c = client(app.grpc_addr()).await;
+        let call = tokio::spawn(async move { c.create_order(create_request("c", KEY)).await });
+        let name = app.db().application_name().to_owned();
+        wait_until(
+            "the insert waiting for the lock",
+            Duration::from_secs(10),
+            || async { lock_waiters(&pool, Some(&name)).await == 1 },
+        )
+        .await;
+
+        app.run_substep(SubStep::StopAccepting, secs(5)).await;
+        let drain = app
+            .run_substep(
+                SubStep::DrainInFlight,
+                Instant::now() + Duration::from_millis(500),
+            )
+            .await;
+        assert_eq!(drain.outcome, Outcome::Timeout, "{drain:?}");
+        assert_eq!(drain.get("requests_cancelled"), 1, "{drain:?}");
+        let status = call.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        // PostgreSQL aborted the cancelled statement: nothing of this process waits any more.
+        wait_until(
+            "the cancelled insert aborted",
+            Duration::from_secs(5),
+            || async { lock_waiters(&pool, Some(&name)).await == 0 },
+        )
+        .await;
+
+        for substep in [
+            SubStep::StopCron,
+            SubStep::StopConsumer,
+            SubStep::StopPoller,
+            SubStep::CloseMq,
+            SubStep::CloseRedis,
+        ] {
+            app.run_substep(substep, secs(5)).await;
+        }
+        let started = Instant::now();
+        let close = app.run_substep(SubStep::CloseDb, secs(5)).await;
+        assert_eq!(close.outcome, Outcome::Ok, "{close:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "close-db waited {:?} for the cancelled request's connection",
+            started.elapsed()
+        );
+        assert_eq!(close.get("connections_busy"), 0, "{close:?}");
+        assert_eq!(
+            idempotency_marker(&env, KEY).await.0,
+            None,
+            "the cancelled request released its pending marker"
+        );
+
+        sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+        assert_eq!(
+            orders_with_key(&pool, KEY).await,
+            0,
+            "the cancelled insert rolled back"
+        );
+        let app = App::start(env.config()).await.expect("a fresh instance");
+        let mut c = client(app.grpc_addr()).await;
+        let first = c
+            .create_order(create_request("c", KEY))
+            .await
+            .expect("the retry");
+        let first = first.into_inner();
+        assert!(
+            !first.replayed,
+            "nothing had been committed: the retry creates it"
+        );
+        let again = c
+            .create_order(create_request("c", KEY))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(again.replayed);
+        assert_eq!(again.order, first.order);
+        assert_eq!(orders_with_key(&pool, KEY).await, 1, "exactly one order");
         stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;

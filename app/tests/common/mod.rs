@@ -342,7 +342,8 @@ pub async fn publish_payment(
     assert!(confirm.is_ack(), "broker nacked a test message");
 }
 
-/// Messages ready in `queue` (passive declare).
+/// Messages ready in `queue` (passive declare). Panics naming the queue when it does not exist
+/// or the broker cannot answer: a depth of 0 always means an empty queue.
 pub async fn queue_depth(channel: &Channel, queue: &str) -> u32 {
     channel
         .queue_declare(
@@ -354,7 +355,11 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> u32 {
             FieldTable::default(),
         )
         .await
-        .expect("passive queue_declare")
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot read the depth of queue `{queue}`: the passive declare failed ({e}); the queue does not exist or RabbitMQ is not reachable"
+            )
+        })
         .message_count()
 }
 
@@ -561,4 +566,47 @@ pub async fn run_to_exit(
         output.status.code(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// The Redis value and remaining lease (PTTL, ms; -2 when absent) of idempotency key `key`.
+pub async fn idempotency_marker(env: &TestEnv, key: &str) -> (Option<String>, i64) {
+    let client = redis::Client::open(redis_url()).expect("Redis URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    let redis_key = format!("{}idem:{key}", env.redis_prefix);
+    let value: Option<String> = redis::cmd("GET")
+        .arg(&redis_key)
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&redis_key)
+        .query_async(&mut conn)
+        .await
+        .expect("PTTL");
+    (value, pttl)
+}
+
+/// Backends of this test's database waiting for a lock, optionally only those of one
+/// `application_name`.
+pub async fn lock_waiters(pool: &PgPool, application_name: Option<&str>) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock' AND ($1::text IS NULL OR application_name = $1)",
+    )
+    .bind(application_name)
+    .fetch_one(pool)
+    .await
+    .expect("query pg_stat_activity")
+}
+
+/// Orders holding idempotency key `key`.
+pub async fn orders_with_key(pool: &PgPool, key: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM orders WHERE idempotency_key = $1")
+        .bind(key)
+        .fetch_one(pool)
+        .await
+        .expect("count orders")
 }
