@@ -7,7 +7,8 @@
 //! - `shutdown`: start the shutdown sequence, as SIGTERM would (joins one already running).
 //! - `prestop`: start step 1 (or join it) and reply once the preStop delay has passed.
 //!
-//! The socket is created 0600 and peers must be root or the supervisor's own uid (SO_PEERCRED).
+//! The socket is created 0600 and peers must be root or the supervisor's own uid (SO_PEERCRED), even when
+//! the file's mode is widened later: another uid gets one `peer_refused` reply and is disconnected.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -30,8 +31,31 @@ pub struct BindError {
     pub reason: String,
 }
 
-/// Binds the socket (removing a stale file, refusing if another supervisor answers there).
-pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+/// The socket file this supervisor created, so that exit removes that file and nothing else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnSocket {
+    dev: u64,
+    ino: u64,
+}
+
+impl OwnSocket {
+    /// Removes the socket at `path` if it is still the one we bound (not a file someone put there since).
+    pub fn remove(self, path: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::symlink_metadata(path)
+            && m.dev() == self.dev
+            && m.ino() == self.ino
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds the socket. A file already at the path is removed only when it is a socket nobody answers on (a
+/// stale one); a live socket means another supervisor, and anything that is not a socket is refused, so a
+/// misconfigured path never deletes a file.
+pub fn bind(path: &Path) -> Result<(UnixListener, OwnSocket), BindError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let err = |reason: String| BindError {
         path: path.into(),
         reason,
@@ -42,20 +66,35 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
     {
         std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}; mount a writable directory there (an emptyDir) or set admin_socket", dir.display())))?;
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(format!("cannot inspect the existing file: {e}"))),
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(err(
+                "a file that is not a socket is there; refusing to remove it: set admin_socket to a path of its own"
+                    .into(),
+            ));
+        }
+        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
             return Err(err(
                 "another supervisor is already listening there; give this one its own admin_socket"
                     .into(),
             ));
         }
-        std::fs::remove_file(path)
-            .map_err(|e| err(format!("cannot remove the stale socket file: {e}")))?;
+        Ok(_) => std::fs::remove_file(path)
+            .map_err(|e| err(format!("cannot remove the stale socket file: {e}")))?,
     }
     let listener = UnixListener::bind(path).map_err(|e| err(format!("cannot bind: {e}")))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| err(format!("cannot set mode 0600: {e}")))?;
-    Ok(listener)
+    let meta = std::fs::symlink_metadata(path).map_err(|e| err(format!("cannot stat: {e}")))?;
+    Ok((
+        listener,
+        OwnSocket {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+    ))
 }
 
 /// Serves connections until the process ends.
@@ -98,16 +137,16 @@ async fn connection(
 ) -> io::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut reader = LineReader::new(tokio::io::BufReader::new(rd));
+    if !allowed {
+        // A stranger gets one refusal and is disconnected; nothing it sends is read.
+        let e = WireError::new(
+            ErrorCode::PeerRefused,
+            "only root or the supervisor's own user may use the admin socket",
+        );
+        wr.write_all(e.render_reply().as_bytes()).await?;
+        return Ok(());
+    }
     while let Some(next) = reader.next_line().await? {
-        if !allowed {
-            // Every request from a stranger gets the same refusal; nothing is parsed or changed.
-            let e = WireError::new(
-                ErrorCode::PeerRefused,
-                "only root or the supervisor's own user may use the admin socket",
-            );
-            wr.write_all(e.render_reply().as_bytes()).await?;
-            continue;
-        }
         let line = match next {
             Ok(line) if quiesce_protocol::wire::is_blank(&line) => continue,
             Ok(line) => line,
@@ -131,6 +170,10 @@ async fn answer(
     events: &mpsc::UnboundedSender<Event>,
     watches: &mut Watches,
 ) -> String {
+    // The verb is judged before its arguments: `frobnicate x=1` is an unknown verb, not a bad argument.
+    if !matches!(req.verb(), "status" | "shutdown" | "prestop") {
+        return unknown_verb(req.verb());
+    }
     if let Err(e) = req.check_keys(&[]) {
         return e.render_reply();
     }
@@ -167,12 +210,14 @@ async fn answer(
                 &json!({"ok": true, "already_stopping": already, "waited_ms": ms(began.elapsed())}),
             )
         }
-        other => WireError::new(
-            ErrorCode::UnknownVerb,
-            format!(
-                "unknown verb '{other}': the admin socket understands status, shutdown and prestop"
-            ),
-        )
-        .render_reply(),
+        other => unknown_verb(other),
     }
+}
+
+fn unknown_verb(verb: &str) -> String {
+    WireError::new(
+        ErrorCode::UnknownVerb,
+        format!("unknown verb '{verb}': the admin socket understands status, shutdown and prestop"),
+    )
+    .render_reply()
 }

@@ -43,7 +43,7 @@ pub struct RunArgs {
 #[derive(Subcommand, Debug)]
 pub enum Sub {
     /// Validate the configuration (file, environment, flags) and print the resolved shutdown plan.
-    CheckConfig(Box<RunArgs>),
+    CheckConfig(Box<CheckArgs>),
     /// preStop exec hook: start step 1 in the running supervisor and return when the preStop delay has passed.
     Prestop(ClientArgs),
     /// Operator commands for the running supervisor.
@@ -51,6 +51,16 @@ pub enum Sub {
         #[command(subcommand)]
         cmd: CtlCmd,
     },
+}
+
+/// `check-config`: the run's options, and how strict to be about budgets.
+#[derive(Args, Debug, Clone)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Fail (exit 121) when the step budgets do not fit the stop window, instead of warning (for CI).
+    #[arg(long)]
+    pub strict: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -176,5 +186,30 @@ pub fn describe(cfg: &Config) -> String {
         h(total),
         h(cfg.stop_window())
     );
+    let _ = writeln!(
+        out,
+        "  when time runs short, each remaining step gets budget x time left / remaining budgets"
+    );
+    if let Some(w) = budget_warning(cfg) {
+        let _ = writeln!(out, "  warning: {w}");
+    }
     out
+}
+
+/// Says so when the budgets (step 1's preStop delay included) do not fit the stop window. Not an error: at
+/// run time the remaining budgets are scaled down alike, so every step still gets its share, but each gets
+/// less than configured when an earlier one hangs.
+pub fn budget_warning(cfg: &Config) -> Option<String> {
+    let total: Duration = cfg.budgets.iter().sum();
+    let window = cfg.stop_window();
+    let h = |d: Duration| humantime::format_duration(d).to_string();
+    (total > window).then(|| {
+        format!(
+            "the step budgets ({}, the preStop delay included) exceed the {} stop window by {}; a hung \
+             step would scale every later one down; raise grace_period or lower the [steps] budgets",
+            h(total),
+            h(window),
+            h(total - window)
+        )
+    })
 }

@@ -395,7 +395,9 @@ async fn send_step(
 
 async fn reconnect(ctx: &StopCtx) -> Option<Client> {
     let path = ctx.cfg.control_socket.clone()?;
-    let until = (Instant::now() + Duration::from_secs(1)).min(ctx.deadline());
+    // Never past the steps' time: a frozen app that accepts but never answers hello must not delay the
+    // deadline's signals.
+    let until = (Instant::now() + Duration::from_secs(1)).min(ctx.steps_deadline());
     let got = connect(&path, Role::Driver, until, &ctx.end)
         .await
         .map(|(c, _)| c);

@@ -10,8 +10,11 @@ use serde_json::Value;
 
 use crate::exit::code;
 
-/// Sends one verb and returns the JSON reply, or a one-line reason with the exit code to use.
+/// Sends one verb and returns the JSON reply, or a one-line reason with the exit code to use:
+/// [`code::UNREACHABLE`] when the supervisor could not be reached or did not answer, [`code::REFUSED`] when
+/// it answered with a refusal.
 pub fn call(socket: &Path, verb: &str, timeout: Duration) -> Result<Value, (i32, String)> {
+    use quiesce_protocol::client::ClientError;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -21,27 +24,48 @@ pub fn call(socket: &Path, verb: &str, timeout: Duration) -> Result<Value, (i32,
                 format!("cannot start the async runtime: {e}"),
             )
         })?;
+    let at = socket.display();
     rt.block_on(async {
         let mut client = Client::connect(socket).await.map_err(|e| {
             let why = match &e {
-                quiesce_protocol::client::ClientError::Connect { source, .. } => source.to_string(),
+                ClientError::Connect { source, .. } => source.to_string(),
                 other => other.to_string(),
             };
             (
                 code::UNREACHABLE,
                 format!(
-                    "cannot reach the supervisor at {}: {why}; is quiesce running as this container's entrypoint with this admin_socket?",
-                    socket.display()
+                    "cannot reach the supervisor at its admin socket {at}: {why}; is quiesce running as this container's entrypoint with this admin_socket?"
                 ),
             )
         })?;
-        let v = client.call_raw(verb, timeout).await.map_err(|e| (code::UNREACHABLE, format!("admin socket {}: {e}", socket.display())))?;
+        let v = client.call_raw(verb, timeout).await.map_err(|e| {
+            let why = match e {
+                ClientError::Timeout { .. } => format!(
+                    "no answer to `{verb}` within {}",
+                    humantime::format_duration(timeout)
+                ),
+                ClientError::Closed { .. } => {
+                    format!("the supervisor closed the connection before answering `{verb}`")
+                }
+                ClientError::InvalidReply { reason, .. } => {
+                    format!("the answer to `{verb}` is not a valid reply ({reason})")
+                }
+                ClientError::Send { source, .. } | ClientError::Receive { source, .. } => {
+                    format!("`{verb}` failed: {source}")
+                }
+                other => other.to_string(),
+            };
+            (code::UNREACHABLE, format!("admin socket {at}: {why}"))
+        })?;
         if v.get("ok").and_then(Value::as_bool) == Some(true) {
-            Ok(v)
-        } else {
-            let msg = v.get("message").and_then(Value::as_str).unwrap_or("refused");
-            Err((code::UNREACHABLE, format!("the supervisor refused `{verb}`: {msg}")))
+            return Ok(v);
         }
+        let msg = v.get("message").and_then(Value::as_str).unwrap_or("refused");
+        let err = v.get("error").and_then(Value::as_str).unwrap_or("refused");
+        Err((
+            code::REFUSED,
+            format!("the supervisor at {at} refused `{verb}` ({err}): {msg}"),
+        ))
     })
 }
 
@@ -83,6 +107,7 @@ pub fn render_status(v: &Value) -> String {
         );
     }
     let _ = writeln!(out, "reaped:     {} processes", s("zombies_reaped"));
+    render_health(&mut out, v);
     let steps = v
         .get("steps")
         .and_then(Value::as_array)
@@ -126,4 +151,27 @@ pub fn render_status(v: &Value) -> String {
         }
     }
     out
+}
+
+/// `health:` lines, one per service: `readiness  NOT_SERVING since 12:00:01 (db down)`.
+fn render_health(out: &mut String, v: &Value) {
+    let Some(services) = v.get("health").and_then(Value::as_object) else {
+        return;
+    };
+    if services.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "health:");
+    for (name, h) in services {
+        let g = |k: &str| h.get(k).and_then(Value::as_str).unwrap_or("");
+        let name = if name.is_empty() { "\"\"" } else { name };
+        // RFC 3339 → the time of day (UTC), which is what an operator compares with the logs.
+        let since = g("since").get(11..19).unwrap_or(g("since"));
+        let _ = writeln!(
+            out,
+            "  {name:<12} {:<11} since {since} ({})",
+            g("status"),
+            g("why")
+        );
+    }
 }

@@ -24,8 +24,11 @@ pub mod code {
     pub const NOT_EXECUTABLE: i32 = 126;
     /// The command was not found.
     pub const NOT_FOUND: i32 = 127;
-    /// `quiesce prestop` / `quiesce ctl` could not reach the supervisor.
+    /// `quiesce prestop` / `quiesce ctl` could not reach the supervisor (sysexits' EX_UNAVAILABLE).
     pub const UNREACHABLE: i32 = 69;
+    /// `quiesce prestop` / `quiesce ctl` reached the supervisor, which refused the request (EX_NOPERM):
+    /// another uid than root or the supervisor's own.
+    pub const REFUSED: i32 = 77;
 }
 
 /// How the main child ended.

@@ -123,11 +123,13 @@ pub fn run(cfg: Config) -> i32 {
             &format!("cannot start the probe thread: {e}"),
         );
     }
+    let mut own_socket = None;
     let result = rt.block_on(async {
         // Bound before the child starts, so `quiesce prestop` works from the first moment.
         if let Some(path) = &cfg.admin_socket {
             match admin::bind(path) {
-                Ok(listener) => {
+                Ok((listener, own)) => {
+                    own_socket = Some(own);
                     tokio::spawn(admin::serve(
                         listener,
                         shared.clone(),
@@ -145,8 +147,8 @@ pub fn run(cfg: Config) -> i32 {
             .await
             .map_err(|e| fail(e.exit_code(), &e.to_string()))
     });
-    if let Some(path) = &cfg.admin_socket {
-        let _ = std::fs::remove_file(path);
+    if let (Some(path), Some(own)) = (&cfg.admin_socket, own_socket) {
+        own.remove(path);
     }
     match result {
         Ok(out) => {

@@ -30,10 +30,20 @@ fn main() {
                 code::CONFIG
             }
         },
-        Some(Sub::CheckConfig(args)) => match args.resolve() {
+        Some(Sub::CheckConfig(args)) => match args.run.resolve() {
             Ok(cfg) => {
                 print!("{}", quiesce::cli::describe(&cfg));
-                0
+                match quiesce::cli::budget_warning(&cfg) {
+                    Some(w) if args.strict => {
+                        quiesce::logging::say(&format!("quiesce: config error (--strict): {w}"));
+                        code::CONFIG
+                    }
+                    Some(w) => {
+                        quiesce::logging::say(&format!("quiesce: warning: {w}"));
+                        0
+                    }
+                    None => 0,
+                }
             }
             Err(e) => {
                 quiesce::logging::say(&format!("quiesce: config error: {e}"));

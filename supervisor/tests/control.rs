@@ -4,6 +4,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -111,13 +112,13 @@ fn full_sequence_runs_in_order_and_readiness_drops_first() {
         }
     });
     let deadline = Instant::now() + T;
-    while Instant::now() < deadline {
-        if let Ok((_, l)) = rx.recv_timeout(T)
-            && l == "readiness SERVING"
-        {
-            break;
+    let mut serving = false;
+    while !serving && Instant::now() < deadline {
+        if let Ok((_, l)) = rx.recv_timeout(T) {
+            serving = l == "readiness SERVING";
         }
     }
+    assert!(serving, "kubelet never saw readiness SERVING before the stop");
     send(sup.id(), libc::SIGTERM);
     let mut first_not_serving = None;
     while Instant::now() < deadline {
@@ -358,4 +359,191 @@ fn the_close_reply_always_arrives_before_the_app_exits() {
             assert_eq!(outcome(&msg, step), "ok", "round {round}:\n{msg}");
         }
     }
+}
+
+/// quiesce in control mode over `raw_app.py` (an app side written from PROTOCOL.md, scriptable to
+/// misbehave in ways the Rust agent never does).
+fn start_raw(s: &Scratch, quiesce_args: &[&str], app_args: &[&str]) -> Child {
+    let mut c = quiesce(s);
+    c.arg("--control-socket").arg(s.path("control.sock"));
+    c.args(["--control-connect-timeout", "20s"])
+        .args(quiesce_args)
+        .arg("--")
+        .arg("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/raw_app.py"))
+        .arg(s.path("raw-events"))
+        .args(app_args);
+    c.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn quiesce")
+}
+
+fn raw_events(s: &Scratch) -> Vec<String> {
+    std::fs::read_to_string(s.path("raw-events"))
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn a_reply_that_is_not_json_closes_the_connection_then_the_verb_is_resent_once() {
+    let s = Scratch::new();
+    let mut sup = start_raw(&s, &[], &["--garbage-once", "drain"]);
+    wait_connected(&s);
+    send(sup.id(), libc::SIGTERM);
+    let status = wait_timeout(&mut sup, T);
+    let msg = message(&s);
+    let ev = raw_events(&s);
+    assert_eq!(status.code(), Some(0), "{msg}\n{ev:?}");
+    for step in SUBSTEPS {
+        assert_eq!(outcome(&msg, step), "ok", "{msg}\n{ev:?}");
+    }
+    assert!(ev.iter().any(|e| e == "garbage drain"), "{ev:?}");
+    let drains = ev.iter().filter(|e| e.starts_with("verb drain")).count();
+    assert_eq!(drains, 2, "sent once more after the garbage: {ev:?}");
+    // The old connection is closed before the slot is claimed again: at most one refusal (the app may
+    // not have seen the close yet), never a fight of many.
+    let refused = ev.iter().filter(|e| e.starts_with("refused")).count();
+    assert!(refused <= 1, "{refused} driver_taken refusals: {ev:?}");
+    let hellos: Vec<usize> = (0..ev.len())
+        .filter(|&i| ev[i].starts_with("hello driver"))
+        .collect();
+    assert_eq!(hellos.len(), 2, "{ev:?}");
+    let first = ev[hellos[0]].rsplit('=').next().expect("conn");
+    let eof = ev
+        .iter()
+        .position(|e| *e == format!("eof conn={first}"))
+        .expect("old connection closed");
+    assert!(eof < hellos[1], "old connection still open at the new hello: {ev:?}");
+}
+
+#[test]
+fn overcommitted_budgets_still_leave_close_a_usable_deadline() {
+    for hung in ["stop-accepting", "stop-consumer"] {
+        let s = Scratch::new();
+        // A 4 s window for 24 s of budgets.
+        let mut args = vec!["--grace-period", "5s", "--safety-margin", "1s"];
+        let flags: Vec<String> = SUBSTEPS.iter().map(|k| format!("--steps-{k}")).collect();
+        for f in &flags {
+            args.extend([f.as_str(), "3s"]);
+        }
+        let mut sup = start(&s, &args, &["--behave", &format!("{hung}=hang")]);
+        wait_connected(&s);
+        let began = Instant::now();
+        send(sup.id(), libc::SIGTERM);
+        let status = wait_timeout(&mut sup, T);
+        let took = began.elapsed();
+        let msg = message(&s);
+        assert_eq!(status.code(), Some(0), "{hung}: {msg}");
+        assert!(took < Duration::from_millis(4200), "{hung}: outlived the window: {took:?}");
+        assert_eq!(outcome(&msg, hung), "timeout", "{msg}");
+        for step in ["close-mq", "close-redis", "close-db"] {
+            assert_eq!(outcome(&msg, step), "ok", "{hung}: {msg}");
+        }
+        let close = events(&s.path("events"))
+            .into_iter()
+            .find_map(|(_, e)| e.strip_prefix("verb close ").map(String::from))
+            .expect("close sent");
+        let deadline_ms: u64 = close
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("deadline_ms="))
+            .and_then(|v| v.parse().ok())
+            .expect("deadline_ms");
+        // close's 9 s of the 24 s get the same share of the window as everyone else: ~1.4 s.
+        assert!(deadline_ms >= 1000, "{hung}: close sent with {close}");
+    }
+}
+
+#[test]
+fn the_forced_stop_ends_at_the_window_not_after_it() {
+    let s = Scratch::new();
+    // A 4 s window; the app freezes in drain, so only the deadline's SIGTERM and SIGKILL end it.
+    let mut sup = start(
+        &s,
+        &["--grace-period", "6s", "--safety-margin", "2s"],
+        &["--behave", "drain-in-flight=freeze"],
+    );
+    wait_connected(&s);
+    let began = Instant::now();
+    send(sup.id(), libc::SIGTERM);
+    let status = wait_timeout(&mut sup, T);
+    let took = began.elapsed();
+    let msg = message(&s);
+    assert_eq!(status.code(), Some(137), "{msg}");
+    assert!(
+        took >= Duration::from_millis(3900) && took <= Duration::from_millis(4200),
+        "exited {took:?} after SIGTERM for a 4 s window:\n{msg}"
+    );
+    assert!(msg.contains("SIGTERM, then SIGKILL to the process group"), "{msg}");
+}
+
+#[test]
+fn an_app_that_exits_0_after_the_deadline_sigterm_is_not_in_time() {
+    let s = Scratch::new();
+    let mut sup = start_raw(
+        &s,
+        &["--grace-period", "3s", "--safety-margin", "1s"],
+        &["--stay-after-close"],
+    );
+    wait_connected(&s);
+    send(sup.id(), libc::SIGTERM);
+    let status = wait_timeout(&mut sup, T);
+    let msg = message(&s);
+    assert!(raw_events(&s).iter().any(|e| e == "sigterm"), "{msg}");
+    assert_eq!(status.code(), Some(143), "{msg}");
+    assert_eq!(outcome(&msg, "app-exit"), "timeout", "{msg}");
+    assert!(msg.starts_with("quiesce: exit code 143"), "{msg}");
+}
+
+#[test]
+fn a_death_inside_a_multi_step_verb_blames_no_finished_step() {
+    let s = Scratch::new();
+    // stop-accepting finishes, then the app dies in drain-in-flight: one `drain` request for both.
+    let mut sup = start(&s, &[], &["--behave", "drain-in-flight=crash:3"]);
+    wait_connected(&s);
+    send(sup.id(), libc::SIGTERM);
+    let status = wait_timeout(&mut sup, T);
+    let msg = message(&s);
+    assert_eq!(status.code(), Some(3), "{msg}");
+    let ended = events(&s.path("events"))
+        .into_iter()
+        .any(|(_, e)| e == "substep stop-accepting end ok");
+    assert!(ended, "the fixture finished stop-accepting first");
+    for step in ["stop-accepting", "drain-in-flight"] {
+        assert_eq!(outcome(&msg, step), "unknown", "{msg}");
+    }
+    assert!(msg.contains("which of its sub-steps had finished is not known"), "{msg}");
+    assert_eq!(outcome(&msg, "stop-cron"), "skipped", "{msg}");
+}
+
+#[test]
+fn sigint_without_a_control_connection_asks_the_app_with_sigint_as_signal_mode_does() {
+    let s = Scratch::new();
+    let sock = s.path("control.sock");
+    let sock = sock.to_str().expect("utf-8 path");
+    let (mut sup, read) = start_recorder(
+        &s,
+        &[
+            "--control-socket",
+            sock,
+            "--control-connect-timeout",
+            "300ms",
+            "--grace-period",
+            "3s",
+            "--safety-margin",
+            "1s",
+        ],
+        &[],
+    );
+    assert!(wait_until(T, || admin_status(&s)["control"] == "never connected"));
+    send(sup.id(), libc::SIGINT);
+    assert!(
+        wait_until(T, || read().lines().any(|l| l == "SIGINT")),
+        "the app never got SIGINT: {}",
+        read()
+    );
+    let _ = wait_timeout(&mut sup, T);
+    assert!(!read().lines().any(|l| l == "SIGTERM"), "{}", read());
 }

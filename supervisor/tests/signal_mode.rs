@@ -273,9 +273,20 @@ fn child_runs_as_the_configured_user_with_no_supplementary_groups() {
     assert_eq!(wait_timeout(&mut child, T).code(), Some(0));
 }
 
+/// The process group of `pid`, from /proc.
+fn pgid_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.get(stat.rfind(')')? + 2..)?;
+    after.split(' ').nth(2)?.parse().ok()
+}
+
 #[test]
 fn rewrite_map_and_group_forwarding() {
     let s = Scratch::new();
+    let member = s.path("member");
+    let member_arg = member.to_str().expect("utf-8 path").to_owned();
+    // The app forks a second recorder into its process group: with `--forward-to group` it must
+    // get the (rewritten) signal as well, not only the app itself.
     let (mut child, read) = start_recorder(
         &s,
         &[
@@ -284,17 +295,39 @@ fn rewrite_map_and_group_forwarding() {
             "--forward-to",
             "group",
         ],
-        &[],
+        &["--member", &member_arg],
     );
+    let read_member = || std::fs::read_to_string(&member).unwrap_or_default();
+    assert!(
+        wait_until(T, || read_member().starts_with("ready")),
+        "the group member never got ready"
+    );
+    let tree = descendants(child.id());
+    let [app, second] = tree[..] else {
+        panic!("expected the app and its group member under quiesce, found {tree:?}");
+    };
+    assert_eq!(pgid_of(app), Some(app), "the app leads its own process group");
+    assert_eq!(pgid_of(second), Some(app), "the member is in the app's group");
+
     send(child.id(), libc::SIGHUP);
     assert!(
         wait_until(T, || read().contains("SIGUSR2")),
-        "rewritten signal not received: {}",
+        "rewritten signal not received by the app: {}",
         read()
     );
-    assert!(!read().contains("SIGHUP"));
+    assert!(
+        wait_until(T, || read_member().contains("SIGUSR2")),
+        "rewritten signal not received by the rest of the group: {}",
+        read_member()
+    );
+    assert!(!read().contains("SIGHUP"), "{}", read());
+    assert!(!read_member().contains("SIGHUP"), "{}", read_member());
     send(child.id(), libc::SIGTERM);
     assert_eq!(wait_timeout(&mut child, T).code(), Some(0));
+    assert!(
+        !alive(second),
+        "the group member {second} outlived the stop"
+    );
 }
 
 #[test]
