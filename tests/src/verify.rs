@@ -62,26 +62,43 @@ async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(-1)
 }
 
-/// Messages ready in `queue` (passive declare; 0 if it does not exist).
+/// Messages ready in `queue` (passive declare). Panics, naming the queue and the cause, when
+/// RabbitMQ cannot be reached or the queue does not exist: a depth of 0 must mean an empty queue,
+/// never a broker that is down. The connection is retried for up to 10 s (the RabbitMQ-restart
+/// scenario reads the depth shortly after the broker came back).
 pub async fn queue_depth(queue: &str) -> u32 {
-    let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
-        return 0;
+    let url = amqp_url();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let conn = loop {
+        match Connection::connect(&url, ConnectionProperties::default()).await {
+            Ok(conn) => break conn,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!(
+                "cannot read the depth of queue `{queue}`: RabbitMQ (E2E_AMQP_URL or the local default) is not reachable after 10 s ({e}); is it running?"
+            ),
+        }
     };
-    let depth = match conn.create_channel().await {
-        Ok(ch) => ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
+    let channel = conn.create_channel().await.unwrap_or_else(|e| {
+        panic!("cannot read the depth of queue `{queue}`: opening a RabbitMQ channel failed: {e}")
+    });
+    let depth = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot read the depth of queue `{queue}`: the passive declare failed ({e}); the queue does not exist (was the sandbox's topology declared?) or the broker refused"
             )
-            .await
-            .map(|q| q.message_count())
-            .unwrap_or(0),
-        Err(_) => 0,
-    };
+        })
+        .message_count();
     let _ = conn.close(200, "depth".into()).await;
     depth
 }
