@@ -207,7 +207,7 @@ fn whole_number(text: &str) -> Result<u64, NotWhole> {
 fn parse_deadline(value: &str) -> Result<u64, WireError> {
     let problem = match whole_number(value) {
         Ok(0) => {
-            "a deadline of 0 ms is not allowed: expected a whole number of milliseconds from 1"
+            "0 ms is not allowed (the step would have no time); expected a whole number of milliseconds from 1"
                 .to_owned()
         }
         Ok(ms) => return Ok(ms),
