@@ -7,10 +7,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ServiceProcess, TestEnv, client, create_request, hard_timeout, run_to_exit};
+use common::{
+    ServiceProcess, TestEnv, client, create_request, hard_timeout, idempotency_marker,
+    lock_waiters, orders_with_key, run_to_exit, wait_until,
+};
 use nix::sys::signal::Signal;
 use quiesce_protocol::client::Client;
 use quiesce_protocol::wire::{Outcome, Phase, StepVerb};
+use sqlx::Connection;
+use tonic::Code;
 
 fn substep_lines(lines: &[String], message: &str) -> Vec<String> {
     lines
@@ -187,4 +192,148 @@ async fn bad_configuration_exits_78_naming_the_key() {
         );
     })
     .await;
+}
+
+/// An open transaction holding an uncommitted order with idempotency key `key`: the service's
+/// insert of that key waits on the unique index until it ends.
+async fn hold_key(env: &TestEnv, key: &str) -> sqlx::PgConnection {
+    let mut conn = sqlx::PgConnection::connect(&env.database_url())
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, status, total_cents, idempotency_key, request_hash) \
+         VALUES (gen_random_uuid(), 'holder', 'pending', 1, $1, 'holder')",
+    )
+    .bind(key)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn
+}
+
+async fn rollback(mut conn: sqlx::PgConnection) {
+    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+}
+
+/// Issue 10 item 1: the process is SIGKILLed mid-request. Key `k-commit` was committed in
+/// PostgreSQL but its marker never completed; key `k-lost` never committed. Made
+/// deterministic by holding each key's row, freezing the process (SIGSTOP) while both inserts
+/// wait, letting only `k-commit` through, then the kill. A fresh process must return the
+/// committed order at once (not ABORTED for the marker's lifetime), and create `k-lost`
+/// exactly once as soon as its lease (the request's 3 s `grpc-timeout`) is over.
+#[tokio::test]
+async fn keys_of_a_process_killed_mid_request_resolve_on_a_fresh_process() {
+    let env = TestEnv::new().await;
+    hard_timeout(120, async {
+        let mut first = ServiceProcess::spawn(&env, &[("APP_IDEMPOTENCY_LEASE", "60s")]).await;
+        let pool = env.pool().await;
+        let (commit_holder, lost_holder) = (
+            hold_key(&env, "k-commit").await,
+            hold_key(&env, "k-lost").await,
+        );
+        let c = client(first.grpc).await;
+        let (mut c1, mut c2) = (c.clone(), c);
+        let calls = [
+            tokio::spawn(async move { c1.create_order(create_request("c", "k-commit")).await }),
+            tokio::spawn(async move {
+                let mut request = tonic::Request::new(create_request("c", "k-lost"));
+                request.set_timeout(Duration::from_secs(3));
+                c2.create_order(request).await
+            }),
+        ];
+        wait_until("both inserts waiting", Duration::from_secs(10), || async {
+            lock_waiters(&pool, None).await == 2
+        })
+        .await;
+        first.signal(Signal::SIGSTOP);
+        rollback(commit_holder).await;
+        wait_until("k-commit committed", Duration::from_secs(10), || async {
+            orders_with_key(&pool, "k-commit").await == 1
+        })
+        .await;
+        first.signal(Signal::SIGKILL);
+        assert_eq!(first.wait_exit(Duration::from_secs(10)).await.code(), None);
+        // PostgreSQL noticed the dead client and aborted its other insert.
+        wait_until(
+            "the orphaned insert aborted",
+            Duration::from_secs(5),
+            || async { lock_waiters(&pool, None).await == 0 },
+        )
+        .await;
+        rollback(lost_holder).await;
+        assert_eq!(orders_with_key(&pool, "k-lost").await, 0);
+        let committed: uuid::Uuid =
+            sqlx::query_scalar("SELECT id FROM orders WHERE idempotency_key = 'k-commit'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        for call in calls {
+            call.abort();
+        }
+
+        let second = ServiceProcess::spawn(&env, &[]).await;
+        let mut c = client(second.grpc).await;
+        let (value, pttl) = idempotency_marker(&env, "k-commit").await;
+        assert!(
+            value.as_deref().is_some_and(|v| v.starts_with("pending|")),
+            "the dead request's marker is still there: {value:?}"
+        );
+        assert!(
+            (1..=60_000).contains(&pttl),
+            "the marker is a lease of at most idempotency_lease, not the key's TTL: {pttl} ms"
+        );
+        let replay = c
+            .create_order(create_request("c", "k-commit"))
+            .await
+            .expect("the committed order, not a refusal")
+            .into_inner();
+        assert!(replay.replayed);
+        assert_eq!(replay.order.unwrap().order_id, committed.to_string());
+        let (value, _) = idempotency_marker(&env, "k-commit").await;
+        assert!(
+            value
+                .as_deref()
+                .is_some_and(|v| v.starts_with("done|") && v.ends_with(&committed.to_string())),
+            "Redis repaired to done: {value:?}"
+        );
+
+        let (_, pttl) = idempotency_marker(&env, "k-lost").await;
+        assert!(
+            pttl <= 3_000,
+            "k-lost's lease is its grpc-timeout: {pttl} ms"
+        );
+        let created = retry_until_ok(&mut c, "k-lost", Duration::from_secs(10)).await;
+        assert!(!created.replayed);
+        let again = c
+            .create_order(create_request("c", "k-lost"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(again.replayed);
+        assert_eq!(again.order, created.order);
+        assert_eq!(orders_with_key(&pool, "k-lost").await, 1);
+        assert_eq!(orders_with_key(&pool, "k-commit").await, 1);
+    })
+    .await;
+}
+
+/// CreateOrder for `key`, retried on ABORTED (the documented "retry shortly") until `within`.
+async fn retry_until_ok(
+    c: &mut order_service::proto::order_service_client::OrderServiceClient<
+        tonic::transport::Channel,
+    >,
+    key: &str,
+    within: Duration,
+) -> order_service::proto::CreateOrderResponse {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match c.create_order(create_request("c", key)).await {
+            Ok(response) => return response.into_inner(),
+            Err(s) if s.code() == Code::Aborted && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("{key}: {s:?}"),
+        }
+    }
 }
