@@ -5,7 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestEnv, client, create_request, fetch_metrics, hard_timeout, metric_value, scalar};
+use common::{
+    TestEnv, client, create_request, fetch_metrics, hard_timeout, idempotency_marker, metric_value,
+    orders_with_key, scalar,
+};
 use order_service::App;
 use order_service::control::stop_all;
 use order_service::proto::{
@@ -329,6 +332,65 @@ async fn health_checks_report_each_dependency_and_closes_show_down() {
         assert_eq!(status["consumer"]["state"], "stopped");
         assert_eq!(status["poller"]["state"], "stopped");
         assert_eq!(status["cron"]["state"], "stopped");
+    })
+    .await;
+}
+
+/// A `pending` marker without owner token was written by a version that kept it for the whole
+/// TTL (24 h) and never released it: it must not block its key. With no order under the key
+/// the request takes it over; the marker of a live request (with a lease) is still respected.
+#[tokio::test]
+async fn a_pending_marker_without_lease_from_an_older_version_does_not_block_its_key() {
+    let env = TestEnv::new().await;
+    hard_timeout(60, async {
+        let app = App::start(env.config()).await.expect("start");
+        let mut c = client(app.grpc_addr()).await;
+        let request = create_request("c", "k-legacy");
+        let fingerprint = order_service::domain::NewOrder::validate(
+            &request.customer_id,
+            request
+                .items
+                .iter()
+                .map(|i| (i.sku.clone(), i64::from(i.quantity), i.price_cents)),
+        )
+        .unwrap()
+        .fingerprint();
+        let redis = redis::Client::open(common::redis_url()).unwrap();
+        let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+        let set = |key: &str, value: String, px: u64| {
+            redis::cmd("SET")
+                .arg(format!("{}idem:{key}", env.redis_prefix))
+                .arg(value)
+                .arg("PX")
+                .arg(px)
+                .to_owned()
+        };
+        let () = set("k-legacy", format!("pending|{fingerprint}"), 86_400_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let created = c
+            .create_order(request)
+            .await
+            .expect("not refused")
+            .into_inner();
+        assert!(!created.replayed);
+        let (value, _) = idempotency_marker(&env, "k-legacy").await;
+        assert!(value.is_some_and(|v| v.starts_with("done|")));
+
+        // A live request's lease: refused (retry), and never a second order.
+        let () = set("k-live", format!("pending|{fingerprint}|owner"), 30_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let status = c
+            .create_order(create_request("c", "k-live"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+        let pool = env.pool().await;
+        assert_eq!(orders_with_key(&pool, "k-live").await, 0);
+        stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
 }
