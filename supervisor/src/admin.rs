@@ -138,7 +138,9 @@ async fn connection(
     let (rd, mut wr) = stream.into_split();
     let mut reader = LineReader::new(tokio::io::BufReader::new(rd));
     if !allowed {
-        // A stranger gets one refusal and is disconnected; nothing it sends is read.
+        // A stranger's first request (whatever it is, if it comes within a few seconds) gets one refusal,
+        // then the connection is closed; nothing it sends is parsed.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), reader.next_line()).await;
         let e = WireError::new(
             ErrorCode::PeerRefused,
             "only root or the supervisor's own user may use the admin socket",

@@ -276,9 +276,18 @@ pub async fn poll(
                         _ => c.name.clone(),
                     })
                     .collect();
-                shared.lock().deps_down = down.clone();
+                let new_down = {
+                    let mut st = shared.lock();
+                    st.deps_down != down && {
+                        st.deps_down = down.clone();
+                        true
+                    }
+                };
                 if deps_tx.send_if_modified(|v| std::mem::replace(v, ok) != ok) {
                     tracing::info!(ready = ok, down = ?down, "dependency health changed");
+                } else if new_down {
+                    // Same answer, other reasons: wake the tracker so `ctl status` says why.
+                    deps_tx.send_modify(|_| {});
                 }
             }
             _ => {

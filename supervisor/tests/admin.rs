@@ -167,6 +167,8 @@ fn admin_socket_rejects_garbage_and_strangers() {
     let mut lines = BufReader::new(conn.try_clone().expect("clone")).lines();
     for (input, code) in [
         (b"launch-missiles\n".to_vec(), "unknown_verb"),
+        // The verb is judged first: an unknown one with an argument is still an unknown verb.
+        (b"launch-missiles now=1\n".to_vec(), "unknown_verb"),
         (b"status now=1\n".to_vec(), "bad_argument"),
         (vec![0xff, 0xfe, b'\n'], "invalid_utf8"),
         (
@@ -196,11 +198,13 @@ fn admin_socket_rejects_garbage_and_strangers() {
         .arg(&path);
     c.env_clear();
     let out = output_timeout(c, T);
-    assert_eq!(out.status.code(), Some(69));
+    // Reached and refused: its own code, not "could not be reached" (69).
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only root or the supervisor's own user"), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("only root or the supervisor's own user"),
-        "{:?}",
-        out
+        err.contains("the supervisor") && !err.contains("the app") && !err.contains("control socket"),
+        "{err}"
     );
 
     // A second supervisor on the same admin socket refuses to start.
@@ -212,6 +216,112 @@ fn admin_socket_rejects_garbage_and_strangers() {
         String::from_utf8_lossy(&out.stderr)
             .contains("another supervisor is already listening there")
     );
+    send(sup.id(), libc::SIGTERM);
+    assert_eq!(wait_timeout(&mut sup, T).code(), Some(0));
+}
+
+#[test]
+fn a_file_that_is_not_a_socket_is_never_removed() {
+    let s = Scratch::new();
+    let path = s.path("admin.sock");
+    std::fs::write(&path, "precious").expect("write");
+    let mut c = quiesce(&s);
+    c.arg("--").arg("/bin/true");
+    let out = output_timeout(c, T);
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a socket is there; refusing to remove it"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).expect("still there"), "precious");
+}
+
+#[test]
+fn exit_removes_only_the_socket_it_created() {
+    let s = Scratch::new();
+    let path = s.path("admin.sock");
+    let mut c = quiesce(&s);
+    c.arg("--").arg(testbin()).arg("sleep");
+    let mut sup = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    wait_admin(&s);
+    // Someone replaces the socket while the supervisor runs: that file is not ours to delete.
+    std::fs::remove_file(&path).expect("rm");
+    std::fs::write(&path, "someone else's").expect("write");
+    send(sup.id(), libc::SIGTERM);
+    assert_eq!(wait_timeout(&mut sup, T).code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("still there"),
+        "someone else's"
+    );
+
+    // Its own socket it does remove.
+    let mut c = quiesce(&Scratch(tempfile::tempdir().expect("tempdir")));
+    let own = s.path("own.sock");
+    c.env("QUIESCE_ADMIN_SOCKET", &own)
+        .arg("--")
+        .arg(testbin())
+        .arg("sleep");
+    let mut sup = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    assert!(wait_until(T, || UnixStream::connect(&own).is_ok()));
+    send(sup.id(), libc::SIGTERM);
+    assert_eq!(wait_timeout(&mut sup, T).code(), Some(0));
+    assert!(!own.exists(), "its own socket is left behind");
+}
+
+#[test]
+fn ctl_status_shows_health_by_service_with_since_and_why() {
+    let s = Scratch::new();
+    let deps = s.path("deps");
+    std::fs::write(&deps, "db=down:connection refused\n").expect("deps");
+    let mut c = quiesce(&s);
+    c.arg("--control-socket")
+        .arg(s.path("control.sock"))
+        .args(["--health-poll-interval", "100ms", "--"])
+        .arg(fixture_app())
+        .arg("--deps-file")
+        .arg(&deps);
+    let mut sup = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    wait_admin(&s);
+    let mut v = serde_json::Value::Null;
+    assert!(
+        wait_until(T, || {
+            v = admin_status(&s);
+            v["health"]["readiness"]["why"]
+                .as_str()
+                .is_some_and(|w| w.contains("db"))
+        }),
+        "{v}"
+    );
+    assert_eq!(v["health"]["readiness"]["status"], "NOT_SERVING", "{v}");
+    assert_eq!(v["health"]["liveness"]["status"], "SERVING", "{v}");
+    assert!(
+        v["health"]["readiness"]["since"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.len() > 19),
+        "{v}"
+    );
+    let text = String::from_utf8_lossy(&ctl(&s, &["ctl", "status"]).stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("readiness"))
+        .unwrap_or_else(|| panic!("no readiness line:\n{text}"));
+    assert!(line.contains("NOT_SERVING since "), "{text}");
+    assert!(line.contains("(db (connection refused) down)"), "{text}");
+
+    std::fs::write(&deps, "db=up\n").expect("deps");
+    assert!(wait_until(T, || admin_status(&s)["health"]["readiness"]["status"] == "SERVING"));
     send(sup.id(), libc::SIGTERM);
     assert_eq!(wait_timeout(&mut sup, T).code(), Some(0));
 }
