@@ -293,7 +293,7 @@ fn rewrite_map_and_group_forwarding() {
             "--signals-rewrite",
             "SIGHUP=SIGUSR2",
             "--forward-to",
-            "child",
+            "group",
         ],
         &["--member", &member_arg],
     );
