@@ -125,6 +125,7 @@ pub fn spawn(spec: &SpawnSpec) -> Result<i32, SpawnError> {
             mask: spec.mask,
             foreground: spec.foreground,
             ids: spec.ids,
+            parent: (std::process::id() != 1).then(nix::unistd::getpid),
         },
     );
     match cmd.spawn() {

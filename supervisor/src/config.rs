@@ -556,7 +556,7 @@ impl Config {
         let d = |v: Option<Dur>, def: Duration| v.map(|d| d.0).unwrap_or(def);
         let grace_period = d(l.grace_period, Duration::from_secs(30));
         let safety_margin = d(l.safety_margin, Duration::from_secs(2));
-        let prestop_delay = d(l.prestop_delay, Duration::ZERO);
+        let prestop_delay = d(l.prestop_delay, STEPS[0].default_budget);
         if grace_period.is_zero() {
             return Err(ConfigError::invalid(
                 "grace_period",

@@ -48,8 +48,9 @@ const fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-/// The documented order. Default budgets add up to 28s = the default 30s grace period minus the 2s safety
-/// margin, with a 5s preStop delay (step 1's budget is always `prestop_delay`).
+/// The documented order. Step 1's budget is always `prestop_delay` (default 0s, 5s in the shipped
+/// manifests); steps 2-9 default to 23s, so with the manifests' 5s delay they fill the default 28s window
+/// (30s grace period minus the 2s safety margin) exactly.
 pub const STEPS: [Step; 9] = [
     Step {
         id: StepId::HealthNotServing,
@@ -58,7 +59,7 @@ pub const STEPS: [Step; 9] = [
         config_key: "prestop_delay",
         owner: Owner::Supervisor,
         verb: None,
-        default_budget: ms(5000),
+        default_budget: ms(0),
         done_when: "readiness NOT_SERVING and the preStop delay passed",
     },
     Step {
@@ -188,7 +189,14 @@ mod tests {
 
     #[test]
     fn default_budgets_fit_the_default_window() {
-        let total: Duration = STEPS.iter().map(|s| s.default_budget).sum();
-        assert_eq!(total, Duration::from_secs(28));
+        // The resolved defaults, not the table alone: step 1's row and the config default must agree.
+        let cfg = crate::config::Config::resolve(crate::config::Layer::default()).expect("defaults");
+        assert_eq!(cfg.prestop_delay, STEPS[0].default_budget);
+        let total: Duration = cfg.budgets.iter().sum();
+        assert_eq!(total, Duration::from_secs(23));
+        assert!(total <= cfg.stop_window());
+        // With the shipped manifests' 5s preStop delay they fill the 28s window exactly.
+        assert_eq!(total + Duration::from_secs(5), cfg.stop_window());
+        assert!(crate::cli::budget_warning(&cfg).is_none());
     }
 }

@@ -8,7 +8,8 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, pthread_sigmask, signal};
-use nix::unistd::{Gid, Uid, getpid, isatty, setgid, setgroups, setuid, tcsetpgrp};
+use nix::sys::prctl::set_pdeathsig;
+use nix::unistd::{Gid, Pid, Uid, getpid, getppid, isatty, setgid, setgroups, setuid, tcsetpgrp};
 
 /// What the child does between fork and exec.
 #[derive(Clone, Debug)]
@@ -19,6 +20,9 @@ pub struct ExecPlan {
     pub foreground: bool,
     /// Drop to these ids, clearing supplementary groups.
     pub ids: Option<(Uid, Gid)>,
+    /// When the supervisor is not PID 1, its pid: the child gets SIGKILL if the supervisor dies (tini's
+    /// `-p SIGKILL`), so an app never outlives a killed supervisor. As PID 1 the kernel does that already.
+    pub parent: Option<Pid>,
 }
 
 /// Installs the plan as the command's `pre_exec` hook.
@@ -43,12 +47,20 @@ pub fn install(cmd: &mut Command, plan: ExecPlan) {
             setgid(gid).map_err(std::io::Error::from)?;
             setuid(uid).map_err(std::io::Error::from)?;
         }
+        if let Some(parent) = plan.parent {
+            // After the id drop: a credential change clears the parent-death signal.
+            set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            if getppid() != parent {
+                // The supervisor died between fork and here: the signal would never come.
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+        }
         pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&plan.mask), None)
             .map_err(std::io::Error::from)?;
         Ok(())
     };
     // SAFETY: the hook only makes async-signal-safe syscalls (tcsetpgrp, sigaction, setgroups, setgid, setuid,
-    // sigprocmask) and allocates nothing.
+    // prctl, getppid, sigprocmask) and allocates nothing.
     unsafe {
         cmd.pre_exec(hook);
     }
