@@ -47,7 +47,25 @@ impl Scratch {
 pub fn quiesce(scratch: &Scratch) -> Command {
     let mut c = Command::new(quiesce_bin());
     isolate(&mut c, scratch);
+    die_with_test(&mut c);
     c
+}
+
+/// Ties the process `c` starts to the test: it gets SIGKILL when the test's thread ends, passed or failed,
+/// so a failing test leaves nothing running (a supervisor takes its app along by its own parent-death
+/// signal). Only for commands spawned on the test's own thread.
+#[allow(unsafe_code)]
+pub fn die_with_test(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(2) is async-signal-safe and the closure allocates nothing.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 pub fn isolate(c: &mut Command, scratch: &Scratch) {
@@ -180,6 +198,7 @@ pub fn in_pid_namespace(argv: &[&Path]) -> Command {
     let mut c = Command::new("unshare");
     c.args(["--pid", "--fork", "--mount-proc", "--kill-child"]);
     c.args(argv);
+    die_with_test(&mut c);
     c
 }
 
