@@ -599,6 +599,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("amqp_url"), "{err}");
+        let err = Config::from_cli(Cli::parse_from(["x", "--idempotency-lease", "10ms"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("idempotency_lease"), "{err}");
         let config = Config::from_cli(Cli::parse_from(["x", "--metrics-addr", "off"])).unwrap();
         assert_eq!(config.metrics_addr, None);
         std::fs::remove_dir_all(&dir).unwrap();

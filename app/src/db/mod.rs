@@ -176,9 +176,15 @@ impl RequestConn {
         Ok(&mut **self.conn.insert(conn))
     }
 
+    /// No statement is running and the request needs the connection no more for now: it goes
+    /// back to the pool (a later [`RequestConn::get`] takes one again).
+    pub fn idle(&mut self) {
+        drop(self.conn.take());
+    }
+
     /// The request completed: the connection (if one was used) goes back to the pool.
     pub fn finish(mut self) {
-        drop(self.conn.take());
+        self.idle();
     }
 }
 

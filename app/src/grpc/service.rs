@@ -209,6 +209,8 @@ impl OrderApi {
             }
             Err(e) => Err(create_error(e)),
         };
+        // The database work is over: a cancellation from here on must not cost the connection.
+        conn.idle();
         if let Some(marker) = marker {
             let recorded = match &result {
                 Ok((order, _)) => marker.complete(order.id).await,
