@@ -251,17 +251,18 @@ impl Walk<'_> {
             if self.client.is_some() {
                 let now = Instant::now();
                 let again = Plan {
-                    deadline: plan
-                        .deadline
-                        .saturating_sub(now - began)
-                        .max(MIN_DEADLINE),
+                    deadline: plan.deadline.saturating_sub(now - began).max(MIN_DEADLINE),
                     wait_until: plan.wait_until.max(now + MIN_DEADLINE),
                     ..plan.clone()
                 };
                 result = self.send(verb, &again, now).await;
             }
         }
-        tracing::debug!(verb = verb_name, rtt_ms = ms(began.elapsed()), "control round trip");
+        tracing::debug!(
+            verb = verb_name,
+            rtt_ms = ms(began.elapsed()),
+            "control round trip"
+        );
         match result {
             Ok(reply) => record_reply(ctx, rows, began, &reply),
             Err(failure) => {
@@ -285,7 +286,16 @@ impl Walk<'_> {
             return Err(StepFailure::Connection("control connection lost".into()));
         };
         let budgets = self.per_substep.then(|| plan.substeps.clone());
-        send_step(self.ctx, c, verb, plan.deadline, budgets, began, plan.wait_until).await
+        send_step(
+            self.ctx,
+            c,
+            verb,
+            plan.deadline,
+            budgets,
+            began,
+            plan.wait_until,
+        )
+        .await
     }
 }
 
@@ -532,7 +542,10 @@ mod tests {
             let p = plan(&b, rows, Instant::now(), end);
             if *verb == "close" {
                 let share = Duration::from_secs(4).mul_f64(4.0 / 23.0);
-                assert!(p.deadline + REPLY_SLACK + Duration::from_millis(5) >= share, "{p:?}");
+                assert!(
+                    p.deadline + REPLY_SLACK + Duration::from_millis(5) >= share,
+                    "{p:?}"
+                );
                 assert!(p.deadline >= Duration::from_millis(400), "{p:?}");
             }
             tokio::time::advance(p.deadline).await;

@@ -168,7 +168,10 @@ mod tests {
         });
         // The app outlived the steps, got the deadline's SIGTERM and then exited 0: not "in time".
         assert_eq!(exit_code(ChildEnd::Exited(0), forced, ZERO), 143);
-        assert_eq!(exit_code(ChildEnd::Exited(0), forced, StopExitCode::Signal), 143);
+        assert_eq!(
+            exit_code(ChildEnd::Exited(0), forced, StopExitCode::Signal),
+            143
+        );
         assert_eq!(exit_code(ChildEnd::Exited(4), forced, ZERO), 4);
     }
 }

@@ -270,7 +270,8 @@ pub async fn poll(
                     .filter(|c| !c.up)
                     .map(|c| match &c.error {
                         Some(m) if !m.is_empty() => {
-                            let m: String = m.chars().take(120).filter(|c| !c.is_control()).collect();
+                            let m: String =
+                                m.chars().take(120).filter(|c| !c.is_control()).collect();
                             format!("{} ({m})", c.name)
                         }
                         _ => c.name.clone(),

@@ -234,7 +234,9 @@ mod tests {
         let shared = Shared::new("control");
         for n in 1..=9 {
             let mut r = record(n, "stop-consumer", StepOutcome::Error, "");
-            r.counts = (0..40).map(|i| (format!("{}{i}", "é".repeat(10)), 1)).collect();
+            r.counts = (0..40)
+                .map(|i| (format!("{}{i}", "é".repeat(10)), 1))
+                .collect();
             shared.record(r);
         }
         let st = shared.lock();

@@ -190,7 +190,8 @@ mod tests {
     #[test]
     fn default_budgets_fit_the_default_window() {
         // The resolved defaults, not the table alone: step 1's row and the config default must agree.
-        let cfg = crate::config::Config::resolve(crate::config::Layer::default()).expect("defaults");
+        let cfg =
+            crate::config::Config::resolve(crate::config::Layer::default()).expect("defaults");
         assert_eq!(cfg.prestop_delay, STEPS[0].default_budget);
         let total: Duration = cfg.budgets.iter().sum();
         assert_eq!(total, Duration::from_secs(23));

@@ -7,8 +7,8 @@
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, pthread_sigmask, signal};
 use nix::sys::prctl::set_pdeathsig;
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, pthread_sigmask, signal};
 use nix::unistd::{Gid, Pid, Uid, getpid, getppid, isatty, setgid, setgroups, setuid, tcsetpgrp};
 
 /// What the child does between fork and exec.

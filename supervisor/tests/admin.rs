@@ -201,9 +201,14 @@ fn admin_socket_rejects_garbage_and_strangers() {
     // Reached and refused: its own code, not "could not be reached" (69).
     assert_eq!(out.status.code(), Some(77), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("only root or the supervisor's own user"), "{out:?}");
     assert!(
-        err.contains("the supervisor") && !err.contains("the app") && !err.contains("control socket"),
+        err.contains("only root or the supervisor's own user"),
+        "{out:?}"
+    );
+    assert!(
+        err.contains("the supervisor")
+            && !err.contains("the app")
+            && !err.contains("control socket"),
         "{err}"
     );
 
@@ -230,10 +235,14 @@ fn a_file_that_is_not_a_socket_is_never_removed() {
     let out = output_timeout(c, T);
     assert_eq!(out.status.code(), Some(124), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not a socket is there; refusing to remove it"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("not a socket is there; refusing to remove it"),
         "{out:?}"
     );
-    assert_eq!(std::fs::read_to_string(&path).expect("still there"), "precious");
+    assert_eq!(
+        std::fs::read_to_string(&path).expect("still there"),
+        "precious"
+    );
 }
 
 #[test]
@@ -321,7 +330,10 @@ fn ctl_status_shows_health_by_service_with_since_and_why() {
     assert!(line.contains("(db (connection refused) down)"), "{text}");
 
     std::fs::write(&deps, "db=up\n").expect("deps");
-    assert!(wait_until(T, || admin_status(&s)["health"]["readiness"]["status"] == "SERVING"));
+    assert!(wait_until(
+        T,
+        || admin_status(&s)["health"]["readiness"]["status"] == "SERVING"
+    ));
     send(sup.id(), libc::SIGTERM);
     assert_eq!(wait_timeout(&mut sup, T).code(), Some(0));
 }

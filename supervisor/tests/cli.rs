@@ -232,7 +232,13 @@ fn privilege_drop_failures_exit_123_and_start_nothing() {
 #[test]
 fn check_config_warns_when_budgets_overcommit_the_window_and_strict_fails() {
     let s = Scratch::new();
-    let over = ["check-config", "--grace-period", "11s", "--steps-stop-cron", "23s"];
+    let over = [
+        "check-config",
+        "--grace-period",
+        "11s",
+        "--steps-stop-cron",
+        "23s",
+    ];
     let r = run(&s, &over, &[]);
     assert_eq!(r.code, 0, "a warning, not an error: {}", r.stderr);
     assert!(
@@ -240,14 +246,22 @@ fn check_config_warns_when_budgets_overcommit_the_window_and_strict_fails() {
         "{}",
         r.stderr
     );
-    assert!(r.stdout.contains("budget x time left / remaining budgets"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("budget x time left / remaining budgets"),
+        "{}",
+        r.stdout
+    );
     let mut strict = over.to_vec();
     strict.push("--strict");
     let r = run(&s, &strict, &[]);
     assert_eq!(r.code, 121, "{}", r.stderr);
     assert!(r.stderr.contains("(--strict)"), "{}", r.stderr);
     // Budgets that fit: no warning, and --strict passes.
-    let r = run(&s, &["check-config", "--strict", "--prestop-delay", "5s"], &[]);
+    let r = run(
+        &s,
+        &["check-config", "--strict", "--prestop-delay", "5s"],
+        &[],
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!r.stderr.contains("warning"), "{}", r.stderr);
 }

@@ -118,7 +118,10 @@ fn full_sequence_runs_in_order_and_readiness_drops_first() {
             serving = l == "readiness SERVING";
         }
     }
-    assert!(serving, "kubelet never saw readiness SERVING before the stop");
+    assert!(
+        serving,
+        "kubelet never saw readiness SERVING before the stop"
+    );
     send(sup.id(), libc::SIGTERM);
     let mut first_not_serving = None;
     while Instant::now() < deadline {
@@ -416,7 +419,10 @@ fn a_reply_that_is_not_json_closes_the_connection_then_the_verb_is_resent_once()
         .iter()
         .position(|e| *e == format!("eof conn={first}"))
         .expect("old connection closed");
-    assert!(eof < hellos[1], "old connection still open at the new hello: {ev:?}");
+    assert!(
+        eof < hellos[1],
+        "old connection still open at the new hello: {ev:?}"
+    );
 }
 
 #[test]
@@ -437,7 +443,10 @@ fn overcommitted_budgets_still_leave_close_a_usable_deadline() {
         let took = began.elapsed();
         let msg = message(&s);
         assert_eq!(status.code(), Some(0), "{hung}: {msg}");
-        assert!(took < Duration::from_millis(4200), "{hung}: outlived the window: {took:?}");
+        assert!(
+            took < Duration::from_millis(4200),
+            "{hung}: outlived the window: {took:?}"
+        );
         assert_eq!(outcome(&msg, hung), "timeout", "{msg}");
         for step in ["close-mq", "close-redis", "close-db"] {
             assert_eq!(outcome(&msg, step), "ok", "{hung}: {msg}");
@@ -476,7 +485,10 @@ fn the_forced_stop_ends_at_the_window_not_after_it() {
         took >= Duration::from_millis(3900) && took <= Duration::from_millis(4200),
         "exited {took:?} after SIGTERM for a 4 s window:\n{msg}"
     );
-    assert!(msg.contains("SIGTERM, then SIGKILL to the process group"), "{msg}");
+    assert!(
+        msg.contains("SIGTERM, then SIGKILL to the process group"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -514,7 +526,10 @@ fn a_death_inside_a_multi_step_verb_blames_no_finished_step() {
     for step in ["stop-accepting", "drain-in-flight"] {
         assert_eq!(outcome(&msg, step), "unknown", "{msg}");
     }
-    assert!(msg.contains("which of its sub-steps had finished is not known"), "{msg}");
+    assert!(
+        msg.contains("which of its sub-steps had finished is not known"),
+        "{msg}"
+    );
     assert_eq!(outcome(&msg, "stop-cron"), "skipped", "{msg}");
 }
 
