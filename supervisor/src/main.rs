@@ -32,7 +32,7 @@ fn main() {
         },
         Some(Sub::CheckConfig(args)) => match args.run.resolve() {
             Ok(cfg) => {
-                print!("{}", quiesce::cli::describe(&cfg));
+                out(&quiesce::cli::describe(&cfg));
                 match quiesce::cli::budget_warning(&cfg) {
                     Some(w) if args.strict => {
                         quiesce::logging::say(&format!("quiesce: config error (--strict): {w}"));
@@ -84,7 +84,7 @@ fn client(
 ) -> i32 {
     match quiesce::ctl::call(socket, verb, timeout) {
         Ok(v) => {
-            println!("{}", show(&v).trim_end());
+            out(&format!("{}\n", show(&v).trim_end()));
             0
         }
         Err((code, reason)) => {
@@ -92,4 +92,10 @@ fn client(
             code
         }
     }
+}
+
+/// Writes to stdout, ignoring a closed pipe (`quiesce ctl status | head -1` must not panic).
+fn out(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stdout().write_all(text.as_bytes());
 }

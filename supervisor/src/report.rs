@@ -46,7 +46,12 @@ pub fn render(s: &Summary<'_>) -> String {
 fn render_with(s: &Summary<'_>, detail_width: usize, max_rows: usize) -> String {
     let st = s.status;
     let mut out = String::new();
-    let _ = writeln!(out, "quiesce: exit code {} - {}", s.code, s.reason);
+    let _ = writeln!(
+        out,
+        "quiesce: exit code {} - {}",
+        s.code,
+        escape_controls(s.reason)
+    );
     let trigger = st
         .trigger
         .as_ref()
@@ -91,6 +96,8 @@ fn render_with(s: &Summary<'_>, detail_width: usize, max_rows: usize) -> String 
                 }
                 detail.push_str(&r.detail);
             }
+            // The app's text is data: a newline must not forge a row, nor an escape sequence reach a terminal.
+            let mut detail = escape_controls(&detail);
             if detail.chars().count() > detail_width {
                 detail = detail
                     .chars()
@@ -132,6 +139,22 @@ fn render_with(s: &Summary<'_>, detail_width: usize, max_rows: usize) -> String 
         let _ = writeln!(out, "total: {}", secs(total));
     }
     out
+}
+
+/// Control characters (newlines, ESC, the C1 range) written as `\n`, `\u{1b}`…, everything else kept.
+fn escape_controls(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `text` cut to at most `max` bytes, at a character boundary: an app's note may hold any UTF-8.
@@ -250,6 +273,36 @@ mod tests {
         });
         assert!(text.len() < LIMIT, "{}", text.len());
         assert!(text.starts_with("quiesce: exit code 10 - é"));
+    }
+
+    #[test]
+    fn app_text_cannot_forge_rows_or_reach_a_terminal() {
+        let shared = Shared::new("control");
+        shared.record(record(
+            9,
+            "close-db",
+            StepOutcome::Error,
+            "boom\n 9  close-db             ok  \u{1b}]0;owned\u{7}\u{1b}[2J",
+        ));
+        let st = shared.lock();
+        let text = render(&Summary {
+            code: 1,
+            reason: "stopped\nforged",
+            status: &st,
+            window_ms: 1,
+            total_ms: Some(1),
+        });
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
+        );
+        let rows: Vec<&str> = text.lines().filter(|l| l.contains("close-db")).collect();
+        assert_eq!(rows.len(), 1, "{text}");
+        assert!(rows[0].contains("boom\\n"), "{text}");
+        assert!(
+            text.starts_with("quiesce: exit code 1 - stopped\\nforged\n"),
+            "{text}"
+        );
     }
 
     #[test]
