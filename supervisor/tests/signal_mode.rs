@@ -306,8 +306,16 @@ fn rewrite_map_and_group_forwarding() {
     let [app, second] = tree[..] else {
         panic!("expected the app and its group member under quiesce, found {tree:?}");
     };
-    assert_eq!(pgid_of(app), Some(app), "the app leads its own process group");
-    assert_eq!(pgid_of(second), Some(app), "the member is in the app's group");
+    assert_eq!(
+        pgid_of(app),
+        Some(app),
+        "the app leads its own process group"
+    );
+    assert_eq!(
+        pgid_of(second),
+        Some(app),
+        "the member is in the app's group"
+    );
 
     send(child.id(), libc::SIGHUP);
     assert!(
