@@ -52,8 +52,8 @@ use config::Config;
 use exit::code;
 
 /// Runs a supervised program to its end and returns the process exit code. Logs the final line
-/// `exiting code=… reason=…`.
-pub fn run(cfg: Config) -> i32 {
+/// `exiting code=… reason=…`. `mask` is the signal mask the process started with ([`sys::block_all`]).
+pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
     let foreground = sys::ignore_tty_signals();
     let ids = match child::resolve_ids(cfg.user.as_deref(), cfg.group.as_deref()) {
         Ok(ids) => ids,
@@ -72,7 +72,7 @@ pub fn run(cfg: Config) -> i32 {
         workdir: cfg.workdir.clone(),
         ids,
         foreground,
-        mask: sys::current_mask(),
+        mask,
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -8,6 +8,8 @@ use quiesce::cli::{Cli, CtlCmd, Sub};
 use quiesce::exit::code;
 
 fn main() {
+    // Before anything else: a SIGTERM in the first milliseconds must wait for the handlers, not be lost.
+    let mask = quiesce::sys::block_all();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -19,11 +21,15 @@ fn main() {
             std::process::exit(if is_help { 0 } else { code::USAGE });
         }
     };
+    if cli.sub.is_some() {
+        // Clients and checks run no child: Ctrl-C works as usual.
+        quiesce::sys::set_mask(&mask);
+    }
     let exit = match cli.sub {
         None => match cli.run.resolve() {
             Ok(cfg) => {
                 quiesce::logging::init(cfg.log_format, cfg.log_level);
-                quiesce::run(cfg)
+                quiesce::run(cfg, mask)
             }
             Err(e) => {
                 quiesce::logging::say(&format!("quiesce: config error: {e}"));

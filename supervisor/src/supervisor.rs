@@ -124,6 +124,8 @@ pub async fn run(
     handled.push(Sig::CHLD);
     let mut sigs =
         SignalsInfo::<WithOrigin>::new(handled.iter().map(|s| s.0)).map_err(RunError::Signals)?;
+    // Handlers installed: what arrived since `main` blocked everything is delivered now.
+    crate::sys::unblock_all();
 
     if std::process::id() != 1 {
         // Orphans of our descendants come to us instead of to the real init, so we can reap them.

@@ -76,11 +76,30 @@ pub fn ignore_tty_signals() -> bool {
     isatty(std::io::stdin()).unwrap_or(false)
 }
 
-/// The signal mask this process started with.
-pub fn current_mask() -> SigSet {
+/// Blocks every signal and returns the mask the process started with (the child gets that one back).
+///
+/// Called first thing in `main`: until the handlers are installed, a signal stays pending instead of being
+/// lost (as PID 1 of a namespace the kernel drops a signal whose action is still the default, but never a
+/// blocked one). [`unblock_all`] opens the mask once the handlers are in place, whatever was inherited, so
+/// a supervisor started with SIGTERM blocked still stops on SIGTERM.
+pub fn block_all() -> SigSet {
     let mut old = SigSet::empty();
-    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut old));
+    let _ = pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old),
+    );
     old
+}
+
+/// Restores `mask` (the subcommands that run no child: `ctl`, `prestop`, `check-config`).
+pub fn set_mask(mask: &SigSet) {
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(mask), None);
+}
+
+/// Unblocks every signal on this thread: the run loop's handlers are installed.
+pub fn unblock_all() {
+    set_mask(&SigSet::empty());
 }
 
 /// kill(2) with any signal number, including the realtime range that `nix::Signal` cannot name.

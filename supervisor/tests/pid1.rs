@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -180,4 +180,100 @@ fn forwarded_signal_set_equals_tinis() {
         !ours.iter().any(|s| s == "SIGTTIN" || s == "SIGSEGV"),
         "{ours:?}"
     );
+}
+
+/// A SIGTERM that reaches PID 1 before its handlers are installed is kept, not dropped: quiesce blocks
+/// every signal first thing. The config is read from a FIFO, so the test knows quiesce is still before its
+/// handlers (blocked in `openat`) when the signal goes out.
+#[test]
+fn a_sigterm_in_the_first_milliseconds_is_not_lost_as_pid1() {
+    let s = Scratch::new();
+    let fifo = s.path("config.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let rec = s.path("rec");
+    let q = quiesce_bin();
+    let tb = testbin();
+    let argv: Vec<&std::path::Path> = vec![
+        &q,
+        std::path::Path::new("--config"),
+        &fifo,
+        std::path::Path::new("--"),
+        &tb,
+        std::path::Path::new("record-signals"),
+        &rec,
+    ];
+    let mut c = in_pid_namespace(&argv);
+    isolate(&mut c, &s);
+    let mut ns = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("unshare");
+    let init = ns_init_pid(ns.id());
+    // openat is syscall 257 on x86_64: quiesce waits there for a writer on the FIFO.
+    let syscall = format!("/proc/{init}/syscall");
+    assert!(
+        wait_until(T, || std::fs::read_to_string(&syscall)
+            .is_ok_and(|l| l.starts_with("257 "))),
+        "quiesce never blocked on its config FIFO"
+    );
+    send(init, libc::SIGTERM);
+    std::fs::write(&fifo, "grace_period = \"5s\"\n").expect("write the config");
+    let status = wait_timeout(&mut ns, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "the early SIGTERM was lost");
+    let msg = std::fs::read_to_string(s.path("termination-log")).expect("termination message");
+    assert!(msg.contains("stop by SIGTERM"), "{msg}");
+}
+
+/// Started with SIGTERM blocked (an inherited mask), quiesce still stops on SIGTERM; the app gets the
+/// inherited mask back.
+#[test]
+fn an_inherited_blocked_sigterm_still_stops_quiesce() {
+    let s = Scratch::new();
+    let mut c = Command::new(testbin());
+    c.args(["block", "SIGTERM", "--"])
+        .arg(quiesce_bin())
+        .arg("--")
+        .arg(testbin())
+        .arg("print-sigmask");
+    isolate(&mut c, &s);
+    die_with_test(&mut c);
+    let out = output_timeout(c, T);
+    let mask = String::from_utf8_lossy(&out.stdout).into_owned();
+    // SIGTERM is signal 15: bit 14 of SigBlk.
+    let blk = mask
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).expect("hex"))
+        .expect("SigBlk line");
+    assert_ne!(
+        blk & (1 << 14),
+        0,
+        "the app lost the inherited mask: {mask}"
+    );
+
+    let mut c = Command::new(testbin());
+    c.args(["block", "SIGTERM", "--"])
+        .arg(quiesce_bin())
+        .args(["--grace-period", "3s", "--safety-margin", "1s", "--"])
+        .arg(testbin())
+        .arg("sleep");
+    isolate(&mut c, &s);
+    die_with_test(&mut c);
+    let mut sup = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    assert!(wait_until(T, || admin_status(&s)["phase"] == "running"));
+    send(sup.id(), libc::SIGTERM);
+    // The app keeps SIGTERM blocked (its inherited mask), so it is killed at the 2 s deadline.
+    let status = wait_timeout(&mut sup, Duration::from_secs(10));
+    let msg = std::fs::read_to_string(s.path("termination-log")).expect("termination message");
+    assert!(
+        msg.contains("stop by SIGTERM"),
+        "SIGTERM did not stop quiesce: {msg}"
+    );
+    assert_eq!(status.code(), Some(137), "{msg}");
 }
