@@ -53,6 +53,14 @@ fn wait_connected(s: &Scratch) {
     );
 }
 
+/// Waits for the control connection, sends SIGTERM, and returns the exit status and the message.
+fn stop(s: &Scratch, sup: &mut Child) -> (std::process::ExitStatus, String) {
+    wait_connected(s);
+    send(sup.id(), libc::SIGTERM);
+    let status = wait_timeout(sup, T);
+    (status, message(s))
+}
+
 fn message(s: &Scratch) -> String {
     std::fs::read_to_string(s.path("termination-log")).expect("termination message")
 }
@@ -394,10 +402,7 @@ fn raw_events(s: &Scratch) -> Vec<String> {
 fn a_reply_that_is_not_json_closes_the_connection_then_the_verb_is_resent_once() {
     let s = Scratch::new();
     let mut sup = start_raw(&s, &[], &["--garbage-once", "drain"]);
-    wait_connected(&s);
-    send(sup.id(), libc::SIGTERM);
-    let status = wait_timeout(&mut sup, T);
-    let msg = message(&s);
+    let (status, msg) = stop(&s, &mut sup);
     let ev = raw_events(&s);
     assert_eq!(status.code(), Some(0), "{msg}\n{ev:?}");
     for step in SUBSTEPS {
@@ -499,10 +504,7 @@ fn an_app_that_exits_0_after_the_deadline_sigterm_is_not_in_time() {
         &["--grace-period", "3s", "--safety-margin", "1s"],
         &["--stay-after-close"],
     );
-    wait_connected(&s);
-    send(sup.id(), libc::SIGTERM);
-    let status = wait_timeout(&mut sup, T);
-    let msg = message(&s);
+    let (status, msg) = stop(&s, &mut sup);
     assert!(raw_events(&s).iter().any(|e| e == "sigterm"), "{msg}");
     assert_eq!(status.code(), Some(143), "{msg}");
     assert_eq!(outcome(&msg, "app-exit"), "timeout", "{msg}");
@@ -514,10 +516,7 @@ fn a_death_inside_a_multi_step_verb_blames_no_finished_step() {
     let s = Scratch::new();
     // stop-accepting finishes, then the app dies in drain-in-flight: one `drain` request for both.
     let mut sup = start(&s, &[], &["--behave", "drain-in-flight=crash:3"]);
-    wait_connected(&s);
-    send(sup.id(), libc::SIGTERM);
-    let status = wait_timeout(&mut sup, T);
-    let msg = message(&s);
+    let (status, msg) = stop(&s, &mut sup);
     assert_eq!(status.code(), Some(3), "{msg}");
     let ended = events(&s.path("events"))
         .into_iter()
