@@ -169,6 +169,12 @@ impl Client {
         &self.path
     }
 
+    /// Credentials of the process that listens at the socket (`SO_PEERCRED`: recorded by the kernel when
+    /// it called `listen`), so a supervisor can check it is talking to its own app.
+    pub fn peer_cred(&self) -> io::Result<tokio::net::unix::UCred> {
+        self.writer.as_ref().peer_cred()
+    }
+
     /// Sets the timeout the typed helpers use (except [`Client::step`]).
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;

@@ -45,6 +45,12 @@ pub async fn connect(
     let mut last_err = String::new();
     while Instant::now() < until && end.borrow().is_none() {
         match Client::connect(path).await {
+            Ok(c) if let Err(why) = listener_is_the_app(&c) => {
+                if why != last_err {
+                    tracing::error!(socket = %path.display(), ?role, reason = %why, "refusing the process listening at the control socket; retrying until the app listens there");
+                }
+                last_err = why;
+            }
             Ok(mut c) => match timeout_at(until, c.hello(role)).await {
                 Ok(Ok(hello)) => return Some((c, hello)),
                 Ok(Err(e)) => last_err = e.to_string(),
@@ -59,6 +65,14 @@ pub async fn connect(
         tracing::warn!(socket = %path.display(), ?role, error = %last_err, "control connection not established");
     }
     None
+}
+
+/// The credential check of [`crate::peer`] on a fresh connection.
+fn listener_is_the_app(c: &Client) -> Result<(), String> {
+    let cred = c
+        .peer_cred()
+        .map_err(|e| format!("cannot read the listener's credentials: {e}"))?;
+    crate::peer::check(&cred)
 }
 
 /// Connects the driver at start-up (retrying while the app starts); the stop sequence reconnects by itself

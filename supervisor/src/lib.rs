@@ -22,6 +22,7 @@
 //! - [`signals`]: names, the forwarded set, rewrites; [`reaper`]: reaping and the leftover sweep.
 //! - [`steps`]: the nine-step table; [`stop`]: step 1, the stop signal, the deadline's force;
 //!   [`control`]: control mode, walking the table over the app's control socket.
+//! - [`peer`]: who may answer at the control socket (the app or its descendants, by `SO_PEERCRED`).
 //! - [`admin`]: the admin socket (`prestop`, `ctl`); [`ctl`]: its client in the same binary.
 //! - [`health`]: grpc.health.v1 for kubelet on its own thread; [`metrics`]: Prometheus `/metrics`.
 //! - [`supervisor`]: the run loop; [`exit`]: exit codes; [`report`]: the termination message;
@@ -37,6 +38,7 @@ pub mod exit;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod peer;
 pub mod reaper;
 pub mod report;
 pub mod signals;

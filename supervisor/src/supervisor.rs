@@ -135,6 +135,15 @@ pub async fn run(
     }
 
     let pid = child::spawn(&spec)?;
+    crate::peer::set_app(crate::peer::Expected {
+        pid,
+        uid: spec
+            .ids
+            .map_or_else(|| nix::unistd::geteuid().as_raw(), |(u, _)| u.as_raw()),
+    });
+    if let Some(path) = &cfg.control_socket {
+        crate::peer::warn_if_shared_dir(path);
+    }
     {
         let mut st = shared.lock();
         st.child_pid = Some(pid);

@@ -561,3 +561,71 @@ fn sigint_without_a_control_connection_asks_the_app_with_sigint_as_signal_mode_d
     let _ = wait_timeout(&mut sup, T);
     assert!(!read().lines().any(|l| l == "SIGTERM"), "{}", read());
 }
+
+#[test]
+fn an_impostor_listening_first_at_the_control_socket_is_refused_and_never_driven() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    // The socket's directory is writable by everyone, as a Kubernetes emptyDir is.
+    let shared = s.path("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    for (p, mode) in [(s.0.path().to_path_buf(), 0o755), (shared.clone(), 0o777)] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let sock = shared.join("control.sock");
+    let events = shared.join("impostor-events");
+    // Another uid listens there first, with an app side that would happily take every step.
+    let mut imp = Command::new("setpriv");
+    imp.args([
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        "/usr/bin/python3",
+    ])
+    .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/raw_app.py"))
+    .arg(&events)
+    .env("QUIESCE_CONTROL_SOCKET", &sock)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    die_with_test(&mut imp);
+    let mut imp = imp.spawn().expect("impostor");
+    let impostor_events = || std::fs::read_to_string(&events).unwrap_or_default();
+    assert!(wait_until(T, || impostor_events().contains("listening")));
+
+    let mut c = quiesce(&s);
+    c.arg("--control-socket")
+        .arg(&sock)
+        .args(["--control-connect-timeout", "1s", "--"])
+        .arg(testbin())
+        .arg("sleep");
+    let mut sup = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn quiesce");
+    assert!(wait_until(T, || admin_status(&s)["control"] == "never connected"));
+    send(sup.id(), libc::SIGTERM);
+    let status = wait_timeout(&mut sup, T);
+    let _ = imp.kill();
+    let _ = imp.wait();
+    let mut log = String::new();
+    let _ = sup.stderr.take().expect("stderr").read_to_string(&mut log);
+    let msg = message(&s);
+    assert_eq!(status.code(), Some(0), "{msg}");
+    let seen = impostor_events();
+    assert!(
+        !seen.contains("hello driver"),
+        "the impostor was said hello to: {seen}"
+    );
+    assert!(!seen.contains("verb "), "the impostor was driven: {seen}");
+    assert!(msg.contains("no control connection"), "{msg}");
+    assert!(
+        log.contains("refusing the process listening at the control socket")
+            && log.contains("runs as uid 65534"),
+        "{log}"
+    );
+    assert!(log.contains("writable by other users"), "{log}");
+}
