@@ -99,8 +99,18 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// `--timeout` of `prestop` and `ctl`: at least 100ms (one CFS quota period), at most a day (the preStop
+/// delay it waits for is at most an hour; a huge value would overflow the client's deadline).
 fn parse_dur(s: &str) -> Result<Duration, String> {
-    s.parse::<config::Dur>().map(|d| d.0)
+    let d = s.parse::<config::Dur>()?.0;
+    let (min, max) = (Duration::from_millis(100), Duration::from_secs(24 * 3600));
+    if d < min || d > max {
+        return Err(format!(
+            "{} is out of range (allowed 100ms to 24h)",
+            humantime::format_duration(d)
+        ));
+    }
+    Ok(d)
 }
 
 impl RunArgs {

@@ -430,6 +430,10 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "config file {path} is larger than 1 MiB: a quiesce config is a few hundred bytes; check the --config path"
+    )]
+    TooLarge { path: PathBuf },
     #[error("{path} line {line}: {message}")]
     Parse {
         path: PathBuf,
@@ -449,12 +453,25 @@ impl ConfigError {
     }
 }
 
-/// Parses a TOML file into a layer; errors carry the line and the key.
+/// The largest config file read: far above any real one, and a `/dev/zero` cannot fill PID 1's memory.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Parses a TOML file into a layer; errors carry the line and the key. Reads at most [`MAX_FILE_BYTES`].
 pub fn load_file(path: &Path) -> Result<Layer, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    use std::io::Read as _;
+    let read_err = |source| ConfigError::Read {
         path: path.into(),
         source,
-    })?;
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(ConfigError::TooLarge { path: path.into() });
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|e| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     parse_toml(path, &text)
 }
 
@@ -550,84 +567,218 @@ fn non_blank(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.trim().is_empty())
 }
 
-impl Config {
-    /// Applies defaults and checks that the values fit together.
-    pub fn resolve(l: Layer) -> Result<Config, ConfigError> {
-        let d = |v: Option<Dur>, def: Duration| v.map(|d| d.0).unwrap_or(def);
-        let grace_period = d(l.grace_period, Duration::from_secs(30));
-        let safety_margin = d(l.safety_margin, Duration::from_secs(2));
-        let prestop_delay = d(l.prestop_delay, STEPS[0].default_budget);
-        if grace_period.is_zero() {
-            return Err(ConfigError::invalid(
-                "grace_period",
-                "must be more than 0s (set it to the pod's terminationGracePeriodSeconds)",
-            ));
-        }
-        if safety_margin >= grace_period {
-            return Err(ConfigError::invalid(
-                "safety_margin",
-                format!(
-                    "{} leaves no time to stop within grace_period {}: make it smaller than grace_period",
-                    humantime::format_duration(safety_margin),
-                    humantime::format_duration(grace_period)
-                ),
-            ));
-        }
-        let window = grace_period - safety_margin;
-        if prestop_delay >= window {
-            return Err(ConfigError::invalid(
-                "prestop_delay",
-                format!(
-                    "{} uses the whole stop window ({} = grace_period - safety_margin): make it shorter so the app has time to stop",
-                    humantime::format_duration(prestop_delay),
-                    humantime::format_duration(window)
-                ),
-            ));
-        }
-        let mut budgets = [Duration::ZERO; 9];
-        for (i, step) in STEPS.iter().enumerate() {
-            budgets[i] = if step.id == StepId::HealthNotServing {
-                prestop_delay
-            } else {
-                d(l.steps.get(step.id), step.default_budget)
-            };
-        }
-        let command = l.command.unwrap_or_default();
-        if command.first().is_some_and(|c| c.is_empty()) {
-            return Err(ConfigError::invalid("command", "the program name is empty"));
-        }
-        let health_on = l.health.enabled.unwrap_or(true);
-        let metrics_on = l.metrics.enabled.unwrap_or(true);
-        let health = HealthConfig {
-            address: health_on.then(|| {
-                l.health
-                    .address
+fn dur(v: Option<Dur>, default: Duration) -> Duration {
+    v.map(|d| d.0).unwrap_or(default)
+}
+
+impl HealthConfig {
+    fn with_defaults(l: HealthLayer) -> HealthConfig {
+        HealthConfig {
+            address: l.enabled.unwrap_or(true).then(|| {
+                l.address
                     .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 50051)))
             }),
-            poll_interval: d(l.health.poll_interval, Duration::from_secs(2)),
+            poll_interval: dur(l.poll_interval, Duration::from_secs(2)),
             required: l
-                .health
                 .required
                 .unwrap_or_default()
                 .into_iter()
                 .filter(|s| !s.is_empty())
                 .collect(),
-            liveness_timeout: d(l.health.liveness_timeout, Duration::from_secs(1)),
-            observed_probes: l.health.observed_probes.unwrap_or(0),
-            propagation_margin: d(l.health.propagation_margin, Duration::from_secs(1)),
-        };
-        if health.poll_interval.is_zero() {
+            liveness_timeout: dur(l.liveness_timeout, Duration::from_secs(1)),
+            observed_probes: l.observed_probes.unwrap_or(0),
+            propagation_margin: dur(l.propagation_margin, Duration::from_secs(1)),
+        }
+    }
+}
+
+/// An allowed range of a duration key, and why it is that range (said when a value is refused).
+#[derive(Clone, Copy, Debug)]
+pub struct Limit {
+    pub min: Duration,
+    pub max: Duration,
+    pub why: &'static str,
+}
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+const HOUR: Duration = secs(3600);
+
+/// 1s is the shortest non-zero terminationGracePeriodSeconds; a day is past any real stop, and keeps every
+/// deadline (start + grace period) far from an `Instant` overflow.
+pub const GRACE_PERIOD: Limit = Limit {
+    min: secs(1),
+    max: secs(24 * 3600),
+    why: "set it to the pod's terminationGracePeriodSeconds",
+};
+/// The time kept for the escalation and the report before kubelet's SIGKILL: seconds are enough.
+pub const SAFETY_MARGIN: Limit = Limit {
+    min: Duration::ZERO,
+    max: HOUR,
+    why: "it must also be shorter than grace_period",
+};
+/// Endpoint removal takes seconds; the delay must also fit the stop window.
+pub const PRESTOP_DELAY: Limit = Limit {
+    min: Duration::ZERO,
+    max: HOUR,
+    why: "it must also be shorter than grace_period - safety_margin",
+};
+/// 0s: SIGKILL leftovers at once; waiting hours for orphans after the app has gone helps no one.
+pub const CLEANUP_TIMEOUT: Limit = Limit {
+    min: Duration::ZERO,
+    max: HOUR,
+    why: "leftover processes get this long after SIGTERM",
+};
+/// Below one CFS quota period (100ms) a throttled app misses its hello; an hour of start-up is a hung app.
+pub const CONNECT_TIMEOUT: Limit = Limit {
+    min: Duration::from_millis(100),
+    max: HOUR,
+    why: "the app's start-up time until it answers hello",
+};
+/// A step's budget: 0s is "no time for it"; the steps share the stop window anyway (scaled when over it).
+pub const STEP_BUDGET: Limit = Limit {
+    min: Duration::ZERO,
+    max: HOUR,
+    why: "the steps share the stop window, grace_period - safety_margin",
+};
+/// 50ms is at most 20 status calls a second (a nanosecond burned 70 % of a CPU); past an hour readiness no
+/// longer follows the dependencies.
+pub const POLL_INTERVAL: Limit = Limit {
+    min: Duration::from_millis(50),
+    max: HOUR,
+    why: "faster polling only burns CPU",
+};
+/// 0s failed liveness forever (a restart loop); under one CFS quota period (100ms) a throttled but healthy
+/// app fails it too.
+pub const LIVENESS_TIMEOUT: Limit = Limit {
+    min: Duration::from_millis(100),
+    max: HOUR,
+    why: "a healthy app must be able to answer status within it",
+};
+/// It can only shorten the preStop delay, which is at most an hour.
+pub const PROPAGATION_MARGIN: Limit = Limit {
+    min: Duration::ZERO,
+    max: HOUR,
+    why: "the wait for endpoint propagation after the observed probes",
+};
+/// kubelet probes at most once a second and the preStop delay ends the wait anyway; also keeps the probe
+/// count arithmetic far from overflow.
+pub const MAX_OBSERVED_PROBES: u32 = 100;
+
+/// A bound as the error messages say it: whole hours as `24h`, not `1day`.
+fn show(d: Duration) -> String {
+    if d >= HOUR && d.as_nanos().is_multiple_of(HOUR.as_nanos()) {
+        format!("{}h", d.as_secs() / 3600)
+    } else {
+        humantime::format_duration(d).to_string()
+    }
+}
+
+impl Config {
+    /// Applies defaults, then checks each value's range, then that the values fit together.
+    pub fn resolve(l: Layer) -> Result<Config, ConfigError> {
+        let cfg = Config::with_defaults(l);
+        cfg.check_ranges()?;
+        cfg.check_windows()?;
+        cfg.check_names()?;
+        Ok(cfg)
+    }
+
+    /// Every duration key with its value in force and its allowed range.
+    pub fn durations(&self) -> Vec<(&'static str, Duration, Limit)> {
+        let h = &self.health;
+        let mut keys = vec![
+            ("grace_period", self.grace_period, GRACE_PERIOD),
+            ("safety_margin", self.safety_margin, SAFETY_MARGIN),
+            ("prestop_delay", self.prestop_delay, PRESTOP_DELAY),
+            ("cleanup_timeout", self.cleanup_timeout, CLEANUP_TIMEOUT),
+            (
+                "control.connect_timeout",
+                self.control_connect_timeout,
+                CONNECT_TIMEOUT,
+            ),
+            ("health.poll_interval", h.poll_interval, POLL_INTERVAL),
+            (
+                "health.liveness_timeout",
+                h.liveness_timeout,
+                LIVENESS_TIMEOUT,
+            ),
+            (
+                "health.propagation_margin",
+                h.propagation_margin,
+                PROPAGATION_MARGIN,
+            ),
+        ];
+        // Step 1's budget is prestop_delay, above.
+        for (step, budget) in STEPS.iter().zip(self.budgets).skip(1) {
+            keys.push((step.config_key, budget, STEP_BUDGET));
+        }
+        keys
+    }
+
+    /// Each value within its key's range (a huge one would overflow a deadline and abort PID 1).
+    fn check_ranges(&self) -> Result<(), ConfigError> {
+        for (key, value, limit) in self.durations() {
+            if value < limit.min || value > limit.max {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!(
+                        "{} is out of range (allowed {} to {}): {}",
+                        humantime::format_duration(value),
+                        show(limit.min),
+                        show(limit.max),
+                        limit.why
+                    ),
+                ));
+            }
+        }
+        let n = self.health.observed_probes;
+        if n > MAX_OBSERVED_PROBES {
             return Err(ConfigError::invalid(
-                "health.poll_interval",
-                "must be more than 0s",
+                "health.observed_probes",
+                format!(
+                    "{n} is out of range (allowed 0 to {MAX_OBSERVED_PROBES}): kubelet probes at most once a second, and the preStop delay ends the wait anyway"
+                ),
             ));
         }
-        let metrics_address = metrics_on.then(|| {
-            l.metrics
-                .address
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9090)))
-        });
-        if let (Some(h), Some(m)) = (health.address, metrics_address)
+        Ok(())
+    }
+
+    /// The safety margin and the preStop delay leave time to stop.
+    fn check_windows(&self) -> Result<(), ConfigError> {
+        let h = |d: Duration| humantime::format_duration(d).to_string();
+        if self.safety_margin >= self.grace_period {
+            return Err(ConfigError::invalid(
+                "safety_margin",
+                format!(
+                    "{} leaves no time to stop within grace_period {}: make it smaller than grace_period",
+                    h(self.safety_margin),
+                    h(self.grace_period)
+                ),
+            ));
+        }
+        let window = self.stop_window();
+        if self.prestop_delay >= window {
+            return Err(ConfigError::invalid(
+                "prestop_delay",
+                format!(
+                    "{} uses the whole stop window ({} = grace_period - safety_margin): make it shorter so the app has time to stop",
+                    h(self.prestop_delay),
+                    h(window)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The program name, the addresses and the environment names are usable.
+    fn check_names(&self) -> Result<(), ConfigError> {
+        if self.command.first().is_some_and(|c| c.is_empty()) {
+            return Err(ConfigError::invalid("command", "the program name is empty"));
+        }
+        if let (Some(h), Some(m)) = (self.health.address, self.metrics_address)
             && h == m
         {
             return Err(ConfigError::invalid(
@@ -635,8 +786,8 @@ impl Config {
                 format!("{m} is also health.address: give them different ports"),
             ));
         }
-        let env = l.env.unwrap_or_default();
-        if let Some(bad) = env
+        if let Some(bad) = self
+            .env
             .keys()
             .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
         {
@@ -645,15 +796,34 @@ impl Config {
                 format!("'{bad}' is not a valid variable name"),
             ));
         }
-        Ok(Config {
-            command,
-            grace_period,
-            safety_margin,
+        Ok(())
+    }
+
+    /// The layers with defaults filled in; nothing checked yet.
+    fn with_defaults(l: Layer) -> Config {
+        let prestop_delay = dur(l.prestop_delay, STEPS[0].default_budget);
+        let mut budgets = [Duration::ZERO; 9];
+        for (i, step) in STEPS.iter().enumerate() {
+            budgets[i] = if step.id == StepId::HealthNotServing {
+                prestop_delay
+            } else {
+                dur(l.steps.get(step.id), step.default_budget)
+            };
+        }
+        let metrics_address = l.metrics.enabled.unwrap_or(true).then(|| {
+            l.metrics
+                .address
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9090)))
+        });
+        Config {
+            command: l.command.unwrap_or_default(),
+            grace_period: dur(l.grace_period, Duration::from_secs(30)),
+            safety_margin: dur(l.safety_margin, Duration::from_secs(2)),
             prestop_delay,
             stop_signal: l.stop_signal.unwrap_or(Sig::TERM),
             stop_exit_code: l.stop_exit_code.unwrap_or(StopExitCode::Zero),
             forward_to: l.forward_to.unwrap_or(ForwardTo::Child),
-            cleanup_timeout: d(l.cleanup_timeout, Duration::from_secs(2)),
+            cleanup_timeout: dur(l.cleanup_timeout, Duration::from_secs(2)),
             termination_log: match l.termination_log {
                 None => Some(PathBuf::from("/dev/termination-log")),
                 some => non_empty(some),
@@ -668,14 +838,14 @@ impl Config {
                 None => Some(PathBuf::from("/run/quiesce/admin.sock")),
                 some => non_empty(some),
             },
-            env,
+            env: l.env.unwrap_or_default(),
             rewrite: l.signals.rewrite.unwrap_or_default(),
             control_socket: non_empty(l.control.socket),
-            control_connect_timeout: d(l.control.connect_timeout, Duration::from_secs(60)),
+            control_connect_timeout: dur(l.control.connect_timeout, Duration::from_secs(60)),
             budgets,
-            health,
+            health: HealthConfig::with_defaults(l.health),
             metrics_address,
-        })
+        }
     }
 
     /// The overall stop window: shutdown start + this = the moment the supervisor must be done.
@@ -758,6 +928,76 @@ mod tests {
             .expect_err("bad")
             .to_string();
         assert!(s.starts_with("prestop_delay:"), "{s}");
+    }
+
+    /// `a.b` = `"v"` as TOML.
+    fn toml_line(key: &str, value: &str) -> String {
+        match key.split_once('.') {
+            Some((table, name)) => format!("[{table}]\n{name} = \"{value}\"\n"),
+            None => format!("{key} = \"{value}\"\n"),
+        }
+    }
+
+    #[test]
+    fn every_duration_key_is_refused_outside_its_range() {
+        let keys = Config::resolve(Layer::default())
+            .expect("defaults")
+            .durations();
+        assert_eq!(
+            keys.len(),
+            8 + 8,
+            "the top-level and health keys, and steps 2-9"
+        );
+        let ns = Duration::from_nanos(1);
+        for (key, _, limit) in keys {
+            let below = limit.min.checked_sub(ns);
+            for value in below.into_iter().chain([limit.max + ns]) {
+                let text = humantime::format_duration(value).to_string();
+                let e = parse(&toml_line(key, &text)).expect_err(key).to_string();
+                let want = format!(
+                    "{key}: {text} is out of range (allowed {} to {}): ",
+                    show(limit.min),
+                    show(limit.max)
+                );
+                assert!(e.starts_with(&want), "{e}");
+            }
+        }
+        let s = parse("[health]\nobserved_probes = 101\n")
+            .expect_err("too many")
+            .to_string();
+        assert!(
+            s.starts_with("health.observed_probes: 101 is out of range (allowed 0 to 100)"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn range_edges_are_accepted() {
+        // Every duration key at the same edge of its range, one TOML table per section.
+        let all = |pick: fn(&Limit) -> Duration| -> String {
+            let c = Config::resolve(Layer::default()).expect("defaults");
+            let mut tables: BTreeMap<&str, String> = BTreeMap::new();
+            for (key, _, limit) in c.durations() {
+                let (table, name) = key.split_once('.').unwrap_or(("", key));
+                let value = humantime::format_duration(pick(&limit));
+                *tables.entry(table).or_default() += &format!("{name} = \"{value}\"\n");
+            }
+            tables
+                .iter()
+                .map(|(t, body)| match *t {
+                    "" => body.clone(),
+                    t => format!("[{t}]\n{body}"),
+                })
+                .collect()
+        };
+        let lowest = parse(&all(|l| l.min)).expect("every key at its minimum");
+        assert_eq!(lowest.grace_period, Duration::from_secs(1));
+        assert_eq!(lowest.health.poll_interval, Duration::from_millis(50));
+        let highest = parse(&all(|l| l.max)).expect("every key at its maximum");
+        assert_eq!(highest.grace_period, Duration::from_secs(24 * 3600));
+        assert_eq!(highest.budgets[8], HOUR);
+        let c = parse("[health]\nobserved_probes = 100\n").expect("at the maximum");
+        assert_eq!(c.health.observed_probes, 100);
     }
 
     #[test]

@@ -265,3 +265,117 @@ fn check_config_warns_when_budgets_overcommit_the_window_and_strict_fails() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!r.stderr.contains("warning"), "{}", r.stderr);
 }
+
+/// `a.b` = `v` as a TOML file: numbers bare, anything else quoted.
+fn toml_line(key: &str, value: &str) -> String {
+    let literal = if value.parse::<u64>().is_ok() {
+        value.to_string()
+    } else {
+        format!("\"{value}\"")
+    };
+    match key.split_once('.') {
+        Some((table, name)) => format!("[{table}]\n{name} = {literal}\n"),
+        None => format!("{key} = {literal}\n"),
+    }
+}
+
+#[test]
+fn out_of_range_values_exit_121_naming_key_value_and_range_from_every_layer() {
+    // Each of these once passed check-config, then aborted PID 1 on an Instant overflow, failed liveness
+    // forever, or polled the app in a busy loop.
+    let s = Scratch::new();
+    let marker = s.path("ran");
+    let touch = ["--", "/usr/bin/touch", marker.to_str().expect("utf8")];
+    let huge = "300000000000y";
+    for (key, value, range) in [
+        ("grace_period", huge, "(allowed 1s to 24h)"),
+        ("cleanup_timeout", huge, "(allowed 0s to 1h)"),
+        ("control.connect_timeout", huge, "(allowed 100ms to 1h)"),
+        ("steps.close_db", huge, "(allowed 0s to 1h)"),
+        ("health.liveness_timeout", "0s", "(allowed 100ms to 1h)"),
+        ("health.poll_interval", "1ns", "(allowed 50ms to 1h)"),
+        ("health.observed_probes", "4294967295", "(allowed 0 to 100)"),
+    ] {
+        let flag = format!("--{}", key.replace(['.', '_'], "-"));
+        let env = format!("QUIESCE_{}", key.replace('.', "_").to_uppercase());
+        let path = file(&s, &toml_line(key, value));
+        let layers = [
+            ("flag", vec![flag.as_str(), value], vec![]),
+            ("env", vec![], vec![(env.as_str(), value)]),
+            ("file", vec!["--config", path.as_str()], vec![]),
+        ];
+        for (layer, args, env) in layers {
+            let mut a = args.clone();
+            a.extend(touch);
+            let r = run(&s, &a, &env);
+            let what = format!("{key} = {value} by {layer}");
+            assert_eq!(r.code, 121, "{what}: {}", r.stderr);
+            let line = r.stderr.trim();
+            assert_eq!(line.lines().count(), 1, "{what}: one line: {line}");
+            assert!(
+                line.starts_with(&format!("quiesce: config error: {key}: ")),
+                "{what}: {line}"
+            );
+            assert!(line.contains(value.trim_end_matches('y')), "{what}: {line}");
+            assert!(line.contains(range), "{what}: {line}");
+            assert!(!marker.exists(), "{what} started the child");
+            let mut check = vec!["check-config"];
+            check.extend(args);
+            let c = run(&s, &check, &env);
+            assert_eq!(c.code, 121, "check-config {what}: {}", c.stderr);
+            assert_eq!(c.stderr.trim(), line, "check-config {what}");
+            assert!(
+                !c.stdout.contains("valid"),
+                "check-config {what}: {}",
+                c.stdout
+            );
+        }
+    }
+}
+
+#[test]
+fn config_file_over_1_mib_is_refused_quickly() {
+    let s = Scratch::new();
+    // /dev/zero never ends: it must be refused after 1 MiB, not read into memory until the OOM killer comes.
+    for args in [
+        vec!["--config", "/dev/zero", "--", "/bin/true"],
+        vec!["check-config", "--config", "/dev/zero"],
+    ] {
+        let mut c = quiesce(&s);
+        c.args(&args);
+        let out = output_timeout(c, Duration::from_secs(5));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(121), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("config file /dev/zero is larger than 1 MiB"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // The limit is exact: 1 MiB of comment is read, one byte more is refused.
+    let mut text = "#".repeat(1024 * 1024 - 1);
+    text.push('\n');
+    let path = file(&s, &text);
+    let r = run(&s, &["check-config", "--config", &path], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    text.push('\n');
+    let path = file(&s, &text);
+    let r = run(&s, &["check-config", "--config", &path], &[]);
+    assert_eq!(r.code, 121, "{}", r.stderr);
+    assert!(r.stderr.contains("is larger than 1 MiB"), "{}", r.stderr);
+}
+
+#[test]
+fn client_timeout_is_bounded() {
+    let s = Scratch::new();
+    for verb in [vec!["prestop"], vec!["ctl", "status"]] {
+        let mut a = verb.clone();
+        a.extend(["--timeout", "300000000000y"]);
+        let r = run(&s, &a, &[]);
+        assert_eq!(r.code, 120, "{verb:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("(allowed 100ms to 24h)"),
+            "{verb:?}: {}",
+            r.stderr
+        );
+    }
+}
