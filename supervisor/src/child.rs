@@ -97,6 +97,7 @@ pub fn resolve_ids(
         Some(g) => lookup_group(g)?,
         None => primary.unwrap_or_else(Gid::current),
     };
+    refuse_minus_one(uid, gid)?;
     if !Uid::effective().is_root() && uid == Uid::effective() && gid == Gid::effective() {
         // Already those ids: nothing to drop (and setgroups would need CAP_SETGID).
         return Ok(None);
@@ -108,6 +109,23 @@ pub fn resolve_ids(
         )));
     }
     Ok(Some((uid, gid)))
+}
+
+/// uid/gid 4294967295 is `(uid_t)-1`, which setuid(2)/setgid(2) take as "leave unchanged" (the kernel then
+/// says EINVAL at exec): refused before anything starts.
+fn refuse_minus_one(uid: Uid, gid: Gid) -> Result<(), SpawnError> {
+    let refuse = |what: &str, n: u32| {
+        SpawnError::Privilege(format!(
+            "{what} {n} is -1, which set{what}(2) takes as \"leave unchanged\": use another {what}"
+        ))
+    };
+    if uid.as_raw() == u32::MAX {
+        return Err(refuse("uid", uid.as_raw()));
+    }
+    if gid.as_raw() == u32::MAX {
+        return Err(refuse("gid", gid.as_raw()));
+    }
+    Ok(())
 }
 
 /// Starts the child and returns its pid. Must be called before the reaper starts calling `waitpid(-1)`:

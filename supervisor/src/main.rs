@@ -37,20 +37,30 @@ fn main() {
             }
         },
         Some(Sub::CheckConfig(args)) => match args.run.resolve() {
-            Ok(cfg) => {
-                out(&quiesce::cli::describe(&cfg));
-                match quiesce::cli::budget_warning(&cfg) {
-                    Some(w) if args.strict => {
-                        quiesce::logging::say(&format!("quiesce: config error (--strict): {w}"));
-                        code::CONFIG
-                    }
-                    Some(w) => {
-                        quiesce::logging::say(&format!("quiesce: warning: {w}"));
-                        0
-                    }
-                    None => 0,
+            // The run refuses a user/group it cannot resolve or switch to (exit 123): so does the check.
+            Ok(cfg) => match quiesce::child::resolve_ids(cfg.user.as_deref(), cfg.group.as_deref())
+            {
+                Err(e) => {
+                    quiesce::logging::say(&format!("quiesce: {e}"));
+                    e.exit_code()
                 }
-            }
+                Ok(_) => {
+                    out(&quiesce::cli::describe(&cfg));
+                    match quiesce::cli::budget_warning(&cfg) {
+                        Some(w) if args.strict => {
+                            quiesce::logging::say(&format!(
+                                "quiesce: config error (--strict): {w}"
+                            ));
+                            code::CONFIG
+                        }
+                        Some(w) => {
+                            quiesce::logging::say(&format!("quiesce: warning: {w}"));
+                            0
+                        }
+                        None => 0,
+                    }
+                }
+            },
             Err(e) => {
                 quiesce::logging::say(&format!("quiesce: config error: {e}"));
                 code::CONFIG

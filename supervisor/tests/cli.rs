@@ -365,6 +365,62 @@ fn config_file_over_1_mib_is_refused_quickly() {
 }
 
 #[test]
+fn check_config_refuses_a_user_or_group_as_the_run_does() {
+    let s = Scratch::new();
+    for (args, needle) in [
+        (["--user", "nosuchuser"], "user 'nosuchuser' does not exist"),
+        (
+            ["--group", "nosuchgroup"],
+            "group 'nosuchgroup' does not exist",
+        ),
+    ] {
+        let mut a = args.to_vec();
+        a.extend(["--", "/bin/true"]);
+        let r = run(&s, &a, &[]);
+        assert_eq!(r.code, 123, "{args:?}: {}", r.stderr);
+        let mut check = vec!["check-config"];
+        check.extend(args);
+        let c = run(&s, &check, &[]);
+        assert_eq!(c.code, 123, "check-config {args:?}: {}", c.stderr);
+        let line = c.stderr.trim();
+        assert!(line.contains(needle), "check-config {args:?}: {line}");
+        assert!(
+            r.stderr.lines().any(|l| l == line),
+            "same message as the run: {line} / {}",
+            r.stderr
+        );
+        assert!(!c.stdout.contains("valid"), "{}", c.stdout);
+    }
+}
+
+#[test]
+fn uid_or_gid_4294967295_exits_123_before_the_child_starts() {
+    // (uid_t)-1 tells setuid/setgid "leave it unchanged": the kernel says EINVAL, which used to be exit 122.
+    let s = Scratch::new();
+    let marker = s.path("ran");
+    for (args, needle) in [
+        (["--user", "4294967295"], "uid 4294967295 is -1"),
+        (["--group", "4294967295"], "gid 4294967295 is -1"),
+    ] {
+        let mut a = args.to_vec();
+        a.extend(["--", "/usr/bin/touch", marker.to_str().expect("utf8")]);
+        let r = run(&s, &a, &[]);
+        assert_eq!(r.code, 123, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{args:?}: {}", r.stderr);
+        assert!(!marker.exists(), "{args:?} started the child");
+        let mut check = vec!["check-config"];
+        check.extend(args);
+        let c = run(&s, &check, &[]);
+        assert_eq!(c.code, 123, "check-config {args:?}: {}", c.stderr);
+        assert!(
+            c.stderr.contains(needle),
+            "check-config {args:?}: {}",
+            c.stderr
+        );
+    }
+}
+
+#[test]
 fn client_timeout_is_bounded() {
     let s = Scratch::new();
     for verb in [vec!["prestop"], vec!["ctl", "status"]] {
