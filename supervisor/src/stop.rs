@@ -4,7 +4,8 @@
 //! reaper, so no wait sleeps past it. Deadlines come from the shutdown start (the earlier of the preStop call
 //! and the signal) plus `grace_period - safety_margin`.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill, killpg};
@@ -32,8 +33,10 @@ pub struct StopCtx {
     pub stopping: watch::Sender<bool>,
     /// Readiness checks kubelet got NOT_SERVING for (for `health.observed_probes`).
     pub probes: watch::Receiver<u32>,
-    /// The signal that asks the app to stop, chosen once from the trigger ([`crate::signals::stop_signal_for`]).
+    /// The signal that asks the app to stop, chosen once from the trigger ([`ask_signal`]).
     pub ask_with: Sig,
+    /// Stop signals received and passed on, shared with the run loop.
+    pub relay: Arc<Mutex<Relay>>,
 }
 
 impl StopCtx {
@@ -148,6 +151,59 @@ pub async fn step_one(ctx: &StopCtx) {
     ctx.step_one_done.send_replace(true);
 }
 
+/// Stop signals (SIGTERM, SIGINT) the supervisor received, against those the app got.
+///
+/// Once the stop has asked the app (signal mode, or control mode's no-connection fallback), the app gets one
+/// signal per stop signal quiesce received, mapped by [`ask_signal`] and never more: a second Ctrl-C reaches
+/// it as tini would pass it, a SIGTERM right behind a SIGINT is not swallowed, and kubelet's SIGTERM after a
+/// preStop hook (which already made quiesce send one) is not sent twice. Before the app was asked (the
+/// preStop delay) receipts are only counted; they are settled when it is asked. Control mode with a
+/// connection never asks this way, so there they stay counted and ignored.
+#[derive(Debug, Default)]
+pub struct Relay {
+    received: BTreeMap<Sig, u32>,
+    delivered: BTreeMap<Sig, u32>,
+    asked: bool,
+}
+
+impl Relay {
+    /// A stop signal arrived (the one that started the stop included), counted as the signal it maps to.
+    pub fn received(&mut self, mapped: Sig) {
+        *self.received.entry(mapped).or_default() += 1;
+    }
+
+    /// The stop sequence asked the app with `sig` itself.
+    pub fn asked(&mut self, sig: Sig) {
+        self.asked = true;
+        *self.delivered.entry(sig).or_default() += 1;
+    }
+
+    /// The signals the app is owed now (each counted as delivered).
+    pub fn owed(&mut self) -> Vec<Sig> {
+        if !self.asked {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (sig, n) in &self.received {
+            let got = self.delivered.entry(*sig).or_default();
+            while *got < *n {
+                *got += 1;
+                out.push(*sig);
+            }
+        }
+        out
+    }
+}
+
+/// Delivers what [`Relay::owed`] says the app is owed.
+pub fn settle(relay: &Mutex<Relay>, pid: i32, to: ForwardTo) {
+    let owed = relay.lock().unwrap_or_else(|p| p.into_inner()).owed();
+    for sig in owed {
+        tracing::info!(signal = %sig, "passing a repeated stop signal on to the app (the stop and its deadline stand)");
+        deliver(pid, sig, to);
+    }
+}
+
 /// The one rule for the signal that asks the app to stop: a received SIGINT keeps its interactive meaning
 /// and goes through `signals.rewrite` like any forwarded signal; every other trigger (SIGTERM, the preStop
 /// hook, `quiesce ctl shutdown`) sends the configured `stop_signal`. Signal mode and control mode's
@@ -181,6 +237,11 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopContext {
     };
     tracing::info!(step = "stop-signal", signal = %send, %target, "step start");
     deliver(ctx.pid, send, ctx.cfg.forward_to);
+    ctx.relay
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .asked(send);
+    settle(&ctx.relay, ctx.pid, ctx.cfg.forward_to);
     if ctx.wait_end_until(ctx.deadline()).await {
         let end = ctx.end.borrow().map(|e| e.to_string()).unwrap_or_default();
         ctx.record(
@@ -250,5 +311,30 @@ pub fn deliver(pid: i32, sig: Sig, to: ForwardTo) {
     };
     if let Err(e) = crate::sys::kill_raw(target, sig) {
         tracing::debug!(pid = target, signal = %sig, error = %e, "signal not delivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_app_gets_one_signal_per_stop_signal_received_never_more() {
+        // preStop asked with SIGTERM; kubelet's SIGTERM follows: nothing more.
+        let mut r = Relay::default();
+        r.asked(Sig::TERM);
+        r.received(Sig::TERM);
+        assert_eq!(r.owed(), []);
+        // SIGINT then SIGTERM back to back, before the stop asked: both, once asked.
+        let mut r = Relay::default();
+        r.received(Sig::INT);
+        r.received(Sig::TERM);
+        assert_eq!(r.owed(), [], "nothing during the preStop delay");
+        r.asked(Sig::INT);
+        assert_eq!(r.owed(), [Sig::TERM]);
+        assert_eq!(r.owed(), []);
+        // A second Ctrl-C.
+        r.received(Sig::INT);
+        assert_eq!(r.owed(), [Sig::INT]);
     }
 }

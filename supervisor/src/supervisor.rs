@@ -191,13 +191,23 @@ pub async fn run(
     let mut stopped: Option<StopContext> = None;
     let mut finish: Option<JoinHandle<Outcome>> = None;
     let mut start: Option<Instant> = None;
+    let relay = Arc::new(std::sync::Mutex::new(stop::Relay::default()));
 
     let begin_stop = |trigger: Trigger,
                       stop_task: &mut Option<JoinHandle<StopContext>>,
                       start: &mut Option<Instant>,
                       received: Option<Sig>| {
+        if let Some(sig) = received {
+            relay
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .received(stop::ask_signal(&cfg, Some(sig)));
+        }
         if start.is_some() || end_tx.borrow().is_some() {
             tracing::info!(%trigger, "shutdown already under way; not restarting it");
+            if end_tx.borrow().is_none() {
+                stop::settle(&relay, pid, cfg.forward_to);
+            }
             return;
         }
         let now = Instant::now();
@@ -219,6 +229,7 @@ pub async fn run(
             stopping: chans.stopping.clone(),
             probes: chans.probes.subscribe(),
             ask_with: stop::ask_signal(&cfg, received),
+            relay: relay.clone(),
         };
         *stop_task = Some(match &driver {
             Some(d) => tokio::spawn(control::sequence(ctx, d.clone())),

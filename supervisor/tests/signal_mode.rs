@@ -455,3 +455,68 @@ fn the_supervisors_own_sigpipe_is_not_forwarded() {
         read()
     );
 }
+
+#[test]
+fn sigint_and_sigterm_back_to_back_both_reach_the_app() {
+    let s = Scratch::new();
+    // The app stops only on SIGTERM; SIGINT arrives first (pending signals are reported in number order).
+    let (mut sup, read) = start_recorder(&s, &["--grace-period", "20s"], &[]);
+    let began = std::time::Instant::now();
+    send(sup.id(), libc::SIGINT);
+    send(sup.id(), libc::SIGTERM);
+    let status = wait_timeout(&mut sup, T);
+    assert_eq!(status.code(), Some(0), "{}", read());
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "the app waited for the deadline: {}",
+        read()
+    );
+    let got: Vec<String> = read().lines().skip(1).map(String::from).collect();
+    assert!(
+        got.contains(&"SIGINT".to_string()) && got.contains(&"SIGTERM".to_string()),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn a_second_ctrl_c_reaches_the_app() {
+    let s = Scratch::new();
+    let (mut sup, read) = start_recorder(&s, &["--grace-period", "20s"], &["--stay"]);
+    let count = |what: &str| read().lines().filter(|l| *l == what).count();
+    send(sup.id(), libc::SIGINT);
+    assert!(wait_until(T, || count("SIGINT") == 1), "{}", read());
+    send(sup.id(), libc::SIGINT);
+    assert!(
+        wait_until(T, || count("SIGINT") == 2),
+        "the second Ctrl-C was swallowed: {}",
+        read()
+    );
+    sup.kill().expect("kill");
+    let _ = sup.wait();
+}
+
+#[test]
+fn kubelets_sigterm_after_the_prestop_hook_is_not_sent_twice() {
+    let s = Scratch::new();
+    let (mut sup, read) = start_recorder(
+        &s,
+        &["--grace-period", "3s", "--safety-margin", "1s"],
+        &["--stay"],
+    );
+    // The hook (here `ctl shutdown`, the same path) makes quiesce send SIGTERM; kubelet's follows.
+    let mut c = std::process::Command::new(quiesce_bin());
+    c.env_clear()
+        .args(["ctl", "shutdown", "--admin-socket"])
+        .arg(s.path("admin.sock"));
+    assert!(output_timeout(c, T).status.success());
+    assert!(
+        wait_until(T, || read().lines().any(|l| l == "SIGTERM")),
+        "{}",
+        read()
+    );
+    send(sup.id(), libc::SIGTERM);
+    // The app ignores it (--stay): SIGKILL at the 2 s deadline ends the run.
+    assert_eq!(wait_timeout(&mut sup, T).code(), Some(137));
+    let terms = read().lines().filter(|l| *l == "SIGTERM").count();
+    assert_eq!(terms, 1, "{}", read());
+}
