@@ -52,6 +52,13 @@ impl StopCtx {
         (self.cfg.safety_margin / 4).min(Duration::from_millis(500))
     }
 
+    /// The latest moment quiesce exits, whatever the app does: the middle of the safety margin
+    /// ([`exit_by`]). Every wait after the deadline ends by then, so kubelet's SIGKILL never finds quiesce
+    /// still running, even with an app stuck in the kernel that SIGKILL cannot reap.
+    pub fn hard_end(&self) -> Instant {
+        self.start + exit_by(&self.cfg)
+    }
+
     /// When the steps' time is over: the window's end minus [`StopCtx::term_grace`]. The deadline's SIGTERM
     /// goes out here.
     pub fn steps_deadline(&self) -> Instant {
@@ -204,6 +211,12 @@ pub fn settle(relay: &Mutex<Relay>, pid: i32, to: ForwardTo) {
     }
 }
 
+/// From the stop's start, when quiesce has exited at the latest: the window plus half the safety margin.
+/// The other half stays kubelet's, for the container runtime.
+pub fn exit_by(cfg: &Config) -> Duration {
+    cfg.stop_window() + cfg.safety_margin / 2
+}
+
 /// The one rule for the signal that asks the app to stop: a received SIGINT keeps its interactive meaning
 /// and goes through `signals.rewrite` like any forwarded signal; every other trigger (SIGTERM, the preStop
 /// hook, `quiesce ctl shutdown`) sends the configured `stop_signal`. Signal mode and control mode's
@@ -295,11 +308,10 @@ pub async fn force(ctx: &StopCtx, term_first: bool) {
     let _ = killpg(pg, Signal::SIGKILL);
     let _ = kill(pg, Signal::SIGKILL); // in case the child left its group
     detail.push_str("SIGKILL to the process group");
-    // SIGKILL cannot be refused; only a task stuck in the kernel (D state) keeps us here, and then not past
-    // half the safety margin.
-    let _ = ctx
-        .wait_end_until(Instant::now() + ctx.cfg.safety_margin / 2)
-        .await;
+    // SIGKILL cannot be refused; only a task stuck in the kernel (D state) keeps us here, and then for half
+    // of what is left before the hard end: the leftover sweep and the report get the other half.
+    let until = ctx.deadline() + (ctx.hard_end() - ctx.deadline()) / 2;
+    let _ = ctx.wait_end_until(until).await;
     ctx.record(0, "deadline", StepOutcome::Timeout, began, detail);
 }
 

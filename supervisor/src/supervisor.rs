@@ -322,7 +322,7 @@ async fn finish_up(
         Some(t) => t.await.ok(),
         None => stopped,
     };
-    cleanup(&cfg, &shared, start, none_left).await;
+    let reap_until = cleanup(&cfg, &shared, start, none_left.clone()).await;
     let code = exit::exit_code(end, stop, cfg.stop_exit_code);
     let reason = match (&stop, shared.lock().trigger.clone()) {
         (Some(s), Some(t)) if s.forced => {
@@ -356,60 +356,61 @@ async fn finish_up(
             }
         }
     }
+    if let Some(until) = reap_until {
+        // The report is out; give SIGKILLed leftovers a moment to be reaped, never past the hard end.
+        let mut none_left = none_left;
+        let _ = tokio::time::timeout_at(until, none_left.wait_for(|v| *v)).await;
+    }
     Outcome { code, reason }
 }
 
 /// Leftover descendants (daemons the app started, orphans): SIGTERM, wait up to `cleanup_timeout` for them
-/// to go, then SIGKILL. The wait ends as soon as the reaper reports no children left.
+/// to go, then SIGKILL. The wait ends as soon as the reaper reports no children left, and never after the
+/// stop's hard end ([`stop::exit_by`]). Returns until when to wait for SIGKILLed leftovers to be reaped: the
+/// caller writes the report first, so a process SIGKILL cannot reap never costs the report.
 async fn cleanup(
     cfg: &Config,
     shared: &Shared,
     start: Option<Instant>,
     mut none_left: watch::Receiver<bool>,
-) {
+) -> Option<Instant> {
     if *none_left.borrow() {
-        return;
+        return None;
     }
     let began = Instant::now();
-    // Never past the middle of the safety margin when a stop is running.
-    let mut until = began + cfg.cleanup_timeout;
-    if let Some(s) = start {
-        until = until
-            .min(s + cfg.stop_window() + cfg.safety_margin / 2)
-            .max(began);
-    }
+    let hard = start.map(|s| s + stop::exit_by(cfg));
+    let until = hard.map_or(began + cfg.cleanup_timeout, |h| {
+        (began + cfg.cleanup_timeout).min(h).max(began)
+    });
     let n = reaper::signal_all_descendants(Sig::TERM);
+    let quick = (began + std::time::Duration::from_millis(50)).min(until);
     if n == 0
-        && tokio::time::timeout(
-            std::time::Duration::from_millis(50),
-            none_left.wait_for(|v| *v),
-        )
-        .await
-        .is_ok()
+        && tokio::time::timeout_at(quick, none_left.wait_for(|v| *v))
+            .await
+            .is_ok()
     {
-        return;
+        return None;
     }
     let ok = tokio::time::timeout_at(until, none_left.wait_for(|v| *v))
         .await
         .is_ok();
-    let (outcome, detail) = if ok {
+    let (outcome, detail, reap_until) = if ok {
         (
             StepOutcome::Ok,
             "leftover processes exited after SIGTERM".to_string(),
+            None,
         )
     } else {
         reaper::signal_all_descendants(Sig::KILL);
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_millis(500),
-            none_left.wait_for(|v| *v),
-        )
-        .await;
+        let waited = std::time::Duration::from_millis(ms(began.elapsed()));
+        let reap = Instant::now() + std::time::Duration::from_millis(500);
         (
             StepOutcome::Timeout,
             format!(
                 "leftover processes still running after {}: SIGKILL",
-                humantime::format_duration(cfg.cleanup_timeout)
+                humantime::format_duration(waited)
             ),
+            Some(hard.map_or(reap, |h| reap.min(h))),
         )
     };
     tracing::info!(outcome = outcome.as_str(), "leftover cleanup done");
@@ -425,4 +426,5 @@ async fn cleanup(
         counts: Default::default(),
         detail,
     });
+    reap_until
 }

@@ -629,3 +629,56 @@ fn an_impostor_listening_first_at_the_control_socket_is_refused_and_never_driven
     );
     assert!(log.contains("writable by other users"), "{log}");
 }
+
+/// A process frozen by the cgroup v1 freezer: SIGKILL leaves it in D state until it is thawed, like an app
+/// stuck in the kernel. Thawed (and so killed) and removed on drop, pass or fail.
+struct Frozen(std::path::PathBuf);
+
+impl Frozen {
+    fn new(pid: i32) -> Frozen {
+        let root = Path::new("/sys/fs/cgroup/freezer");
+        assert!(
+            root.join("tasks").exists(),
+            "this test needs the cgroup v1 freezer at {}",
+            root.display()
+        );
+        let dir = root.join(format!("quiesce-test-{pid}"));
+        std::fs::create_dir(&dir).expect("create the freezer cgroup");
+        let f = Frozen(dir);
+        std::fs::write(f.0.join("cgroup.procs"), pid.to_string()).expect("move the app");
+        std::fs::write(f.0.join("freezer.state"), "FROZEN").expect("freeze");
+        let state = || std::fs::read_to_string(f.0.join("freezer.state")).unwrap_or_default();
+        assert!(wait_until(T, || state().trim() == "FROZEN"), "never froze");
+        f
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
+        let _ = wait_until(T, || std::fs::remove_dir(&self.0).is_ok());
+    }
+}
+
+#[test]
+fn an_app_stuck_in_the_kernel_still_gets_its_report_inside_the_margin() {
+    let s = Scratch::new();
+    // grace 4 s, margin 2 s: the window ends at 2 s, and quiesce must be gone by 3 s (half the margin).
+    let mut sup = start(&s, &["--grace-period", "4s", "--safety-margin", "2s"], &[]);
+    wait_connected(&s);
+    let pid = admin_status(&s)["child_pid"].as_i64().expect("child pid") as i32;
+    let frozen = Frozen::new(pid);
+    let began = Instant::now();
+    send(sup.id(), libc::SIGTERM);
+    let status = wait_timeout(&mut sup, T);
+    let took = began.elapsed();
+    drop(frozen);
+    let msg = message(&s);
+    assert!(
+        took <= Duration::from_millis(3150),
+        "exited {took:?} after SIGTERM; half the 2 s margin ends at 3 s:\n{msg}"
+    );
+    assert_eq!(status.code(), Some(137), "{msg}");
+    assert!(msg.contains("SIGKILL to the process group"), "{msg}");
+    assert!(msg.contains(" cleanup "), "{msg}");
+}
