@@ -88,6 +88,19 @@ pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
             );
         }
     };
+    // Judged and opened before the app runs; kept open for the end (see `report::Sink`).
+    let sink = match cfg.termination_log.as_deref().map(report::Sink::open) {
+        Some(Ok(sink)) => sink,
+        Some(Err(why)) => {
+            let path = cfg
+                .termination_log
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""));
+            tracing::warn!(path = %path.display(), reason = %why, "no termination message will be written");
+            None
+        }
+        None => None,
+    };
     let cfg = Arc::new(cfg);
     let mode = if cfg.control_socket.is_some() {
         "control"
@@ -145,7 +158,7 @@ pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
                 Err(e) => tracing::warn!(error = %e, "no admin socket: `quiesce prestop` and `quiesce ctl` will not reach this supervisor"),
             }
         }
-        supervisor::run(cfg.clone(), spec, shared, chans, events_rx)
+        supervisor::run(cfg.clone(), spec, shared, chans, events_rx, sink)
             .await
             .map_err(|e| fail(e.exit_code(), &e.to_string()))
     });

@@ -173,14 +173,61 @@ fn secs(ms: u64) -> String {
     format!("{}.{:03}s", ms / 1000, ms % 1000)
 }
 
-/// Writes the message if the file's directory exists (so running outside Kubernetes creates nothing).
-pub fn write(path: &Path, text: &str) -> io::Result<bool> {
-    match path.parent() {
-        Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => {}
-        _ => return Ok(false),
+/// The termination-log file, opened at start-up and kept open: at the end of a stop the descriptor is
+/// already there even if the process has run out of them (EMFILE), and the path is judged once, before the
+/// app runs. Opened `O_NOFOLLOW | O_NONBLOCK`: a symlink there is refused (as root it would redirect the
+/// write to its target), and so is a FIFO or anything else that is not a regular file (a FIFO would block
+/// PID 1 in `open` forever).
+#[derive(Debug)]
+pub struct Sink {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+}
+
+impl Sink {
+    /// `None` when the file's directory does not exist (running outside Kubernetes creates nothing).
+    pub fn open(path: &Path) -> Result<Option<Sink>, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        match path.parent() {
+            Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => {}
+            _ => return Ok(None),
+        }
+        let why = |e: io::Error| match e.raw_os_error() {
+            Some(libc::ELOOP) => {
+                "it is a symbolic link; point termination_log at a file of its own".into()
+            }
+            Some(libc::ENXIO) => "it is a FIFO; point termination_log at a regular file".into(),
+            _ => e.to_string(),
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(why)?;
+        let meta = file.metadata().map_err(|e| e.to_string())?;
+        if !meta.file_type().is_file() {
+            return Err("it is not a regular file; point termination_log at a regular file".into());
+        }
+        Ok(Some(Sink {
+            path: path.to_path_buf(),
+            file,
+        }))
     }
-    std::fs::write(path, text)?;
-    Ok(true)
+
+    /// Replaces the file's content with `text`.
+    pub fn write(&mut self, text: &str) -> io::Result<()> {
+        use std::io::{Seek, Write};
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        self.file.write_all(text.as_bytes())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 #[cfg(test)]
@@ -309,10 +356,32 @@ mod tests {
     fn writes_only_when_the_directory_exists() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("termination-log");
-        assert!(write(&p, "hello").expect("write"));
+        std::fs::write(&p, "an older, longer message").expect("old");
+        let mut sink = Sink::open(&p).expect("open").expect("directory exists");
+        sink.write("hello").expect("write");
         assert_eq!(std::fs::read_to_string(&p).expect("read"), "hello");
         let missing = dir.path().join("nope/termination-log");
-        assert!(!write(&missing, "hello").expect("no error"));
+        assert!(Sink::open(&missing).expect("no error").is_none());
         assert!(!missing.exists());
+    }
+
+    #[test]
+    fn refuses_a_symlink_a_fifo_and_a_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("precious");
+        std::fs::write(&target, "keep").expect("target");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let err = Sink::open(&link).expect_err("symlink");
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "keep");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.expect("mkfifo").success());
+        // Returns at once (a blocking open would wait for a reader forever).
+        let err = Sink::open(&fifo).expect_err("fifo");
+        assert!(err.contains("FIFO"), "{err}");
+        let err = Sink::open(dir.path()).expect_err("directory");
+        assert!(!err.is_empty());
     }
 }

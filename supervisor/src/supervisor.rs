@@ -119,7 +119,9 @@ pub async fn run(
     shared: Shared,
     chans: Channels,
     mut events: mpsc::UnboundedReceiver<Event>,
+    sink: Option<report::Sink>,
 ) -> Result<Outcome, RunError> {
+    let sink = Arc::new(std::sync::Mutex::new(sink));
     let mut handled = signals::forwarded();
     handled.push(Sig::CHLD);
     let mut sigs =
@@ -256,7 +258,7 @@ pub async fn run(
                             st.phase = Phase::Exiting;
                         }
                         end_tx.send_replace(Some(end));
-                        finish = Some(tokio::spawn(finish_up(cfg.clone(), shared.clone(), end, stop_task.take(), stopped, start, none_left_rx.clone())));
+                        finish = Some(tokio::spawn(finish_up(Ending { cfg: cfg.clone(), shared: shared.clone(), start, none_left: none_left_rx.clone(), sink: sink.clone() }, end, stop_task.take(), stopped)));
                     }
                     if r.none_left {
                         none_left_tx.send_replace(true);
@@ -290,7 +292,7 @@ pub async fn run(
                     // hung mount). Exit anyway, inside the grace period, with the story written.
                     tracing::error!(pid, "the app was not reaped after SIGKILL; exiting without waiting for it");
                     let end = ChildEnd::Signaled(Sig::KILL);
-                    finish = Some(tokio::spawn(finish_up(cfg.clone(), shared.clone(), end, None, stopped, start, none_left_rx.clone())));
+                    finish = Some(tokio::spawn(finish_up(Ending { cfg: cfg.clone(), shared: shared.clone(), start, none_left: none_left_rx.clone(), sink: sink.clone() }, end, None, stopped)));
                 }
             }
             out = async { finish.as_mut().expect("guarded").await }, if finish.is_some() => {
@@ -309,15 +311,29 @@ fn sent_by_another_process(o: &Origin) -> bool {
 }
 
 /// After the main child ended: let the stop task finish, sweep leftovers, decide the code, write the report.
-async fn finish_up(
+/// What the end of a run needs besides the child's end and the stop's result.
+struct Ending {
     cfg: Arc<Config>,
     shared: Shared,
+    /// The stop's start, if one ran.
+    start: Option<Instant>,
+    none_left: watch::Receiver<bool>,
+    sink: Arc<std::sync::Mutex<Option<report::Sink>>>,
+}
+
+async fn finish_up(
+    e: Ending,
     end: ChildEnd,
     stop_task: Option<JoinHandle<StopContext>>,
     stopped: Option<StopContext>,
-    start: Option<Instant>,
-    none_left: watch::Receiver<bool>,
 ) -> Outcome {
+    let Ending {
+        cfg,
+        shared,
+        start,
+        none_left,
+        sink,
+    } = e;
     let stop = match stop_task {
         Some(t) => t.await.ok(),
         None => stopped,
@@ -346,12 +362,13 @@ async fn finish_up(
             window_ms: ms(cfg.stop_window()),
             total_ms: total,
         });
-        if let Some(path) = &cfg.termination_log {
-            match report::write(path, &text) {
-                Ok(true) => tracing::debug!(path = %path.display(), "termination message written"),
-                Ok(false) => {}
+        if let Some(sink) = sink.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            match sink.write(&text) {
+                Ok(()) => {
+                    tracing::debug!(path = %sink.path().display(), "termination message written")
+                }
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot write the termination message")
+                    tracing::warn!(path = %sink.path().display(), error = %e, "cannot write the termination message")
                 }
             }
         }

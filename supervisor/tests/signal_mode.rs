@@ -520,3 +520,33 @@ fn kubelets_sigterm_after_the_prestop_hook_is_not_sent_twice() {
     let terms = read().lines().filter(|l| *l == "SIGTERM").count();
     assert_eq!(terms, 1, "{}", read());
 }
+
+#[test]
+fn a_fifo_or_a_symlink_at_the_termination_log_path_never_hangs_or_redirects_pid1() {
+    let s = Scratch::new();
+    let fifo = s.path("fifo-log");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo")
+            .success()
+    );
+    let target = s.path("precious");
+    std::fs::write(&target, "keep").expect("target");
+    let link = s.path("link-log");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    for (path, why) in [(&fifo, "FIFO"), (&link, "symbolic link")] {
+        let mut c = quiesce(&s);
+        c.env("QUIESCE_TERMINATION_LOG", path)
+            .args(["--", "/bin/sh", "-c", "exit 3"]);
+        let out = output_timeout(c, T);
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("no termination message will be written") && err.contains(why),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&target).expect("read"), "keep");
+}
