@@ -87,7 +87,8 @@ pub async fn connect_driver(
 ) {
     let until = Instant::now() + connect_timeout;
     match connect(&path, Role::Driver, until, &end).await {
-        Some((client, hello)) => {
+        Some((client, mut hello)) => {
+            bound_services(&mut hello.services);
             tracing::info!(app = %hello.app, pid = hello.pid, services = ?hello.services, registered = ?hello.registered, "app said hello");
             *driver.0.lock().await = Some(client);
             shared.lock().control = "connected".into();
@@ -103,6 +104,32 @@ pub async fn connect_driver(
                 shared.lock().control = "never connected".into();
             }
         }
+    }
+}
+
+/// The most health services an app may announce, and the longest name: each becomes a health service and a
+/// metric series, so an app cannot grow the supervisor's memory or the metrics without bound.
+pub const MAX_SERVICES: usize = 64;
+pub const MAX_SERVICE_NAME: usize = 200;
+
+/// Keeps the first [`MAX_SERVICES`] well-formed names (printable ASCII without spaces, at most
+/// [`MAX_SERVICE_NAME`] bytes: what gRPC service names look like); says what it dropped.
+fn bound_services(services: &mut Vec<String>) {
+    let before = services.len();
+    services.retain(|n| {
+        !n.is_empty() && n.len() <= MAX_SERVICE_NAME && n.bytes().all(|b| b.is_ascii_graphic())
+    });
+    let malformed = before - services.len();
+    let extra = services.len().saturating_sub(MAX_SERVICES);
+    services.truncate(MAX_SERVICES);
+    if malformed + extra > 0 {
+        tracing::warn!(
+            dropped_malformed = malformed,
+            dropped_over_limit = extra,
+            limit = MAX_SERVICES,
+            "the app announced health services quiesce does not serve: names must be printable ASCII \
+             without spaces, at most 200 bytes, and at most 64 of them"
+        );
     }
 }
 

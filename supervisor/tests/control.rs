@@ -682,3 +682,21 @@ fn an_app_stuck_in_the_kernel_still_gets_its_report_inside_the_margin() {
     assert!(msg.contains("SIGKILL to the process group"), "{msg}");
     assert!(msg.contains(" cleanup "), "{msg}");
 }
+
+#[test]
+fn an_app_announcing_thousands_of_services_gets_a_bounded_few() {
+    let s = Scratch::new();
+    let mut sup = start_raw(&s, &[], &["--services", "40000"]);
+    wait_connected(&s);
+    let health = admin_status(&s)["health"].clone();
+    let n = health.as_object().map_or(0, |m| m.len());
+    // liveness, readiness, startup, "" and at most 64 of the app's.
+    assert!(n <= 4 + 64, "{n} health services");
+    assert!(
+        health.get("svc.63").is_some() && health.get("svc.64").is_none(),
+        "{health}"
+    );
+    assert!(health.get("bad name").is_none());
+    let (status, msg) = stop(&s, &mut sup);
+    assert_eq!(status.code(), Some(0), "{msg}");
+}

@@ -2,7 +2,7 @@
 """An app side of the control protocol written from docs/PROTOCOL.md alone, with misbehaviours the
 Rust agent never shows, for the supervisor's process tests.
 
-    raw_app.py EVENTS [--garbage-once VERB] [--stay-after-close]
+    raw_app.py EVENTS [--garbage-once VERB] [--stay-after-close] [--services N]
 
 Serves $QUIESCE_CONTROL_SOCKET: hello (one driver at a time, `driver_taken` for a second), status,
 health and the five step verbs in order; a repeated step gets its recorded reply (PROTOCOL.md 6.3).
@@ -11,6 +11,7 @@ health and the five step verbs in order; a repeated step gets its recorded reply
                       and recorded, so a repeat gets the real reply)
 --stay-after-close    do not exit after `close`; exit 0 on SIGTERM instead (an app the supervisor must
                       stop at its deadline)
+--services N          announce N health services svc.0 … in hello, plus two malformed names
 
 EVENTS gets one line per event: `hello driver conn=N`, `refused driver_taken conn=N`,
 `eof conn=N`, `verb LINE conn=N`, `garbage VERB`, `sigterm`.
@@ -36,9 +37,12 @@ args = sys.argv[1:]
 events_path = args.pop(0)
 garbage_once = None
 stay_after_close = False
+services = []
 while args:
     a = args.pop(0)
-    if a == "--garbage-once":
+    if a == "--services":
+        services = [f"svc.{i}" for i in range(int(args.pop(0)))] + ["bad name", "x" * 5000]
+    elif a == "--garbage-once":
         garbage_once = args.pop(0)
     elif a == "--stay-after-close":
         stay_after_close = True
@@ -69,7 +73,7 @@ def hello_reply(role):
         "role": role,
         "steps": VERBS,
         "registered": [s for v in VERBS for s in SUBSTEPS[v]],
-        "services": [],
+        "services": services,
     }
 
 
