@@ -54,7 +54,7 @@ impl OwnSocket {
 /// Binds the socket. A file already at the path is removed only when it is a socket nobody answers on (a
 /// stale one); a live socket means another supervisor, and anything that is not a socket is refused, so a
 /// misconfigured path never deletes a file.
-pub fn bind(path: &Path) -> Result<(UnixListener, OwnSocket), BindError> {
+pub fn bind(path: &Path) -> Result<(std::os::unix::net::UnixListener, OwnSocket), BindError> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let err = |reason: String| BindError {
         path: path.into(),
@@ -84,7 +84,11 @@ pub fn bind(path: &Path) -> Result<(UnixListener, OwnSocket), BindError> {
         Ok(_) => std::fs::remove_file(path)
             .map_err(|e| err(format!("cannot remove the stale socket file: {e}")))?,
     }
-    let listener = UnixListener::bind(path).map_err(|e| err(format!("cannot bind: {e}")))?;
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| err(format!("cannot bind: {e}")))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| err(format!("cannot make it non-blocking: {e}")))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| err(format!("cannot set mode 0600: {e}")))?;
     let meta = std::fs::symlink_metadata(path).map_err(|e| err(format!("cannot stat: {e}")))?;
@@ -97,14 +101,51 @@ pub fn bind(path: &Path) -> Result<(UnixListener, OwnSocket), BindError> {
     ))
 }
 
+/// At most this many admin connections are served at once; more are closed at accept. `prestop` holds one
+/// for the preStop delay, `ctl` one for a moment: 16 is plenty, and a flood cannot grow past it.
+pub const MAX_CONNECTIONS: usize = 16;
+/// A connection that sends no request for this long is closed.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves the admin socket on a thread and runtime of its own, so that no client, however busy, can delay
+/// the run loop, the reaper or the stop's timers.
+pub fn spawn(
+    listener: std::os::unix::net::UnixListener,
+    shared: Shared,
+    events: mpsc::UnboundedSender<Event>,
+    watches: Watches,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("quiesce-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    return tracing::error!(error = %e, "admin socket: cannot start its runtime");
+                }
+            };
+            rt.block_on(async move {
+                match UnixListener::from_std(listener) {
+                    Ok(l) => serve(l, shared, events, watches).await,
+                    Err(e) => tracing::error!(error = %e, "admin socket: cannot listen"),
+                }
+            });
+        })
+        .map(drop)
+}
+
 /// Serves connections until the process ends.
-pub async fn serve(
+async fn serve(
     listener: UnixListener,
     shared: Shared,
     events: mpsc::UnboundedSender<Event>,
     watches: Watches,
 ) {
     let me = nix::unistd::geteuid().as_raw();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -115,6 +156,13 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(
+                limit = MAX_CONNECTIONS,
+                "admin socket: too many connections; closing one"
+            );
+            continue;
+        };
         let allowed = stream
             .peer_cred()
             .map(|c| c.uid() == 0 || c.uid() == me)
@@ -124,6 +172,7 @@ pub async fn serve(
             if let Err(e) = connection(stream, allowed, shared, events, watches).await {
                 tracing::debug!(error = %e, "admin connection ended");
             }
+            drop(slot);
         });
     }
 }
@@ -148,7 +197,8 @@ async fn connection(
         wr.write_all(e.render_reply().as_bytes()).await?;
         return Ok(());
     }
-    while let Some(next) = reader.next_line().await? {
+    while let Ok(read) = tokio::time::timeout(IDLE_TIMEOUT, reader.next_line()).await {
+        let Some(next) = read? else { break };
         let line = match next {
             Ok(line) if quiesce_protocol::wire::is_blank(&line) => continue,
             Ok(line) => line,

@@ -145,12 +145,11 @@ pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
             match admin::bind(path) {
                 Ok((listener, own)) => {
                     own_socket = Some(own);
-                    tokio::spawn(admin::serve(
-                        listener,
-                        shared.clone(),
-                        events_tx.clone(),
-                        watches.clone(),
-                    ));
+                    // Its own thread, started while every signal is still blocked: signals stay the run
+                    // loop's.
+                    if let Err(e) = admin::spawn(listener, shared.clone(), events_tx.clone(), watches.clone()) {
+                        return Err(fail(code::INTERNAL, &format!("cannot start the admin thread: {e}")));
+                    }
                 }
                 Err(e) if cfg.admin_socket_explicit => return Err(fail(code::BIND, &format!("{e}"))),
                 // The default path (/run/quiesce) may not be writable for a non-root drop-in init: run

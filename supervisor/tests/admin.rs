@@ -337,3 +337,56 @@ fn ctl_status_shows_health_by_service_with_since_and_why() {
     send(sup.id(), libc::SIGTERM);
     assert_eq!(wait_timeout(&mut sup, T).code(), Some(0));
 }
+
+#[test]
+fn an_admin_socket_flood_never_delays_the_stop_past_its_window() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = Scratch::new();
+    // The app ignores SIGTERM: the run ends with SIGKILL at the 3 s window, and quiesce must be gone by 3.5 s
+    // (half the margin) however busy its admin socket is.
+    let mut c = quiesce(&s);
+    c.args(["--grace-period", "4s", "--safety-margin", "1s", "--"])
+        .arg(testbin())
+        .arg("ignore-sigterm");
+    let mut sup = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    wait_for_line(&mut sup, T, |l| l == "ignoring SIGTERM");
+    wait_admin(&s);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders: Vec<_> = (0..8)
+        .map(|_| {
+            let (stop, path) = (stop.clone(), s.path("admin.sock"));
+            std::thread::spawn(move || {
+                let burst = b"status\n".repeat(2000);
+                let mut open = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut c) = UnixStream::connect(&path) {
+                        let _ = c.set_nonblocking(true);
+                        let _ = c.write_all(&burst);
+                        open.push(c);
+                    }
+                    if open.len() > 1000 {
+                        open.remove(0);
+                    }
+                }
+            })
+        })
+        .collect();
+    let began = Instant::now();
+    send(sup.id(), libc::SIGTERM);
+    let status = wait_timeout(&mut sup, T);
+    let took = began.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for f in flooders {
+        let _ = f.join();
+    }
+    assert_eq!(status.code(), Some(137));
+    assert!(
+        took <= Duration::from_millis(3700),
+        "the stop ended {took:?} after SIGTERM under the flood (window 3 s, hard end 3.5 s)"
+    );
+}
