@@ -7,6 +7,9 @@
 //! - `quiesce_zombies_reaped_total`, `quiesce_signals_received_total{signal}`
 //! - `quiesce_control_rtt_seconds{verb}`: control protocol round trips
 //! - `quiesce_build_info{version}`, and the `process_*` family
+//! - `quiesce_listener_connections{server}`, `quiesce_listener_refused_total{server,limit}`,
+//!   `quiesce_listener_timeouts_total{server}`: the probe and metrics servers' caps at work
+//!   ([`crate::health::limits`])
 
 use std::convert::Infallible;
 use std::net::TcpListener;
@@ -32,6 +35,9 @@ pub struct Metrics {
     zombies: IntCounter,
     signals: IntCounterVec,
     rtt: HistogramVec,
+    listener_open: GaugeVec,
+    listener_refused: IntCounterVec,
+    listener_timeouts: IntCounterVec,
     _build: Gauge,
 }
 
@@ -84,6 +90,21 @@ impl Metrics {
             "Signals received by the supervisor.",
             &["signal"],
         );
+        let listener_open = gauge_vec(
+            "quiesce_listener_connections",
+            "Open connections to the probe (health) and metrics servers.",
+            &["server"],
+        );
+        let listener_refused = counter_vec(
+            "quiesce_listener_refused_total",
+            "Connections or Watch streams refused at a cap (connections, peer_connections, watch_streams).",
+            &["server", "limit"],
+        );
+        let listener_timeouts = counter_vec(
+            "quiesce_listener_timeouts_total",
+            "Connections closed because their peer sent nothing, or read nothing, for the idle timeout.",
+            &["server"],
+        );
         let steps_timed_out = must(IntCounter::new(
             "quiesce_shutdown_steps_timed_out_total",
             "Shutdown steps that passed their deadline.",
@@ -122,6 +143,9 @@ impl Metrics {
             zombies,
             signals,
             rtt,
+            listener_open,
+            listener_refused,
+            listener_timeouts,
             _build: build,
         }
     }
@@ -168,6 +192,20 @@ impl Metrics {
         self.rtt.with_label_values(&[verb]).observe(secs);
     }
 
+    pub fn connections(&self, server: &str, delta: f64) {
+        self.listener_open.with_label_values(&[server]).add(delta);
+    }
+
+    pub fn refused(&self, server: &str, limit: &str) {
+        self.listener_refused
+            .with_label_values(&[server, limit])
+            .inc();
+    }
+
+    pub fn timed_out(&self, server: &str) {
+        self.listener_timeouts.with_label_values(&[server]).inc();
+    }
+
     pub fn render(&self) -> Vec<u8> {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
@@ -175,34 +213,32 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` (and 404 elsewhere) with HTTP/1.1 on an already bound listener.
+/// Serves `/metrics` (and 404 elsewhere) with HTTP/1.1 on an already bound listener, within the caps and
+/// timeouts of [`crate::health::limits`]: a Prometheus scrape needs one short connection.
 pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
-    let Ok(listener) = listener
-        .set_nonblocking(true)
-        .and_then(|_| tokio::net::TcpListener::from_std(listener))
-    else {
+    use crate::health::limits::{self, HEADER_READ_TIMEOUT, HTTP1_MAX_BUF};
+    let Ok(listener) = crate::health::listener(listener) else {
         tracing::error!("metrics listener unusable");
         return;
     };
+    let gate = limits::Gate::new(limits::METRICS, metrics.clone());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // hyper enforces the header timeout only with a timer; it runs from the moment a request is awaited, so
+    // it also ends idle keep-alive connections and headers sent a byte at a time.
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(HTTP1_MAX_BUF);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // e.g. EMFILE: back off instead of spinning on the error.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let conn = limits::accept(&listener, &gate).await;
         let metrics = metrics.clone();
+        let http = http.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let metrics = metrics.clone();
                 async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
             });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
+            let _ = http
+                .serve_connection(hyper_util::rt::TokioIo::new(conn), svc)
                 .await;
         });
     }
