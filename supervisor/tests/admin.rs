@@ -159,6 +159,8 @@ fn admin_socket_rejects_garbage_and_strangers() {
         .spawn()
         .expect("spawn");
     wait_admin(&s);
+    // The admin socket answers from before the child starts (phase `starting`).
+    assert!(wait_until(T, || admin_status(&s)["phase"] == "running"));
     let path = s.path("admin.sock");
     let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
