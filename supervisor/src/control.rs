@@ -486,15 +486,22 @@ fn record_reply(ctx: &StopCtx, rows: &[usize], began: Instant, reply: &StepReply
     for &i in rows {
         let row = &STEPS[i];
         let sub = reply.substeps.iter().find(|s| s.name.as_str() == row.name);
+        // The app's text is data: escaped here, once, so logs (human ones too), `ctl status` and the
+        // termination message never carry a raw newline or escape sequence from it.
         let (outcome, duration, counts, detail) = match sub {
             Some(s) => (
                 outcome_of(s.outcome),
                 Duration::from_millis(s.duration_ms),
-                s.counts.clone(),
-                s.message
-                    .clone()
-                    .or_else(|| s.note.clone())
-                    .unwrap_or_default(),
+                s.counts
+                    .iter()
+                    .map(|(k, v)| (crate::report::escape_controls(k), *v))
+                    .collect(),
+                crate::report::escape_controls(
+                    s.message
+                        .as_deref()
+                        .or(s.note.as_deref())
+                        .unwrap_or_default(),
+                ),
             ),
             None => (
                 outcome_of(reply.outcome),

@@ -142,7 +142,7 @@ fn render_with(s: &Summary<'_>, detail_width: usize, max_rows: usize) -> String 
 }
 
 /// Control characters (newlines, ESC, the C1 range) written as `\n`, `\u{1b}`…, everything else kept.
-fn escape_controls(text: &str) -> String {
+pub fn escape_controls(text: &str) -> String {
     if !text.chars().any(char::is_control) {
         return text.to_owned();
     }

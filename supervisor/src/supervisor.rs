@@ -126,6 +126,7 @@ pub async fn run(
     handled.push(Sig::CHLD);
     let mut sigs =
         SignalsInfo::<WithOrigin>::new(handled.iter().map(|s| s.0)).map_err(RunError::Signals)?;
+    crate::sys::stamp_stop_signals().map_err(RunError::Signals)?;
     // Handlers installed: what arrived since `main` blocked everything is delivered now.
     crate::sys::unblock_all();
 
@@ -198,7 +199,8 @@ pub async fn run(
     let begin_stop = |trigger: Trigger,
                       stop_task: &mut Option<JoinHandle<StopContext>>,
                       start: &mut Option<Instant>,
-                      received: Option<Sig>| {
+                      received: Option<Sig>,
+                      age: Option<std::time::Duration>| {
         if let Some(sig) = received {
             relay
                 .lock()
@@ -212,7 +214,10 @@ pub async fn run(
             }
             return;
         }
-        let now = Instant::now();
+        // From the signal's arrival (stamped in its handler), so a busy loop never moves the deadlines later.
+        let now = age
+            .and_then(|a| Instant::now().checked_sub(a.min(std::time::Duration::from_secs(5))))
+            .unwrap_or_else(Instant::now);
         *start = Some(now);
         {
             let mut st = shared.lock();
@@ -270,7 +275,8 @@ pub async fn run(
                 }
                 shared.signal(sig.name());
                 if sig == Sig::TERM || sig == Sig::INT {
-                    begin_stop(Trigger::Signal(sig.name()), &mut stop_task, &mut start, Some(sig));
+                    let age = crate::sys::take_stop_signal_age();
+                    begin_stop(Trigger::Signal(sig.name()), &mut stop_task, &mut start, Some(sig), age);
                     continue;
                 }
                 if end_tx.borrow().is_some() {
@@ -281,7 +287,7 @@ pub async fn run(
                 stop::deliver(pid, out, cfg.forward_to);
             }
             Some(ev) = events.recv() => match ev {
-                Event::Stop(trigger) => begin_stop(trigger, &mut stop_task, &mut start, None),
+                Event::Stop(trigger) => begin_stop(trigger, &mut stop_task, &mut start, None, None),
             },
             done = async { stop_task.as_mut().expect("guarded").await }, if stop_task.is_some() && finish.is_none() => {
                 stop_task = None;

@@ -108,3 +108,59 @@ pub fn kill_raw(pid: i32, sig: crate::signals::Sig) -> nix::Result<()> {
     let rc = unsafe { libc::kill(pid, sig.0) };
     nix::errno::Errno::result(rc).map(drop)
 }
+
+/// When the first SIGTERM/SIGINT not yet taken by the run loop arrived (CLOCK_MONOTONIC ns; 0: none).
+static STOP_SIGNAL_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; it is async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
+/// Stamps the arrival of SIGTERM and SIGINT from inside the signal handler, so the stop's start (and with
+/// it every deadline) is the signal's arrival, not the moment a busy run loop got to it.
+pub fn stamp_stop_signals() -> std::io::Result<()> {
+    use std::sync::atomic::Ordering;
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the action only reads the clock and does one atomic compare-exchange: async-signal-safe.
+        unsafe {
+            signal_hook::low_level::register(sig, || {
+                let _ = STOP_SIGNAL_AT.compare_exchange(
+                    0,
+                    monotonic_ns(),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// How long ago the oldest stop signal not yet taken arrived; clears the stamp.
+pub fn take_stop_signal_age() -> Option<std::time::Duration> {
+    let at = STOP_SIGNAL_AT.swap(0, std::sync::atomic::Ordering::SeqCst);
+    (at != 0).then(|| std::time::Duration::from_nanos(monotonic_ns().saturating_sub(at)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_signal_is_stamped_on_arrival_and_taken_once() {
+        stamp_stop_signals().expect("register");
+        assert_eq!(take_stop_signal_age(), None);
+        // SAFETY: raise(3) on our own process; the handler above replaced SIGTERM's default action.
+        unsafe { libc::raise(libc::SIGTERM) };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let age = take_stop_signal_age().expect("stamped");
+        assert!(age >= std::time::Duration::from_millis(20), "{age:?}");
+        assert_eq!(take_stop_signal_age(), None, "taken once");
+    }
+}

@@ -700,3 +700,40 @@ fn an_app_announcing_thousands_of_services_gets_a_bounded_few() {
     let (status, msg) = stop(&s, &mut sup);
     assert_eq!(status.code(), Some(0), "{msg}");
 }
+
+#[test]
+fn an_apps_failure_text_cannot_forge_rows_or_reach_a_terminal_through_logs_or_the_message() {
+    let s = Scratch::new();
+    let forged = "boom\n 9  close-db             ok  FORGED\u{1b}]0;owned\u{7}\u{1b}[2J";
+    let mut c = quiesce(&s);
+    c.env("QUIESCE_LOG_FORMAT", "human")
+        .arg("--control-socket")
+        .arg(s.path("control.sock"))
+        .args(["--control-connect-timeout", "20s", "--"])
+        .arg(fixture_app())
+        .args(["--behave", &format!("stop-cron=fail:{forged}")]);
+    let mut sup = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn quiesce");
+    let (status, msg) = stop(&s, &mut sup);
+    let mut log = String::new();
+    let _ = std::io::Read::read_to_string(&mut sup.stderr.take().expect("stderr"), &mut log);
+    assert_eq!(status.code(), Some(0), "{msg}");
+    assert_eq!(outcome(&msg, "stop-cron"), "error", "{msg}");
+    for (what, text) in [("message", &msg), ("log", &log)] {
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{what}: {text:?}"
+        );
+        // The forged text stays inside its own line, after "boom".
+        assert!(
+            text.lines()
+                .filter(|l| l.contains("FORGED"))
+                .all(|l| l.contains("boom")),
+            "{what} has a forged row: {text}"
+        );
+        assert!(text.contains("FORGED"), "{what}: {text}");
+    }
+}
