@@ -10,6 +10,9 @@
 //!   parser and renderer, the typed JSON replies, the stable error codes, and the step table
 //!   (five verbs, eight sub-steps). No I/O policy; the supervisor's admin socket reuses it.
 //! - [`client`]: the async client the supervisor drives an app with.
+//! - [`socket`]: the Unix socket file a server owns (stale-file rule, mode, SO_PEERCRED peer
+//!   check, remove-only-our-own), shared by the agent's control socket and the supervisor's
+//!   admin socket.
 //! - [`agent`]: the app side: register step handlers and dependency checks, then serve them on
 //!   the control socket ([`agent::Agent::serve`]) or run them in-process on SIGTERM without a
 //!   supervisor ([`agent::Agent::run_local`]).
@@ -26,6 +29,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod socket;
 pub mod wire;
 
 /// The environment variable that carries the control socket path from supervisor to app.

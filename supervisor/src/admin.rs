@@ -7,14 +7,16 @@
 //! - `shutdown`: start the shutdown sequence, as SIGTERM would (joins one already running).
 //! - `prestop`: start step 1 (or join it) and reply once the preStop delay has passed.
 //!
-//! The socket is created 0600 and peers must be root or the supervisor's own uid (SO_PEERCRED), even when
+//! The socket file follows `quiesce_protocol::socket`, the rule the app's control socket follows too: a stale
+//! socket is replaced, a live one or any other file refused, and exit removes only the file this supervisor
+//! created. It is created 0600 and peers must be root or the supervisor's own uid (SO_PEERCRED), even when
 //! the file's mode is widened later: another uid gets one `peer_refused` reply and is disconnected.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use quiesce_protocol::socket::{self, Owner, Peer, SocketFile};
 use quiesce_protocol::wire::{ErrorCode, LineReader, Request, WireError, render_reply};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -31,31 +33,18 @@ pub struct BindError {
     pub reason: String,
 }
 
-/// The socket file this supervisor created, so that exit removes that file and nothing else.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OwnSocket {
-    dev: u64,
-    ino: u64,
+/// The admin socket's listener, with the rule for who may connect (fixed when it was bound).
+#[derive(Debug)]
+pub struct Listener {
+    listener: std::os::unix::net::UnixListener,
+    owner: Owner,
 }
 
-impl OwnSocket {
-    /// Removes the socket at `path` if it is still the one we bound (not a file someone put there since).
-    pub fn remove(self, path: &Path) {
-        use std::os::unix::fs::MetadataExt;
-        if let Ok(m) = std::fs::symlink_metadata(path)
-            && m.dev() == self.dev
-            && m.ino() == self.ino
-        {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-/// Binds the socket. A file already at the path is removed only when it is a socket nobody answers on (a
-/// stale one); a live socket means another supervisor, and anything that is not a socket is refused, so a
-/// misconfigured path never deletes a file.
-pub fn bind(path: &Path) -> Result<(std::os::unix::net::UnixListener, OwnSocket), BindError> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+/// Binds the socket 0600, creating its directory if needed. A file already at the path is removed only when it
+/// is a socket nobody answers on (a stale one); a live socket means another supervisor, and anything that is
+/// not a socket is refused, so a misconfigured path never deletes a file. The [`SocketFile`] is what exit
+/// removes, and nothing else.
+pub fn bind(path: &Path) -> Result<(Listener, SocketFile), BindError> {
     let err = |reason: String| BindError {
         path: path.into(),
         reason,
@@ -66,39 +55,27 @@ pub fn bind(path: &Path) -> Result<(std::os::unix::net::UnixListener, OwnSocket)
     {
         std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}; mount a writable directory there (an emptyDir) or set admin_socket", dir.display())))?;
     }
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(format!("cannot inspect the existing file: {e}"))),
-        Ok(m) if !m.file_type().is_socket() => {
-            return Err(err(
-                "a file that is not a socket is there; refusing to remove it: set admin_socket to a path of its own"
-                    .into(),
-            ));
+    let (listener, file) = socket::bind(path, 0o600).map_err(|e| err(reason(e)))?;
+    let owner = file.owner();
+    Ok((Listener { listener, owner }, file))
+}
+
+/// The admin socket's wording of a bind failure: it names the setting to change.
+fn reason(error: socket::BindError) -> String {
+    use socket::BindError as E;
+    match error {
+        E::InUse { .. } => {
+            "another supervisor is already listening there; give this one its own admin_socket".into()
         }
-        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
-            return Err(err(
-                "another supervisor is already listening there; give this one its own admin_socket"
-                    .into(),
-            ));
+        E::NotASocket { .. } => {
+            "a file that is not a socket is there; refusing to remove it: set admin_socket to a path of its own"
+                .into()
         }
-        Ok(_) => std::fs::remove_file(path)
-            .map_err(|e| err(format!("cannot remove the stale socket file: {e}")))?,
+        E::Inspect { source, .. } => format!("cannot inspect the existing file: {source}"),
+        E::RemoveStale { source, .. } => format!("cannot remove the stale socket file: {source}"),
+        E::Bind { source, .. } => format!("cannot bind: {source}"),
+        E::Mode { mode, source, .. } => format!("cannot set mode {mode:04o}: {source}"),
     }
-    let listener = std::os::unix::net::UnixListener::bind(path)
-        .map_err(|e| err(format!("cannot bind: {e}")))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| err(format!("cannot make it non-blocking: {e}")))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| err(format!("cannot set mode 0600: {e}")))?;
-    let meta = std::fs::symlink_metadata(path).map_err(|e| err(format!("cannot stat: {e}")))?;
-    Ok((
-        listener,
-        OwnSocket {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        },
-    ))
 }
 
 /// At most this many admin connections are served at once; more are closed at accept. `prestop` holds one
@@ -110,7 +87,7 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10)
 /// Serves the admin socket on a thread and runtime of its own, so that no client, however busy, can delay
 /// the run loop, the reaper or the stop's timers.
 pub fn spawn(
-    listener: std::os::unix::net::UnixListener,
+    listener: Listener,
     shared: Shared,
     events: mpsc::UnboundedSender<Event>,
     watches: Watches,
@@ -128,8 +105,9 @@ pub fn spawn(
                 }
             };
             rt.block_on(async move {
+                let Listener { listener, owner } = listener;
                 match UnixListener::from_std(listener) {
-                    Ok(l) => serve(l, shared, events, watches).await,
+                    Ok(l) => serve(l, owner, shared, events, watches).await,
                     Err(e) => tracing::error!(error = %e, "admin socket: cannot listen"),
                 }
             });
@@ -140,11 +118,11 @@ pub fn spawn(
 /// Serves connections until the process ends.
 async fn serve(
     listener: UnixListener,
+    owner: Owner,
     shared: Shared,
     events: mpsc::UnboundedSender<Event>,
     watches: Watches,
 ) {
-    let me = nix::unistd::geteuid().as_raw();
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
@@ -163,10 +141,7 @@ async fn serve(
             );
             continue;
         };
-        let allowed = stream
-            .peer_cred()
-            .map(|c| c.uid() == 0 || c.uid() == me)
-            .unwrap_or(false);
+        let allowed = matches!(owner.check(&stream), Peer::Allowed);
         let (shared, events, watches) = (shared.clone(), events.clone(), watches.clone());
         tokio::spawn(async move {
             if let Err(e) = connection(stream, allowed, shared, events, watches).await {

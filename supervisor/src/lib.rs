@@ -161,8 +161,8 @@ pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
             .await
             .map_err(|e| fail(e.exit_code(), &e.to_string()))
     });
-    if let (Some(path), Some(own)) = (&cfg.admin_socket, own_socket) {
-        own.remove(path);
+    if let Some(own) = own_socket {
+        own.remove();
     }
     match result {
         Ok(out) => {

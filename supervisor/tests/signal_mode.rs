@@ -550,3 +550,45 @@ fn a_fifo_or_a_symlink_at_the_termination_log_path_never_hangs_or_redirects_pid1
     }
     assert_eq!(std::fs::read_to_string(&target).expect("read"), "keep");
 }
+
+#[test]
+fn out_of_descriptors_the_termination_message_is_still_written() {
+    let s = Scratch::new();
+    let addr = format!("127.0.0.1:{}", free_port());
+    // 24 descriptors: a few more than quiesce needs with health on; idle probe-port connections take the rest.
+    let mut c = std::process::Command::new("prlimit");
+    isolate(&mut c, &s);
+    die_with_test(&mut c);
+    c.arg("--nofile=24:24")
+        .arg(quiesce_bin())
+        .args(["--health-enabled", "true", "--health-address", &addr, "--"])
+        .arg(testbin())
+        .arg("sleep");
+    let mut sup = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert!(wait_until(T, || std::net::TcpStream::connect(&addr).is_ok()));
+    let held: Vec<_> = (0..8)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    assert!(
+        wait_until(T, || fds(sup.id()) >= 24),
+        "descriptors never ran out: {} open",
+        fds(sup.id())
+    );
+    send(sup.id(), libc::SIGTERM);
+    assert_eq!(wait_timeout(&mut sup, T).code(), Some(0));
+    drop(held);
+    let msg = std::fs::read_to_string(s.path("termination-log")).unwrap_or_default();
+    assert!(
+        msg.contains("stop by SIGTERM"),
+        "no termination message: {msg:?}"
+    );
+}
