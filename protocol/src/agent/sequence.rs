@@ -1,5 +1,7 @@
-//! The step state machine and the runner that executes one verb's sub-steps under its deadline
-//! (and, when the driver sent `budgets_ms`, each sub-step under its own budget as well).
+//! Sequencing: the step state machine, the entry points that claim a verb and run it
+//! ([`Agent::step`], [`Agent::run_local`], and the socket's step requests), and the runner that
+//! executes one verb's sub-steps under its deadline (and, when the driver sent `budgets_ms`,
+//! each sub-step under its own budget as well).
 //!
 //! State changes only here, under the agent's lock, and only in one direction per step:
 //! pending → running → done. A refused request never reaches [`Sequence::claim`]'s mutation.
@@ -12,8 +14,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::Agent;
 use super::handler::{StepCtx, StepFn};
-use super::instant_after;
 use crate::wire::{
     Counts, Outcome, Phase, StepReply, StepState, StepStatus, StepVerb, SubStep, SubStepReply,
     WireError,
@@ -22,6 +24,10 @@ use crate::wire::{
 /// How long a cancelled handler task gets to be dropped before the sequence moves on anyway (a
 /// handler blocking its thread cannot be dropped at all).
 const ABORT_GRACE: Duration = Duration::from_millis(100);
+
+/// How [`Agent::run_local`] splits its budget: each step gets its weight's share of what is left,
+/// so time a fast step does not use passes to the later ones.
+const LOCAL_WEIGHTS: [u32; 5] = [4, 1, 2, 1, 2];
 
 type Done = watch::Receiver<Option<StepReply>>;
 
@@ -143,6 +149,102 @@ impl Sequence {
                 },
             })
             .collect()
+    }
+}
+
+impl Agent {
+    /// Runs every remaining step in order in-process, for an app that got SIGTERM without a
+    /// supervisor: same handlers, same order, same recording. Steps that already ran return their
+    /// recorded replies; a step a driver is running is waited for. The budget is shared out by
+    /// weight (drain 4, stop-cron 1, stop-consumer 2, stop-poller 1, close 2), unused time passing
+    /// to later steps. Returns one reply per verb.
+    pub async fn run_local(&self, total_budget: Duration) -> Vec<StepReply> {
+        let overall = instant_after(Instant::now(), total_budget);
+        let mut replies = Vec::with_capacity(StepVerb::ALL.len());
+        for verb in StepVerb::ALL {
+            let now = Instant::now();
+            let left = overall.saturating_duration_since(now);
+            let weights_left: u32 = LOCAL_WEIGHTS[verb.index()..].iter().sum();
+            let share =
+                left.mul_f64(f64::from(LOCAL_WEIGHTS[verb.index()]) / f64::from(weights_left));
+            match self
+                .step_at(verb, now, instant_after(now, share), None, true)
+                .await
+            {
+                Ok(reply) => replies.push(reply),
+                Err(error) => {
+                    tracing::error!(step = %verb, %error, "local shutdown stopped");
+                    break;
+                }
+            }
+        }
+        replies
+    }
+
+    /// Runs one step in-process with a budget from now, enforcing the same order as the socket.
+    pub async fn step(&self, verb: StepVerb, budget: Duration) -> Result<StepReply, WireError> {
+        let now = Instant::now();
+        self.step_at(verb, now, instant_after(now, budget), None, true)
+            .await
+    }
+
+    pub(crate) async fn step_at(
+        &self,
+        verb: StepVerb,
+        received: Instant,
+        deadline: Instant,
+        budgets: Option<Vec<Duration>>,
+        local: bool,
+    ) -> Result<StepReply, WireError> {
+        let claim = self.inner.lock().sequence.claim(verb)?;
+        match claim {
+            Claim::Recorded(reply) => Ok(reply),
+            Claim::Wait(done) => {
+                let mut reply = wait_done(done, verb).await?;
+                reply.repeated = true;
+                Ok(reply)
+            }
+            Claim::Run(publish) => {
+                let done = publish.subscribe();
+                let agent = self.clone();
+                tracing::info!(
+                    step = %verb,
+                    budget_ms = millis(deadline.saturating_duration_since(received)),
+                    substep_budgets_ms = ?budgets
+                        .as_ref()
+                        .map(|b| b.iter().map(|d| millis(*d)).collect::<Vec<_>>()),
+                    local,
+                    "step started"
+                );
+                tokio::spawn(async move {
+                    let reply = run_verb(
+                        &agent.inner.handlers,
+                        verb,
+                        received,
+                        deadline,
+                        budgets.as_deref(),
+                        local,
+                    )
+                    .await;
+                    tracing::info!(
+                        step = %verb,
+                        outcome = %reply.outcome,
+                        duration_ms = reply.duration_ms,
+                        "step finished"
+                    );
+                    agent.inner.lock().sequence.finish(reply.clone());
+                    publish.send_replace(Some(reply));
+                    if verb == StepVerb::Close {
+                        if local {
+                            // Nobody waits for a reply to an in-process `close`.
+                            agent.inner.close_replied.send_replace(true);
+                        }
+                        agent.inner.closed.send_replace(true);
+                    }
+                });
+                wait_done(done, verb).await
+            }
+        }
     }
 }
 
@@ -307,6 +409,13 @@ fn panic_message(error: tokio::task::JoinError) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-text panic payload".to_owned());
     format!("the handler panicked: {text}")
+}
+
+pub(crate) fn instant_after(now: Instant, budget: Duration) -> Instant {
+    // A budget too large to represent means "no deadline" in practice: ten years.
+    now.checked_add(budget)
+        .or_else(|| now.checked_add(Duration::from_secs(10 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 /// Whole milliseconds, rounded down.

@@ -1,133 +1,106 @@
-//! The control socket: bind safely, check each peer, and serve one task per connection.
+//! Serving the control socket: one task per connection, each peer checked first.
 //!
-//! - bind: a stale socket file (nothing listening) is removed; a live one or a non-socket file
-//!   is an error; the new file gets the configured mode (0600 by default).
+//! - the socket file: bound, checked and removed by [`crate::socket`] (a stale file is replaced,
+//!   a live socket or any other file is an error; the mode is the builder's, 0600 by default).
 //! - peers: SO_PEERCRED uid must be 0 or the socket file's owner (or, with a group-accessible
 //!   mode, the gid must be the file's group); others get one `peer_refused` line and are closed.
 //! - connections: requests answered in order; a step runs on its own task, so a peer vanishing
 //!   mid-step only frees the driver slot, it does not cancel the step.
 
-use std::fs;
-use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::{Agent, AgentError, Inner, instant_after};
+use super::sequence::instant_after;
+use super::{Agent, AgentError, Inner};
+use crate::CONTROL_SOCKET_ENV;
+use crate::socket::{self, Owner, Peer, SocketFile};
 use crate::wire::{
-    AgentCommand, ErrorCode, LineReader, Request, Role, StepVerb, WireError, render_reply,
+    AgentCommand, ErrorCode, LineReader, Request, Role, StepReply, StepVerb, WireError,
+    render_reply,
 };
 
-/// Who owns the socket file, which decides who may connect.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SocketOwner {
-    uid: u32,
-    gid: u32,
-    group_access: bool,
-    dev: u64,
-    ino: u64,
-}
-
-impl SocketOwner {
-    fn allows(&self, uid: u32, gid: u32) -> bool {
-        uid == 0 || uid == self.uid || (self.group_access && gid == self.gid)
+impl Agent {
+    /// Binds the control socket at `path` (removing a stale socket file first) and serves it on
+    /// a background task. Dropping the returned handle does not stop serving; call
+    /// [`AgentHandle::shutdown`] for that.
+    pub async fn serve(&self, path: impl AsRef<Path>) -> Result<AgentHandle, AgentError> {
+        let path = path.as_ref().to_path_buf();
+        let (listener, file) = socket::bind(&path, self.inner.socket_mode)?;
+        let listener = UnixListener::from_std(listener).map_err(|source| AgentError::Bind {
+            path: path.clone(),
+            source,
+        })?;
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(self.clone(), listener, file, stopped));
+        tracing::info!(path = %path.display(), app = %self.inner.app, "control socket listening");
+        Ok(AgentHandle {
+            agent: self.clone(),
+            path,
+            stop,
+            task,
+        })
     }
 
-    /// Who is allowed, for the refusal message.
-    fn describe(&self) -> String {
-        let mut who = if self.uid == 0 {
-            "uid 0 (the app's)".to_owned()
-        } else {
-            format!("uid 0 and uid {} (the app's)", self.uid)
-        };
-        if self.group_access {
-            who.push_str(&format!(" and processes with gid {}", self.gid));
+    /// [`Agent::serve`] on the path in `QUIESCE_CONTROL_SOCKET`; `Ok(None)` when it is unset or
+    /// empty (the app runs without a supervisor).
+    pub async fn serve_from_env(&self) -> Result<Option<AgentHandle>, AgentError> {
+        match std::env::var_os(CONTROL_SOCKET_ENV) {
+            Some(path) if !path.is_empty() => self.serve(PathBuf::from(path)).await.map(Some),
+            _ => Ok(None),
         }
-        who
     }
 }
 
-/// Removes a stale socket file at `path`, then binds and sets the mode.
-pub(crate) fn bind(path: &Path, mode: u32) -> Result<(UnixListener, SocketOwner), AgentError> {
-    remove_stale(path)?;
-    let listener = UnixListener::bind(path).map_err(|source| AgentError::Bind {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let permissions = |source| AgentError::Permissions {
-        path: path.to_path_buf(),
-        mode,
-        source,
-    };
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(permissions)?;
-    // The file's owner is this process's (fs)uid and its group the one that mode bits grant
-    // access to, so the peer check compares against the file itself: no libc call needed.
-    let meta = fs::metadata(path).map_err(permissions)?;
-    Ok((
-        listener,
-        SocketOwner {
-            uid: meta.uid(),
-            gid: meta.gid(),
-            group_access: mode & 0o070 != 0,
-            dev: meta.dev(),
-            ino: meta.ino(),
-        },
-    ))
+/// A serving control socket. Dropping it leaves the socket served; [`AgentHandle::shutdown`]
+/// stops it.
+#[derive(Debug)]
+pub struct AgentHandle {
+    agent: Agent,
+    path: PathBuf,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
 }
 
-fn remove_stale(path: &Path) -> Result<(), AgentError> {
-    let stale = |source| AgentError::Stale {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = match fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(stale(e)),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(AgentError::NotASocket {
-            path: path.to_path_buf(),
-        });
+impl AgentHandle {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(AgentError::InUse {
-            path: path.to_path_buf(),
-        }),
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
-            ) =>
-        {
-            match fs::remove_file(path) {
-                Ok(()) => {
-                    tracing::info!(path = %path.display(), "removed stale control socket file");
-                    Ok(())
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(stale(e)),
-            }
+
+    /// The agent being served.
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// Resolves once `close` has finished; see [`Agent::closed`].
+    pub async fn closed(&self) {
+        self.agent.closed().await;
+    }
+
+    /// Stops accepting, drops every open connection, and removes the socket file. Steps already
+    /// running carry on and are recorded.
+    pub async fn shutdown(self) {
+        self.stop.send_replace(true);
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "control socket task ended abnormally");
         }
-        Err(e) => Err(stale(e)),
     }
 }
 
 /// Accepts connections until `stop` turns true, then drops them all and removes the socket file
 /// (if it is still the one this agent created).
-pub(crate) async fn accept_loop(
+async fn accept_loop(
     agent: Agent,
     listener: UnixListener,
-    owner: SocketOwner,
-    path: PathBuf,
+    file: SocketFile,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
@@ -143,7 +116,7 @@ pub(crate) async fn accept_loop(
             },
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    connections.spawn(serve_connection(agent.clone(), stream, owner));
+                    connections.spawn(serve_connection(agent.clone(), stream, file.owner()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning; the listener recovers.
@@ -155,12 +128,7 @@ pub(crate) async fn accept_loop(
     }
     connections.shutdown().await;
     drop(listener);
-    if let Ok(meta) = fs::symlink_metadata(&path)
-        && meta.dev() == owner.dev
-        && meta.ino() == owner.ino
-    {
-        let _ = fs::remove_file(&path);
-    }
+    file.remove();
 }
 
 /// Frees the driver slot when the connection that holds it ends, however it ends.
@@ -200,19 +168,16 @@ impl Drop for DriverSlot {
     }
 }
 
-async fn serve_connection(agent: Agent, mut stream: UnixStream, owner: SocketOwner) {
+async fn serve_connection(agent: Agent, mut stream: UnixStream, owner: Owner) {
     let connection = agent.inner.next_connection.fetch_add(1, Ordering::Relaxed);
-    let refusal = match stream.peer_cred() {
-        Ok(cred) if owner.allows(cred.uid(), cred.gid()) => None,
-        Ok(cred) => Some(format!(
-            "peer uid {} (gid {}, pid {}) may not use this socket: only {} may; connect as one of them",
-            cred.uid(),
-            cred.gid(),
-            cred.pid()
-                .map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
-            owner.describe(),
+    let refusal = match owner.check(&stream) {
+        Peer::Allowed => None,
+        Peer::Refused { uid, gid, pid } => Some(format!(
+            "peer uid {uid} (gid {gid}, pid {}) may not use this socket: only {} may; connect as one of them",
+            pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+            allowed_peers(owner),
         )),
-        Err(e) => Some(format!(
+        Peer::Unknown(e) => Some(format!(
             "cannot read the peer's credentials (SO_PEERCRED: {e}); connect over a local Unix socket"
         )),
     };
@@ -248,6 +213,19 @@ async fn serve_connection(agent: Agent, mut stream: UnixStream, owner: SocketOwn
     }
 }
 
+/// Who is allowed, for the refusal message.
+fn allowed_peers(owner: Owner) -> String {
+    let mut who = if owner.uid() == 0 {
+        "uid 0 (the app's)".to_owned()
+    } else {
+        format!("uid 0 and uid {} (the app's)", owner.uid())
+    };
+    if let Some(gid) = owner.group() {
+        who.push_str(&format!(" and processes with gid {gid}"));
+    }
+    who
+}
+
 /// What a written line was, for the app's exit after `close`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Answered {
@@ -257,6 +235,7 @@ enum Answered {
     Other,
 }
 
+/// Answers one well-formed request: the line to write, and whether it is the reply to `close`.
 async fn answer<R>(
     agent: &Agent,
     request: &Request,
@@ -264,22 +243,7 @@ async fn answer<R>(
     reader: &mut LineReader<R>,
 ) -> (String, Answered)
 where
-    R: tokio::io::AsyncBufRead + Unpin,
-{
-    let mut kind = Answered::Other;
-    let line = answer_line(agent, request, driver, reader, &mut kind).await;
-    (line, kind)
-}
-
-async fn answer_line<R>(
-    agent: &Agent,
-    request: &Request,
-    driver: &mut DriverSlot,
-    reader: &mut LineReader<R>,
-    kind: &mut Answered,
-) -> String
-where
-    R: tokio::io::AsyncBufRead + Unpin,
+    R: AsyncBufRead + Unpin,
 {
     let received = Instant::now();
     if let Some(hook) = &agent.inner.on_request {
@@ -287,38 +251,19 @@ where
     }
     let command = match AgentCommand::from_request(request) {
         Ok(command) => command,
-        Err(refusal) => return refusal.render_reply(),
+        Err(refusal) => return (refusal.render_reply(), Answered::Other),
     };
     match command {
-        AgentCommand::Hello { role, .. } => {
-            match role {
-                Role::Driver if !driver.claim() => {
-                    return WireError::new(
-                        ErrorCode::DriverTaken,
-                        "another connection is the driver; only one at a time: close it first, or say `hello role=observer` to read",
-                    )
-                    .render_reply();
-                }
-                Role::Driver => {}
-                Role::Observer => driver.release(),
-            }
-            render_reply(&agent.hello(role))
-        }
-        AgentCommand::Status => render_reply(&agent.status()),
-        AgentCommand::Health => render_reply(&agent.health().await),
+        AgentCommand::Hello { role, .. } => (answer_hello(agent, role, driver), Answered::Other),
+        AgentCommand::Status => (render_reply(&agent.status()), Answered::Other),
+        AgentCommand::Health => (render_reply(&agent.health().await), Answered::Other),
         AgentCommand::Step {
             verb,
             deadline,
             budgets,
         } => {
             if !driver.held {
-                return WireError::new(
-                    ErrorCode::NotDriver,
-                    format!(
-                        "`{verb}` is a step verb and this connection is not the driver: send `hello role=driver` first"
-                    ),
-                )
-                .render_reply();
+                return (not_driver(verb), Answered::Other);
             }
             let step = agent.step_at(
                 verb,
@@ -327,30 +272,66 @@ where
                 budgets,
                 false,
             );
-            tokio::pin!(step);
-            let mut watching = true;
-            loop {
-                tokio::select! {
-                    result = &mut step => {
-                        return match result {
-                            Ok(reply) => {
-                                if reply.step == StepVerb::Close {
-                                    *kind = Answered::CloseReply;
-                                }
-                                render_reply(&reply)
-                            }
-                            Err(refusal) => refusal.render_reply(),
-                        };
-                    }
-                    readable = reader.wait_readable(), if watching => {
-                        watching = false;
-                        if !matches!(readable, Ok(true)) {
-                            // The peer closed its side: it cannot send more requests, so free
-                            // the driver slot for a reconnecting supervisor. The step goes on.
-                            tracing::info!(step = %verb, "driver disconnected mid-step; the step continues");
-                            driver.release();
-                        }
-                    }
+            match step_watching_peer(step, verb, driver, reader).await {
+                Ok(reply) if reply.step == StepVerb::Close => {
+                    (render_reply(&reply), Answered::CloseReply)
+                }
+                Ok(reply) => (render_reply(&reply), Answered::Other),
+                Err(refusal) => (refusal.render_reply(), Answered::Other),
+            }
+        }
+    }
+}
+
+/// `hello`: a driver takes the driver slot (refused while another connection holds it); an
+/// observer gives up the slot if this connection held it.
+fn answer_hello(agent: &Agent, role: Role, driver: &mut DriverSlot) -> String {
+    match role {
+        Role::Driver if !driver.claim() => {
+            return WireError::new(
+                ErrorCode::DriverTaken,
+                "another connection is the driver; only one at a time: close it first, or say `hello role=observer` to read",
+            )
+            .render_reply();
+        }
+        Role::Driver => {}
+        Role::Observer => driver.release(),
+    }
+    render_reply(&agent.hello(role))
+}
+
+fn not_driver(verb: StepVerb) -> String {
+    WireError::new(
+        ErrorCode::NotDriver,
+        format!(
+            "`{verb}` is a step verb and this connection is not the driver: send `hello role=driver` first"
+        ),
+    )
+    .render_reply()
+}
+
+/// Waits for a step's reply while watching the connection: if the peer closes its side
+/// mid-step, the driver slot is freed for a reconnecting supervisor. The step goes on either way.
+async fn step_watching_peer<R>(
+    step: impl Future<Output = Result<StepReply, WireError>>,
+    verb: StepVerb,
+    driver: &mut DriverSlot,
+    reader: &mut LineReader<R>,
+) -> Result<StepReply, WireError>
+where
+    R: AsyncBufRead + Unpin,
+{
+    tokio::pin!(step);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            result = &mut step => return result,
+            readable = reader.wait_readable(), if watching => {
+                watching = false;
+                if !matches!(readable, Ok(true)) {
+                    // The peer cannot send more requests: free the driver slot.
+                    tracing::info!(step = %verb, "driver disconnected mid-step; the step continues");
+                    driver.release();
                 }
             }
         }
