@@ -65,80 +65,11 @@ impl Request {
     /// refused here (`bad_request`); a server skips them before parsing (see
     /// [`super::LineReader::next_request`]).
     pub fn parse(line: &[u8]) -> Result<Request, WireError> {
-        let line = line.strip_suffix(b"\n").unwrap_or(line);
-        if line.len() > MAX_LINE {
-            return Err(WireError::new(
-                ErrorCode::LineTooLong,
-                format!(
-                    "request line is {} bytes, the limit is {MAX_LINE}: the line was discarded; send shorter requests",
-                    line.len()
-                ),
-            ));
-        }
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let text = std::str::from_utf8(line).map_err(|e| {
-            WireError::new(
-                ErrorCode::InvalidUtf8,
-                format!(
-                    "request line is not valid UTF-8 (bad byte at offset {}): send plain UTF-8 text",
-                    e.valid_up_to()
-                ),
-            )
-        })?;
-        if let Some((offset, c)) = text
-            .char_indices()
-            .find(|(_, c)| c.is_control() && *c != '\t')
-        {
-            return Err(WireError::new(
-                ErrorCode::BadRequest,
-                format!(
-                    "control character U+{:04X} at offset {offset}: a request is one line of printable text",
-                    u32::from(c)
-                ),
-            ));
-        }
+        let text = line_text(line)?;
         let mut tokens = text.split([' ', '\t']).filter(|t| !t.is_empty());
-        let Some(verb) = tokens.next() else {
-            return Err(WireError::new(
-                ErrorCode::BadRequest,
-                "empty request: send a verb, e.g. `status`",
-            ));
-        };
-        if !is_verb(verb) {
-            return Err(WireError::new(
-                ErrorCode::BadRequest,
-                format!(
-                    "malformed verb {}: verbs are lowercase letters, digits and `-`, e.g. `status`",
-                    quote(verb)
-                ),
-            ));
-        }
-        let mut request = Request::new(verb);
+        let mut request = Request::new(parse_verb(tokens.next())?);
         for token in tokens {
-            let Some((key, value)) = token.split_once('=') else {
-                return Err(WireError::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "argument {} has no `=`: arguments are key=value, e.g. `deadline_ms=5000`",
-                        quote(token)
-                    ),
-                ));
-            };
-            if !is_key(key) {
-                return Err(WireError::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "malformed key {}: keys are lowercase letters and `_`, e.g. `deadline_ms`",
-                        quote(key)
-                    ),
-                ));
-            }
-            if value.is_empty() {
-                return Err(WireError::new(
-                    ErrorCode::BadRequest,
-                    format!("argument `{key}` has an empty value: write `{key}=VALUE`"),
-                ));
-            }
+            let (key, value) = parse_argument(token)?;
             if request.get(key).is_some() {
                 return Err(WireError::new(
                     ErrorCode::BadRequest,
@@ -210,6 +141,93 @@ impl Request {
             }),
         }
     }
+}
+
+/// The framing checks of [`Request::parse`]: strips the `\n` and one `\r`, and refuses a line
+/// over [`MAX_LINE`], invalid UTF-8, or a control character other than tab.
+fn line_text(line: &[u8]) -> Result<&str, WireError> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    if line.len() > MAX_LINE {
+        return Err(WireError::new(
+            ErrorCode::LineTooLong,
+            format!(
+                "request line is {} bytes, the limit is {MAX_LINE}: the line was discarded; send shorter requests",
+                line.len()
+            ),
+        ));
+    }
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let text = std::str::from_utf8(line).map_err(|e| {
+        WireError::new(
+            ErrorCode::InvalidUtf8,
+            format!(
+                "request line is not valid UTF-8 (bad byte at offset {}): send plain UTF-8 text",
+                e.valid_up_to()
+            ),
+        )
+    })?;
+    if let Some((offset, c)) = text
+        .char_indices()
+        .find(|(_, c)| c.is_control() && *c != '\t')
+    {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "control character U+{:04X} at offset {offset}: a request is one line of printable text",
+                u32::from(c)
+            ),
+        ));
+    }
+    Ok(text)
+}
+
+/// The verb: the line's first token, lowercase letters, digits and `-`.
+fn parse_verb(token: Option<&str>) -> Result<&str, WireError> {
+    let Some(verb) = token else {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            "empty request: send a verb, e.g. `status`",
+        ));
+    };
+    if !is_verb(verb) {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "malformed verb {}: verbs are lowercase letters, digits and `-`, e.g. `status`",
+                quote(verb)
+            ),
+        ));
+    }
+    Ok(verb)
+}
+
+/// One `key=value` argument: a well-formed key and a non-empty value.
+fn parse_argument(token: &str) -> Result<(&str, &str), WireError> {
+    let Some((key, value)) = token.split_once('=') else {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "argument {} has no `=`: arguments are key=value, e.g. `deadline_ms=5000`",
+                quote(token)
+            ),
+        ));
+    };
+    if !is_key(key) {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "malformed key {}: keys are lowercase letters and `_`, e.g. `deadline_ms`",
+                quote(key)
+            ),
+        ));
+    }
+    if value.is_empty() {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!("argument `{key}` has an empty value: write `{key}=VALUE`"),
+        ));
+    }
+    Ok((key, value))
 }
 
 fn is_verb(s: &str) -> bool {
