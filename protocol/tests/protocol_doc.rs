@@ -80,23 +80,10 @@ fn expand(request: &str) -> Vec<u8> {
     out
 }
 
-/// The agent every example runs against (see "How to read the examples" in the document).
-/// `failing` maps a handler or check name to its error message; a handler in `hanging` never
-/// finishes (the agent cuts it).
-fn doc_agent(failing: &BTreeMap<String, String>, hanging: &BTreeSet<String>) -> Agent {
-    let components = Arc::new(Mutex::new(json!({
-        "grpc": {"state": "serving", "in_flight": 0},
-        "cron": {"state": "running"},
-        "consumer": {"state": "consuming", "unacked": 0},
-        "mq": {"state": "open"},
-        "redis": {"state": "open"},
-        "db": {"state": "open", "pool_size": 10},
-    })));
-    let set = |components: &Arc<Mutex<Value>>, name: &str, state: &str| {
-        components.lock().unwrap()[name]["state"] = json!(state);
-    };
-    let mut builder = Agent::builder("order-service").service("order.v1.OrderService");
-    let handlers: [(SubStep, &str, &str, Report, Duration); 7] = [
+/// The example app's handlers: the sub-step, the component it moves, the state it leaves it in,
+/// its report and how long it takes.
+fn doc_handlers() -> [(SubStep, &'static str, &'static str, Report, Duration); 7] {
+    [
         (
             SubStep::StopAccepting,
             "grpc",
@@ -150,8 +137,26 @@ fn doc_agent(failing: &BTreeMap<String, String>, hanging: &BTreeSet<String>) -> 
             Report::new().count("connections_closed", 10),
             Duration::ZERO,
         ),
-    ];
-    for (substep, component, state, report, takes) in handlers {
+    ]
+}
+
+/// The agent every example runs against (see "How to read the examples" in the document).
+/// `failing` maps a handler or check name to its error message; a handler in `hanging` never
+/// finishes (the agent cuts it).
+fn doc_agent(failing: &BTreeMap<String, String>, hanging: &BTreeSet<String>) -> Agent {
+    let components = Arc::new(Mutex::new(json!({
+        "grpc": {"state": "serving", "in_flight": 0},
+        "cron": {"state": "running"},
+        "consumer": {"state": "consuming", "unacked": 0},
+        "mq": {"state": "open"},
+        "redis": {"state": "open"},
+        "db": {"state": "open", "pool_size": 10},
+    })));
+    let set = |components: &Arc<Mutex<Value>>, name: &str, state: &str| {
+        components.lock().unwrap()[name]["state"] = json!(state);
+    };
+    let mut builder = Agent::builder("order-service").service("order.v1.OrderService");
+    for (substep, component, state, report, takes) in doc_handlers() {
         let failure = failing.get(substep.as_str()).cloned();
         let hangs = hanging.contains(substep.as_str());
         let components = Arc::clone(&components);
@@ -242,7 +247,17 @@ struct Coverage {
     codes: BTreeSet<String>,
 }
 
-async fn run_block(block: &Block, coverage: &mut Coverage) -> Vec<String> {
+/// What a block's `#` lines ask of the agent and the test.
+struct Setup {
+    /// Handler or check name → its error message.
+    failing: BTreeMap<String, String>,
+    /// Handlers that never finish.
+    hanging: BTreeSet<String>,
+    /// Whether a connection comes from another uid.
+    needs_peer: bool,
+}
+
+fn setup(block: &Block) -> Setup {
     let mut failing = BTreeMap::new();
     let mut hanging = BTreeSet::new();
     let mut needs_peer = false;
@@ -263,6 +278,36 @@ async fn run_block(block: &Block, coverage: &mut Coverage) -> Vec<String> {
         }
         needs_peer |= text.starts_with("# connection") && text.contains(" as uid ");
     }
+    Setup {
+        failing,
+        hanging,
+        needs_peer,
+    }
+}
+
+/// Compares one documented reply with the agent's, noting the error code it covers.
+fn compare(
+    n: usize,
+    reply: &str,
+    expected: &Value,
+    actual: &Value,
+    line: &str,
+    coverage: &mut Coverage,
+) -> Option<String> {
+    if let Some(code) = actual["error"].as_str() {
+        coverage.codes.insert(code.to_owned());
+    }
+    matches(expected, actual, "$")
+        .err()
+        .map(|diff| format!("line {n}: {diff}\n  documented: {reply}\n  actual:     {line}"))
+}
+
+async fn run_block(block: &Block, coverage: &mut Coverage) -> Vec<String> {
+    let Setup {
+        failing,
+        hanging,
+        needs_peer,
+    } = setup(block);
     if needs_peer
         && !needs_root(&format!(
             "the example at line {} connects as another uid",
@@ -331,14 +376,7 @@ async fn run_block(block: &Block, coverage: &mut Coverage) -> Vec<String> {
                     )
                 }
             };
-            if let Some(code) = actual["error"].as_str() {
-                coverage.codes.insert(code.to_owned());
-            }
-            if let Err(diff) = matches(&expected, &actual, "$") {
-                errors.push(format!(
-                    "line {n}: {diff}\n  documented: {reply}\n  actual:     {line}"
-                ));
-            }
+            errors.extend(compare(*n, reply, &expected, &actual, &line, coverage));
         }
     }
     errors
