@@ -21,7 +21,7 @@
 //!
 //! | thing | owner |
 //! |---|---|
-//! | the socket file | the agent: removes a stale one, creates it 0600, removes it on shutdown |
+//! | the socket file | the agent, through [`socket`]: removes a stale one, creates it 0600, removes only its own on shutdown |
 //! | the step state (pending → running → done) | one mutex in the agent, never held across an await |
 //! | a running step | its own task: a vanished connection cannot cancel it; the result is recorded |
 //! | a running handler | its own task, aborted at the deadline (recorded `timeout`) |

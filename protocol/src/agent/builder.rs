@@ -18,36 +18,43 @@ use super::sequence::Sequence;
 use super::{Agent, DEFAULT_CHECK_TIMEOUT, DEFAULT_SOCKET_MODE, Inner, State};
 use crate::wire::SubStep;
 
+/// What an app registered: collected by the builder, then owned by the agent unchanged.
+pub(super) struct Registration {
+    pub(super) name: String,
+    pub(super) services: Vec<String>,
+    pub(super) handlers: BTreeMap<SubStep, StepFn>,
+    pub(super) checks: Vec<Check>,
+    pub(super) check_timeout: Duration,
+    pub(super) status: Option<StatusFn>,
+    pub(super) on_request: Option<RequestHook>,
+    pub(super) socket_mode: u32,
+}
+
 /// Collects an app's handlers, checks and identity; [`AgentBuilder::build`] makes the [`Agent`].
 pub struct AgentBuilder {
-    app: String,
-    services: Vec<String>,
-    handlers: BTreeMap<SubStep, StepFn>,
-    checks: Vec<Check>,
-    check_timeout: Duration,
-    status: Option<StatusFn>,
-    on_request: Option<RequestHook>,
-    socket_mode: u32,
+    app: Registration,
 }
 
 impl AgentBuilder {
-    pub(super) fn new(app: String) -> AgentBuilder {
+    pub(super) fn new(name: String) -> AgentBuilder {
         AgentBuilder {
-            app,
-            services: Vec::new(),
-            handlers: BTreeMap::new(),
-            checks: Vec::new(),
-            check_timeout: DEFAULT_CHECK_TIMEOUT,
-            status: None,
-            on_request: None,
-            socket_mode: DEFAULT_SOCKET_MODE,
+            app: Registration {
+                name,
+                services: Vec::new(),
+                handlers: BTreeMap::new(),
+                checks: Vec::new(),
+                check_timeout: DEFAULT_CHECK_TIMEOUT,
+                status: None,
+                on_request: None,
+                socket_mode: DEFAULT_SOCKET_MODE,
+            },
         }
     }
 
     /// Adds a gRPC service name the app serves (reported in `hello`).
     #[must_use]
     pub fn service(mut self, name: impl Into<String>) -> AgentBuilder {
-        self.services.push(name.into());
+        self.app.services.push(name.into());
         self
     }
 
@@ -60,7 +67,7 @@ impl AgentBuilder {
         Fut: Future<Output = Result<Report, HandlerError>> + Send + 'static,
     {
         let handler: StepFn = Arc::new(move |ctx| Box::pin(handler(ctx)));
-        self.handlers.insert(substep, handler);
+        self.app.handlers.insert(substep, handler);
         self
     }
 
@@ -102,7 +109,7 @@ impl AgentBuilder {
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
         let run: CheckFn = Arc::new(move || Box::pin(check()));
-        self.checks.push(Check {
+        self.app.checks.push(Check {
             name,
             required,
             timeout,
@@ -114,7 +121,7 @@ impl AgentBuilder {
     /// The timeout of checks registered without their own (default [`DEFAULT_CHECK_TIMEOUT`]).
     #[must_use]
     pub fn check_timeout(mut self, timeout: Duration) -> AgentBuilder {
-        self.check_timeout = timeout;
+        self.app.check_timeout = timeout;
         self
     }
 
@@ -125,7 +132,7 @@ impl AgentBuilder {
     where
         F: Fn() -> serde_json::Value + Send + Sync + 'static,
     {
-        self.status = Some(Arc::new(status));
+        self.app.status = Some(Arc::new(status));
         self
     }
 
@@ -136,7 +143,7 @@ impl AgentBuilder {
     where
         F: Fn(&crate::wire::Request) + Send + Sync + 'static,
     {
-        self.on_request = Some(Arc::new(hook));
+        self.app.on_request = Some(Arc::new(hook));
         self
     }
 
@@ -144,7 +151,7 @@ impl AgentBuilder {
     /// effective gid is the socket file's group are accepted too.
     #[must_use]
     pub fn socket_mode(mut self, mode: u32) -> AgentBuilder {
-        self.socket_mode = mode & 0o777;
+        self.app.socket_mode = mode & 0o777;
         self
     }
 
@@ -155,13 +162,6 @@ impl AgentBuilder {
         Agent {
             inner: Arc::new(Inner {
                 app: self.app,
-                services: self.services,
-                handlers: self.handlers,
-                checks: self.checks,
-                check_timeout: self.check_timeout,
-                status: self.status,
-                on_request: self.on_request,
-                socket_mode: self.socket_mode,
                 state: Mutex::new(State {
                     sequence: Sequence::new(),
                     driver: None,
@@ -177,11 +177,11 @@ impl AgentBuilder {
 impl fmt::Debug for AgentBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AgentBuilder")
-            .field("app", &self.app)
-            .field("services", &self.services)
-            .field("registered", &self.handlers.keys().collect::<Vec<_>>())
-            .field("checks", &self.checks)
-            .field("socket_mode", &format_args!("{:o}", self.socket_mode))
+            .field("app", &self.app.name)
+            .field("services", &self.app.services)
+            .field("registered", &self.app.handlers.keys().collect::<Vec<_>>())
+            .field("checks", &self.app.checks)
+            .field("socket_mode", &format_args!("{:o}", self.app.socket_mode))
             .finish_non_exhaustive()
     }
 }

@@ -16,11 +16,12 @@ impl Agent {
     pub async fn health(&self) -> HealthReply {
         let running: Vec<_> = self
             .inner
+            .app
             .checks
             .iter()
             .map(|check| {
                 let run = Arc::clone(&check.run);
-                let timeout = check.timeout.unwrap_or(self.inner.check_timeout);
+                let timeout = check.timeout.unwrap_or(self.inner.app.check_timeout);
                 let task = tokio::spawn(async move {
                     let started = Instant::now();
                     let result = tokio::time::timeout(timeout, run()).await;

@@ -48,7 +48,6 @@ mod health;
 mod sequence;
 mod server;
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -61,10 +60,10 @@ pub use error::AgentError;
 pub use handler::{HandlerError, Report, StepCtx};
 pub use server::AgentHandle;
 
-use handler::{Check, RequestHook, StatusFn, StepFn};
+use builder::Registration;
 use sequence::Sequence;
 
-use crate::wire::{HelloReply, PROTOCOL_VERSION, Phase, Role, StatusReply, StepVerb, SubStep};
+use crate::wire::{HelloReply, PROTOCOL_VERSION, Phase, Role, StatusReply, StepVerb};
 
 /// Default time a health check may take before it counts as down.
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -83,14 +82,7 @@ pub(crate) struct State {
 }
 
 pub(crate) struct Inner {
-    pub(super) app: String,
-    pub(super) services: Vec<String>,
-    pub(super) handlers: BTreeMap<SubStep, StepFn>,
-    pub(super) checks: Vec<Check>,
-    pub(super) check_timeout: Duration,
-    pub(super) status: Option<StatusFn>,
-    pub(crate) on_request: Option<RequestHook>,
-    pub(crate) socket_mode: u32,
+    pub(super) app: Registration,
     pub(super) state: Mutex<State>,
     pub(super) closed: watch::Sender<bool>,
     /// Set once a connection has written its reply after `close` finished.
@@ -115,7 +107,7 @@ pub struct Agent {
 impl fmt::Debug for Agent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Agent")
-            .field("app", &self.inner.app)
+            .field("app", &self.inner.app.name)
             .field("phase", &self.phase())
             .finish_non_exhaustive()
     }
@@ -132,12 +124,12 @@ impl Agent {
         HelloReply {
             ok: true,
             protocol: PROTOCOL_VERSION,
-            app: self.inner.app.clone(),
+            app: self.inner.app.name.clone(),
             pid: std::process::id(),
             role,
             steps: StepVerb::ALL.to_vec(),
-            registered: self.inner.handlers.keys().copied().collect(),
-            services: self.inner.services.clone(),
+            registered: self.inner.app.handlers.keys().copied().collect(),
+            services: self.inner.app.services.clone(),
         }
     }
 
@@ -151,13 +143,13 @@ impl Agent {
                 state.sequence.steps(),
             )
         };
-        let components = match &self.inner.status {
+        let components = match &self.inner.app.status {
             Some(status) => status(),
             None => serde_json::json!({}),
         };
         StatusReply {
             ok: true,
-            app: self.inner.app.clone(),
+            app: self.inner.app.name.clone(),
             phase,
             next_step,
             steps,

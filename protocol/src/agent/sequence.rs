@@ -218,7 +218,7 @@ impl Agent {
                 );
                 tokio::spawn(async move {
                     let reply = run_verb(
-                        &agent.inner.handlers,
+                        &agent.inner.app.handlers,
                         verb,
                         received,
                         deadline,

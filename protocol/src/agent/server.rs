@@ -33,14 +33,14 @@ impl Agent {
     /// [`AgentHandle::shutdown`] for that.
     pub async fn serve(&self, path: impl AsRef<Path>) -> Result<AgentHandle, AgentError> {
         let path = path.as_ref().to_path_buf();
-        let (listener, file) = socket::bind(&path, self.inner.socket_mode)?;
+        let (listener, file) = socket::bind(&path, self.inner.app.socket_mode)?;
         let listener = UnixListener::from_std(listener).map_err(|source| AgentError::Bind {
             path: path.clone(),
             source,
         })?;
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(accept_loop(self.clone(), listener, file, stopped));
-        tracing::info!(path = %path.display(), app = %self.inner.app, "control socket listening");
+        tracing::info!(path = %path.display(), app = %self.inner.app.name, "control socket listening");
         Ok(AgentHandle {
             agent: self.clone(),
             path,
@@ -246,7 +246,7 @@ where
     R: AsyncBufRead + Unpin,
 {
     let received = Instant::now();
-    if let Some(hook) = &agent.inner.on_request {
+    if let Some(hook) = &agent.inner.app.on_request {
         hook(request);
     }
     let command = match AgentCommand::from_request(request) {
