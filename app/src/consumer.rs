@@ -25,7 +25,6 @@ use lapin::types::FieldTable;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,7 +35,8 @@ use crate::db::Db;
 use crate::db::payments::{self, PaymentEffect, PaymentKind};
 use crate::metrics::Metrics;
 use crate::mq::Mq;
-use crate::report::{StopReport, soft_deadline};
+use crate::report::StopReport;
+use crate::worker::{WorkerEnd, WorkerTask};
 
 /// A payment message body. Other fields are ignored.
 #[derive(Debug, Deserialize)]
@@ -71,8 +71,7 @@ enum Disposition {
 #[derive(Debug)]
 pub struct PaymentConsumer {
     counters: Arc<Counters>,
-    stop: CancellationToken,
-    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    worker: WorkerTask,
 }
 
 struct Worker {
@@ -88,7 +87,6 @@ impl PaymentConsumer {
     /// Subscribes to the payments queue.
     pub fn start(config: &Config, db: Db, mq: Mq, metrics: Arc<Metrics>) -> Self {
         let counters = Arc::new(Counters::default());
-        let stop = CancellationToken::new();
         let worker = Worker {
             db,
             mq,
@@ -97,11 +95,9 @@ impl PaymentConsumer {
             prefetch: config.prefetch,
             concurrency: config.consumer_concurrency,
         };
-        let task = tokio::spawn(worker.run(stop.clone()));
         Self {
             counters,
-            stop,
-            task: tokio::sync::Mutex::new(Some(task)),
+            worker: WorkerTask::spawn(|stop| worker.run(stop)),
         }
     }
 
@@ -136,21 +132,10 @@ impl PaymentConsumer {
         let in_flight = c.in_flight.load(Ordering::SeqCst);
         let acked_before = c.acked.load(Ordering::SeqCst);
         let requeued_before = c.requeued.load(Ordering::SeqCst);
-        self.stop.cancel();
         if c.state.load(Ordering::SeqCst) == RUNNING {
             c.state.store(STOPPING, Ordering::SeqCst);
         }
-        let task = self.task.lock().await.take();
-        let mut finished = true;
-        if let Some(mut task) = task {
-            finished = tokio::time::timeout_at(soft_deadline(deadline), &mut task)
-                .await
-                .is_ok();
-            if !finished {
-                task.abort();
-                let _ = task.await;
-            }
-        }
+        let finished = self.worker.stop(deadline).await == WorkerEnd::Finished;
         c.state.store(STOPPED, Ordering::SeqCst);
         let abandoned = if finished {
             0

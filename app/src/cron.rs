@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::db::{Db, orders};
 use crate::metrics::Metrics;
-use crate::report::{StopReport, soft_deadline};
+use crate::report::StopReport;
+use crate::worker::{WorkerEnd, WorkerTask};
 
 /// Orders expired per statement (the job loops until a batch comes back short).
 const EXPIRE_BATCH: i64 = 1000;
@@ -34,8 +34,7 @@ struct Shared {
 #[derive(Debug)]
 pub struct ExpiryJob {
     shared: Arc<Shared>,
-    stop: CancellationToken,
-    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    worker: WorkerTask,
 }
 
 struct Job {
@@ -50,7 +49,6 @@ impl ExpiryJob {
     /// Starts the schedule; the first run is immediate.
     pub fn start(config: &Config, db: Db, metrics: Arc<Metrics>) -> Self {
         let shared = Arc::new(Shared::default());
-        let stop = CancellationToken::new();
         let job = Job {
             db,
             metrics,
@@ -58,11 +56,10 @@ impl ExpiryJob {
             expire_after: config.expire_after,
             stuck_after: config.stuck_after,
         };
-        let task = tokio::spawn(job.schedule(config.cron_interval, stop.clone()));
+        let every = config.cron_interval;
         Self {
             shared,
-            stop,
-            task: tokio::sync::Mutex::new(Some(task)),
+            worker: WorkerTask::spawn(|stop| job.schedule(every, stop)),
         }
     }
 
@@ -86,19 +83,9 @@ impl ExpiryJob {
     /// to finish), `runs_total`, `expired_total`.
     pub async fn stop(&self, deadline: Instant) -> StopReport {
         let running = self.shared.running.load(Ordering::SeqCst);
-        self.stop.cancel();
-        let mut finished = true;
-        if let Some(mut task) = self.task.lock().await.take() {
-            finished = tokio::time::timeout_at(soft_deadline(deadline), &mut task)
-                .await
-                .is_ok();
-            if !finished {
-                // The run's statement is rolled back with its connection; the next instance
-                // expires those orders instead.
-                task.abort();
-                let _ = task.await;
-            }
-        }
+        // An aborted run's statement is rolled back with its connection; the next instance
+        // expires those orders instead.
+        let finished = self.worker.stop(deadline).await == WorkerEnd::Finished;
         self.shared.stopped.store(true, Ordering::SeqCst);
         let report = StopReport::ok()
             .count("job_running", u64::from(running))

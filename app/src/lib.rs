@@ -29,6 +29,7 @@
 //! | Redis connection and idempotency keys | `redis_store.rs` |
 //! | Prometheus metrics / `/metrics` endpoint | `metrics.rs` / `metrics_server.rs` |
 //! | stop reports (outcome + counts) | `report.rs` |
+//! | stopping a worker task: cancel, wait to the soft deadline, abort | `worker.rs` |
 //! | logging | `telemetry.rs` |
 
 pub mod app;
@@ -48,6 +49,7 @@ pub mod outbox;
 pub mod redis_store;
 pub mod report;
 pub mod telemetry;
+pub mod worker;
 
 /// Generated `order.v1` protobuf types, server and client.
 #[allow(missing_docs, missing_debug_implementations, clippy::all)]

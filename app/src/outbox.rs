@@ -17,7 +17,6 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel};
 use serde_json::json;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +25,8 @@ use crate::config::Config;
 use crate::db::{Db, outbox};
 use crate::metrics::Metrics;
 use crate::mq::{Mq, MqError};
-use crate::report::{StopReport, soft_deadline};
+use crate::report::StopReport;
+use crate::worker::{WorkerEnd, WorkerTask};
 
 /// How long the poller waits for the broker's confirms of one batch.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,9 +65,8 @@ enum BatchError {
 #[derive(Debug)]
 pub struct OutboxPoller {
     shared: Arc<Shared>,
-    stop: CancellationToken,
     wake: Arc<Notify>,
-    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    worker: WorkerTask,
 }
 
 struct Relay {
@@ -95,7 +94,6 @@ impl OutboxPoller {
             batches_total: AtomicU64::new(0),
             breaker: Mutex::new(BreakerState::Closed),
         });
-        let stop = CancellationToken::new();
         let breaker = CircuitBreaker::new(
             "outbox_publisher",
             config.breaker_failures,
@@ -110,13 +108,11 @@ impl OutboxPoller {
             channel: None,
             batch: i64::from(config.poll_batch),
         };
-        let task =
-            tokio::spawn(relay.run(breaker, stop.clone(), wake.clone(), config.poll_interval));
+        let (relay_wake, poll_interval) = (wake.clone(), config.poll_interval);
         Self {
             shared,
-            stop,
             wake,
-            task: tokio::sync::Mutex::new(Some(task)),
+            worker: WorkerTask::spawn(|stop| relay.run(breaker, stop, relay_wake, poll_interval)),
         }
     }
 
@@ -150,25 +146,13 @@ impl OutboxPoller {
     pub async fn stop(&self, deadline: Instant) -> StopReport {
         let in_progress = self.shared.batch_in_progress.load(Ordering::SeqCst);
         let published_before = self.published_total();
-        self.stop.cancel();
         if self.shared.state.load(Ordering::SeqCst) == RUNNING {
             self.shared.state.store(STOPPING, Ordering::SeqCst);
         }
-        let Some(mut task) = self.task.lock().await.take() else {
-            return StopReport::ok()
-                .count("batch_in_progress", 0)
-                .count("published", 0)
-                .count("published_total", self.published_total());
-        };
-        let finished = tokio::time::timeout_at(soft_deadline(deadline), &mut task)
-            .await
-            .is_ok();
-        if !finished {
-            // Dropping the batch mid-way rolls its transaction back: its rows stay unsent and
-            // are published again by the next poller (at least once).
-            task.abort();
-            let _ = task.await;
-        }
+        // An aborted batch rolls its transaction back: its rows stay unsent and are published
+        // again by the next poller (at least once). A second stop finds the batch count already
+        // reset and nothing published since, so it reports zeros.
+        let finished = self.worker.stop(deadline).await == WorkerEnd::Finished;
         self.shared.state.store(STOPPED, Ordering::SeqCst);
         self.shared.batch_in_progress.store(0, Ordering::SeqCst);
         let report = StopReport::ok()
