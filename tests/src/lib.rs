@@ -18,7 +18,8 @@
 //! | PostgreSQL/RabbitMQ stops and held locks, undone on drop | [`faults`] |
 //! | zero-loss checks against the database and the broker | [`verify`] |
 //! | termination message and step logs, parsed | [`report`] |
-//! | the scenarios and their figures | [`scenario`] |
+//! | the one CreateOrder request builder | [`requests`] |
+//! | the scenarios (one concept per file: termination, faults, rolling update, set-up, figures) | [`scenario`] |
 //!
 //! # Why a simulator and not a cluster
 //!
@@ -36,6 +37,7 @@ pub mod manifest;
 pub mod payments;
 pub mod pod;
 pub mod report;
+pub mod requests;
 pub mod sandbox;
 pub mod scenario;
 pub mod verify;
@@ -50,6 +52,15 @@ pub async fn hard_timeout<T>(limit: Duration, f: impl std::future::Future<Output
         Ok(v) => v,
         Err(_) => panic!("end-to-end test exceeded its hard timeout of {limit:?}"),
     }
+}
+
+/// Runs `sc` under the hard timeout `limit`, saves its figures as `report` (see
+/// [`scenario::save_report`]) and prints them.
+pub async fn run_scenario(sc: scenario::Scenario, report: &str, limit: Duration) -> Outcome {
+    let o = hard_timeout(limit, scenario::terminate_under_load(sc)).await;
+    scenario::save_report(report, &o.markdown());
+    eprintln!("{}", o.markdown());
+    o
 }
 
 /// Serialises the end-to-end tests of this machine (they each drive 1000 requests/s on two
@@ -156,6 +167,21 @@ pub fn assert_no_failed_request(o: &Outcome) {
         "{}: the client fell behind its rate",
         o.name
     );
+}
+
+/// The supervisor logged the start of the nine steps in order, and the app of its eight
+/// sub-steps (steps 2 to 9) in order.
+pub fn assert_steps_logged_in_order(o: &Outcome) {
+    let wanted: Vec<&str> = report::STEPS.to_vec();
+    let logged: Vec<&str> = o
+        .logs
+        .supervisor_started
+        .iter()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(logged, wanted, "supervisor step start lines in order");
+    let app: Vec<&str> = o.logs.app_started.iter().map(String::as_str).collect();
+    assert_eq!(app, wanted[1..], "app sub-step lines in order");
 }
 
 /// The termination message is there, complete (nine steps in order, a total) and its code is

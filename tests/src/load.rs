@@ -8,11 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use order_service::proto::{CreateOrderRequest, GetOrderRequest, LineItem};
+use order_service::proto::GetOrderRequest;
+use order_service::proto::order_service_client::OrderServiceClient;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::time::Instant;
+use tonic::transport::Channel;
 
 use crate::endpoints::Endpoints;
+use crate::requests::load_order;
 
 /// Which RPC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,22 +123,100 @@ impl Orders {
     }
 }
 
-fn create_request(n: u64, run: &str) -> CreateOrderRequest {
-    CreateOrderRequest {
-        customer_id: format!("e2e-{}", n % 500),
-        items: vec![
-            LineItem {
-                sku: format!("sku-{}", n % 97),
-                quantity: 1 + (n % 3) as i32,
-                price_cents: 1999,
-            },
-            LineItem {
-                sku: "shipping".to_owned(),
-                quantity: 1,
-                price_cents: 499,
-            },
-        ],
-        idempotency_key: format!("e2e-{run}-{n}"),
+/// What one tick sends: its number, the RPC and, for a GetOrder, the order it reads.
+struct Request {
+    n: u64,
+    kind: Kind,
+    get_id: Option<String>,
+}
+
+impl Request {
+    /// The `n`-th tick's request: every `create_every`-th a CreateOrder, the rest GetOrder of an
+    /// order created earlier (a CreateOrder while there is none yet).
+    fn nth(n: u64, spec: &LoadSpec, orders: &Orders) -> Request {
+        let get_id = if n.is_multiple_of(spec.create_every) {
+            None
+        } else {
+            orders.pick(n)
+        };
+        let kind = if get_id.is_none() {
+            Kind::Create
+        } else {
+            Kind::Get
+        };
+        Request { n, kind, get_id }
+    }
+}
+
+/// The state the loop's request tasks share.
+#[derive(Clone)]
+struct Shared {
+    run_id: String,
+    timeout: Duration,
+    records: Arc<Mutex<Vec<Record>>>,
+    orders: Arc<Orders>,
+    created: mpsc::UnboundedSender<String>,
+}
+
+impl Shared {
+    /// Sends `req` to `pod` within the client's timeout and records the answer; a created order
+    /// is remembered and passed on to the publisher.
+    async fn send(
+        self,
+        req: Request,
+        pod: String,
+        mut client: OrderServiceClient<Channel>,
+        sent_at: Instant,
+    ) {
+        let timeout = self.timeout;
+        let call = async {
+            match req.kind {
+                Kind::Create => client
+                    .create_order(load_order(req.n, &self.run_id))
+                    .await
+                    .map(|r| r.into_inner().order.map(|o| o.order_id)),
+                Kind::Get => client
+                    .get_order(GetOrderRequest {
+                        order_id: req.get_id.unwrap_or_default(),
+                    })
+                    .await
+                    .map(|_| None),
+            }
+        };
+        let outcome = match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(id)) => Ok(id),
+            Ok(Err(status)) => Err((status.code(), status.message().to_owned())),
+            Err(_) => Err((
+                tonic::Code::DeadlineExceeded,
+                format!("no answer within the client's {timeout:?}"),
+            )),
+        };
+        let latency = sent_at.elapsed();
+        let order_id = outcome.as_ref().ok().cloned().flatten();
+        if let Some(id) = &order_id {
+            self.orders.push(id.clone());
+            let _ = self.created.send(id.clone());
+        }
+        self.records.lock().await.push(Record {
+            sent_at,
+            pod: Some(pod),
+            kind: req.kind,
+            latency,
+            result: outcome.map(|_| ()),
+            order_id,
+        });
+    }
+
+    /// A tick with no routed pod: recorded, not sent.
+    async fn unrouted(&self, kind: Kind, sent_at: Instant) {
+        self.records.lock().await.push(Record {
+            sent_at,
+            pod: None,
+            kind,
+            latency: Duration::ZERO,
+            result: Err((tonic::Code::Unavailable, "no routed endpoint".into())),
+            order_id: None,
+        });
     }
 }
 
@@ -147,14 +228,17 @@ pub async fn run(
     created: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<bool>,
 ) -> LoadResult {
-    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let shared = Shared {
+        run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
+        timeout: spec.timeout,
+        records: Arc::new(Mutex::new(Vec::with_capacity(spec.rate as usize * 60))),
+        orders,
+        created,
+    };
     let started = Instant::now();
     let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(spec.rate)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let outstanding = Arc::new(tokio::sync::Semaphore::new(spec.max_outstanding));
-    let records = Arc::new(Mutex::new(Vec::<Record>::with_capacity(
-        spec.rate as usize * 60,
-    )));
     let counter = AtomicU64::new(0);
     let tasks = tokio_util::task::TaskTracker::new();
     let mut result = LoadResult::default();
@@ -165,85 +249,30 @@ pub async fn run(
             _ = ticks.tick() => {}
         }
         result.ticks += 1;
-        let n = counter.fetch_add(1, Ordering::Relaxed);
-        let kind = if n.is_multiple_of(spec.create_every) {
-            Kind::Create
-        } else {
-            Kind::Get
-        };
-        let get_id = if kind == Kind::Get {
-            orders.pick(n)
-        } else {
-            None
-        };
-        let kind = if get_id.is_none() { Kind::Create } else { kind };
+        let req = Request::nth(
+            counter.fetch_add(1, Ordering::Relaxed),
+            &spec,
+            &shared.orders,
+        );
         let sent_at = Instant::now();
-        let Some((pod, mut client)) = endpoints.pick() else {
-            records.lock().await.push(Record {
-                sent_at,
-                pod: None,
-                kind,
-                latency: Duration::ZERO,
-                result: Err((tonic::Code::Unavailable, "no routed endpoint".into())),
-                order_id: None,
-            });
+        let Some((pod, client)) = endpoints.pick() else {
+            shared.unrouted(req.kind, sent_at).await;
             continue;
         };
         let Ok(permit) = outstanding.clone().try_acquire_owned() else {
             result.saturated += 1;
             continue;
         };
-        let (records, orders, created, run_id) = (
-            records.clone(),
-            orders.clone(),
-            created.clone(),
-            run_id.clone(),
-        );
-        let timeout = spec.timeout;
+        let shared = shared.clone();
         tasks.spawn(async move {
-            let call = async {
-                match kind {
-                    Kind::Create => client
-                        .create_order(create_request(n, &run_id))
-                        .await
-                        .map(|r| r.into_inner().order.map(|o| o.order_id)),
-                    Kind::Get => client
-                        .get_order(GetOrderRequest {
-                            order_id: get_id.unwrap_or_default(),
-                        })
-                        .await
-                        .map(|_| None),
-                }
-            };
-            let outcome = match tokio::time::timeout(timeout, call).await {
-                Ok(Ok(id)) => Ok(id),
-                Ok(Err(status)) => Err((status.code(), status.message().to_owned())),
-                Err(_) => Err((
-                    tonic::Code::DeadlineExceeded,
-                    format!("no answer within the client's {timeout:?}"),
-                )),
-            };
-            let latency = sent_at.elapsed();
-            let order_id = outcome.as_ref().ok().cloned().flatten();
-            if let Some(id) = &order_id {
-                orders.push(id.clone());
-                let _ = created.send(id.clone());
-            }
-            records.lock().await.push(Record {
-                sent_at,
-                pod: Some(pod),
-                kind,
-                latency,
-                result: outcome.map(|_| ()),
-                order_id,
-            });
+            shared.send(req, pod, client, sent_at).await;
             drop(permit);
         });
     }
     tasks.close();
     tasks.wait().await;
     result.elapsed = started.elapsed();
-    result.records = std::mem::take(&mut *records.lock().await);
+    result.records = std::mem::take(&mut *shared.records.lock().await);
     result.records.sort_by_key(|r| r.sent_at);
     result
 }

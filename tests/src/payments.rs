@@ -28,6 +28,18 @@ pub struct Published {
 }
 
 impl Published {
+    /// A new message (its own id) for `order_id`, not yet sent.
+    fn new(order_id: String, succeeded: bool) -> Published {
+        Published {
+            message_id: format!("e2e-pay-{}", uuid::Uuid::new_v4().simple()),
+            order_id,
+            succeeded,
+            copies: 0,
+            attempts: 0,
+            at: Instant::now(),
+        }
+    }
+
     pub fn routing_key(&self) -> &'static str {
         if self.succeeded {
             "payment.succeeded"
@@ -102,6 +114,57 @@ async fn publish(channel: &Channel, exchange: &str, p: &Published) -> Result<(),
     }
 }
 
+/// Publishes `p` until `wanted` copies are confirmed, (re)connecting `conn` as needed; gives
+/// up when `stop` turns true while the broker is away. Returns whether it gave up.
+async fn deliver(
+    exchange: &str,
+    conn: &mut Option<(Connection, Channel)>,
+    out: &mut PublishResult,
+    p: &mut Published,
+    wanted: u32,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut stopping = false;
+    while p.copies < wanted && !stopping {
+        if conn.is_none() {
+            match connect().await {
+                Ok(c) => {
+                    *conn = Some(c);
+                    out.reconnects += 1;
+                }
+                Err(_) => {
+                    out.errors += 1;
+                    tokio::select! {
+                        biased;
+                        r = stop.wait_for(|s| *s) => { let _ = r; stopping = true; }
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some((_, channel)) = conn.as_ref() else {
+            continue;
+        };
+        p.attempts += 1;
+        match publish(channel, exchange, p).await {
+            Ok(()) => {
+                p.copies += 1;
+                p.at = Instant::now();
+            }
+            Err(_) => {
+                // Unknown whether the broker has it: reconnect and send the same id again.
+                out.errors += 1;
+                if let Some((c, _)) = conn.take() {
+                    let _ = c.close(200, "republishing".into()).await;
+                }
+                stopping = *stop.borrow();
+            }
+        }
+    }
+    stopping
+}
+
 /// Publishes at `rate` per second until `stop`; takes order ids from `orders`.
 pub async fn run(
     exchange: String,
@@ -124,53 +187,9 @@ pub async fn run(
             continue;
         };
         n += 1;
-        let mut p = Published {
-            message_id: format!("e2e-pay-{}", uuid::Uuid::new_v4().simple()),
-            order_id,
-            succeeded: n % 10 != 3,
-            copies: 0,
-            attempts: 0,
-            at: Instant::now(),
-        };
+        let mut p = Published::new(order_id, n % 10 != 3);
         let wanted = if n % 10 == 7 { 2 } else { 1 };
-        let mut stopping = false;
-        while p.copies < wanted && !stopping {
-            if conn.is_none() {
-                match connect().await {
-                    Ok(c) => {
-                        conn = Some(c);
-                        out.reconnects += 1;
-                    }
-                    Err(_) => {
-                        out.errors += 1;
-                        tokio::select! {
-                            biased;
-                            r = stop.wait_for(|s| *s) => { let _ = r; stopping = true; }
-                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        }
-                        continue;
-                    }
-                }
-            }
-            let Some((_, channel)) = conn.as_ref() else {
-                continue;
-            };
-            p.attempts += 1;
-            match publish(channel, &exchange, &p).await {
-                Ok(()) => {
-                    p.copies += 1;
-                    p.at = Instant::now();
-                }
-                Err(_) => {
-                    // Unknown whether the broker has it: reconnect and send the same id again.
-                    out.errors += 1;
-                    if let Some((c, _)) = conn.take() {
-                        let _ = c.close(200, "republishing".into()).await;
-                    }
-                    stopping = *stop.borrow();
-                }
-            }
-        }
+        let stopping = deliver(&exchange, &mut conn, &mut out, &mut p, wanted, &mut stop).await;
         if p.attempts > 0 {
             out.published.push(p);
         }
@@ -187,14 +206,8 @@ pub async fn run(
 /// Publishes one `payment.succeeded` for `order_id` outside the rate loop (fault setups).
 pub async fn publish_one(exchange: &str, order_id: &str) -> Result<Published, String> {
     let (conn, channel) = connect().await?;
-    let mut p = Published {
-        message_id: format!("e2e-pay-{}", uuid::Uuid::new_v4().simple()),
-        order_id: order_id.to_owned(),
-        succeeded: true,
-        copies: 0,
-        attempts: 1,
-        at: Instant::now(),
-    };
+    let mut p = Published::new(order_id.to_owned(), true);
+    p.attempts = 1;
     let r = publish(&channel, exchange, &p).await;
     let _ = conn.close(200, "published one".into()).await;
     r?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
 use sqlx::PgPool;
 use tokio::time::Instant;
 
@@ -62,16 +62,32 @@ async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(-1)
 }
 
+/// Outbox rows not yet relayed (-1 when the database cannot answer).
+pub async fn unsent_outbox(pool: &PgPool) -> i64 {
+    scalar(pool, "SELECT count(*) FROM outbox WHERE sent_at IS NULL").await
+}
+
 /// Messages ready in `queue` (passive declare). Panics, naming the queue and the cause, when
 /// RabbitMQ cannot be reached or the queue does not exist: a depth of 0 must mean an empty queue,
 /// never a broker that is down. The connection is retried for up to 10 s (the RabbitMQ-restart
 /// scenario reads the depth shortly after the broker came back).
 pub async fn queue_depth(queue: &str) -> u32 {
+    let conn = connect_for_depth(queue, Duration::from_secs(10)).await;
+    let channel = conn.create_channel().await.unwrap_or_else(|e| {
+        panic!("cannot read the depth of queue `{queue}`: opening a RabbitMQ channel failed: {e}")
+    });
+    let depth = queue_depth_on(&channel, queue).await;
+    let _ = conn.close(200, "depth".into()).await;
+    depth
+}
+
+/// A connection to RabbitMQ, retried every 200 ms for up to `within`; panics naming `queue`.
+async fn connect_for_depth(queue: &str, within: Duration) -> Connection {
     let url = amqp_url();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let conn = loop {
+    let deadline = Instant::now() + within;
+    loop {
         match Connection::connect(&url, ConnectionProperties::default()).await {
-            Ok(conn) => break conn,
+            Ok(conn) => return conn,
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -79,11 +95,13 @@ pub async fn queue_depth(queue: &str) -> u32 {
                 "cannot read the depth of queue `{queue}`: RabbitMQ (E2E_AMQP_URL or the local default) is not reachable after 10 s ({e}); is it running?"
             ),
         }
-    };
-    let channel = conn.create_channel().await.unwrap_or_else(|e| {
-        panic!("cannot read the depth of queue `{queue}`: opening a RabbitMQ channel failed: {e}")
-    });
-    let depth = channel
+    }
+}
+
+/// Messages ready in `queue` on an open `channel` (passive declare); panics naming the queue
+/// when it does not exist or the broker refuses.
+pub async fn queue_depth_on(channel: &Channel, queue: &str) -> u32 {
+    channel
         .queue_declare(
             queue.into(),
             QueueDeclareOptions {
@@ -98,9 +116,7 @@ pub async fn queue_depth(queue: &str) -> u32 {
                 "cannot read the depth of queue `{queue}`: the passive declare failed ({e}); the queue does not exist (was the sandbox's topology declared?) or the broker refused"
             )
         })
-        .message_count();
-    let _ = conn.close(200, "depth".into()).await;
-    depth
+        .message_count()
 }
 
 /// Waits (polling, up to `within`) until every confirmed message is processed, then checks
@@ -113,20 +129,58 @@ pub async fn payments(
 ) -> PaymentCheck {
     let confirmed: Vec<&Published> = published.iter().filter(|p| p.copies > 0).collect();
     let ids: Vec<String> = confirmed.iter().map(|p| p.message_id.clone()).collect();
+    wait_processed(pool, &ids, within).await;
+    let mut out = PaymentCheck {
+        confirmed: confirmed.len(),
+        copies: confirmed.iter().map(|p| u64::from(p.copies)).sum(),
+        unconfirmed: published.len() - confirmed.len(),
+        ..PaymentCheck::default()
+    };
+    let by_id: BTreeMap<&str, &Published> = published
+        .iter()
+        .map(|p| (p.message_id.as_str(), p))
+        .collect();
+    for effect in read_effects(pool, published).await {
+        if let Some(p) = by_id.get(effect.id.as_str()) {
+            out.judge(p, effect);
+        }
+    }
+    out.queue_left = queue_depth(&sandbox.payments_queue()).await;
+    out.dead_lettered = queue_depth(&sandbox.dead_letter_queue()).await;
+    out
+}
+
+/// Polls until every message of `ids` is in `processed_messages`, or `within` passed.
+async fn wait_processed(pool: &PgPool, ids: &[String], within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM processed_messages WHERE message_id = ANY($1)",
         )
-        .bind(&ids)
+        .bind(ids)
         .fetch_one(pool)
         .await
         .unwrap_or(-1);
         if n == ids.len() as i64 || Instant::now() >= deadline {
-            break;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What one payment message left in the database.
+struct Effect {
+    id: String,
+    /// `processed_messages.effect`.
+    effect: Option<String>,
+    /// Its order's status.
+    status: Option<String>,
+    /// Payment events of its order in the outbox.
+    events: i64,
+}
+
+/// Each published message's effect, order status and its order's payment events.
+async fn read_effects(pool: &PgPool, published: &[Published]) -> Vec<Effect> {
     let all_ids: Vec<String> = published.iter().map(|p| p.message_id.clone()).collect();
     let orders: Vec<uuid::Uuid> = published
         .iter()
@@ -145,23 +199,28 @@ pub async fn payments(
     .fetch_all(pool)
     .await
     .expect("read the payment effects");
-    let by_id: BTreeMap<&str, &Published> = published
-        .iter()
-        .map(|p| (p.message_id.as_str(), p))
-        .collect();
-    let mut out = PaymentCheck {
-        confirmed: confirmed.len(),
-        copies: confirmed.iter().map(|p| u64::from(p.copies)).sum(),
-        unconfirmed: published.len() - confirmed.len(),
-        ..PaymentCheck::default()
-    };
-    for (id, effect, status, events) in rows {
-        let Some(p) = by_id.get(id.as_str()) else {
-            continue;
-        };
+    rows.into_iter()
+        .map(|(id, effect, status, events)| Effect {
+            id,
+            effect,
+            status,
+            events,
+        })
+        .collect()
+}
+
+impl PaymentCheck {
+    /// Counts `p`'s effect as applied exactly once, or records what is wrong with it.
+    fn judge(&mut self, p: &Published, e: Effect) {
+        let Effect {
+            id,
+            effect,
+            status,
+            events,
+        } = e;
         if events > 1 {
-            out.double_effects += 1;
-            out.problems.push(format!(
+            self.double_effects += 1;
+            self.problems.push(format!(
                 "{id}: order {} has {events} payment events",
                 p.order_id
             ));
@@ -170,36 +229,33 @@ pub async fn payments(
         if p.copies == 0 {
             // May or may not have arrived; if it did, exactly one effect.
             if effect.is_some() && effect.as_deref() != Some(want.as_str()) {
-                out.problems
+                self.problems
                     .push(format!("{id} (unconfirmed): effect {effect:?}"));
             }
-            continue;
+            return;
         }
         if effect.as_deref() == Some(want.as_str())
             && status.as_deref() == Some(p.expected_status())
             && events == 1
         {
-            out.applied += 1;
+            self.applied += 1;
         } else {
-            out.problems.push(format!(
+            self.problems.push(format!(
                 "{id}: effect {effect:?}, order {} status {status:?}, {events} payment events; expected {want}",
                 p.order_id
             ));
         }
     }
-    out.queue_left = queue_depth(&sandbox.payments_queue()).await;
-    out.dead_lettered = queue_depth(&sandbox.dead_letter_queue()).await;
-    out
 }
 
 /// Waits (up to `within`) until the outbox has no unsent row and every committed event id
 /// arrived on the sandbox's events queue.
 pub async fn events(pool: &PgPool, sandbox: &Sandbox, within: Duration) -> EventCheck {
     let deadline = Instant::now() + within;
-    let mut unsent = scalar(pool, "SELECT count(*) FROM outbox WHERE sent_at IS NULL").await;
+    let mut unsent = unsent_outbox(pool).await;
     while unsent != 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        unsent = scalar(pool, "SELECT count(*) FROM outbox WHERE sent_at IS NULL").await;
+        unsent = unsent_outbox(pool).await;
     }
     let committed: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM outbox")
         .fetch_all(pool)

@@ -8,17 +8,16 @@
 use std::time::Duration;
 
 use e2e::scenario::{self, Fault, Scenario};
-use e2e::{assert_no_failed_request, assert_nothing_lost, assert_story, hard_timeout, serial};
+use e2e::{
+    assert_no_failed_request, assert_nothing_lost, assert_steps_logged_in_order, assert_story,
+    hard_timeout, run_scenario, serial,
+};
 
 const RATE: u32 = 1000;
 const LIMIT: Duration = Duration::from_secs(300);
 
 async fn run(name: &str, file: &str, fault: Fault, warmup: Duration) -> scenario::Outcome {
-    let sc = Scenario::new(name, fault, RATE, warmup);
-    let o = hard_timeout(LIMIT, scenario::terminate_under_load(sc)).await;
-    scenario::save_report(file, &o.markdown());
-    eprintln!("{}", o.markdown());
-    o
+    run_scenario(Scenario::new(name, fault, RATE, warmup), file, LIMIT).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,16 +35,7 @@ async fn full_termination_under_load() {
     e2e::checks::all_ok(m);
     assert_no_failed_request(&o);
     assert_nothing_lost(&o);
-    let steps: Vec<&str> = e2e::report::STEPS.to_vec();
-    let logged: Vec<&str> = o
-        .logs
-        .supervisor_started
-        .iter()
-        .map(String::as_str)
-        .collect();
-    assert_eq!(logged, steps);
-    let app: Vec<&str> = o.logs.app_started.iter().map(String::as_str).collect();
-    assert_eq!(app, steps[1..]);
+    assert_steps_logged_in_order(&o);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
