@@ -82,12 +82,12 @@ pub(crate) struct State {
 }
 
 pub(crate) struct Inner {
-    pub(super) app: Registration,
-    pub(super) state: Mutex<State>,
-    pub(super) closed: watch::Sender<bool>,
+    app: Registration,
+    state: Mutex<State>,
+    closed: watch::Sender<bool>,
     /// Set once a connection has written its reply after `close` finished.
-    pub(crate) close_replied: watch::Sender<bool>,
-    pub(crate) next_connection: AtomicU64,
+    close_replied: watch::Sender<bool>,
+    next_connection: AtomicU64,
 }
 
 impl Inner {
