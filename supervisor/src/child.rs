@@ -23,6 +23,8 @@ pub struct SpawnSpec {
     pub ids: Option<(Uid, Gid)>,
     pub foreground: bool,
     pub mask: nix::sys::signal::SigSet,
+    /// Signals ignored when the supervisor started ([`sys::ignored_now`]).
+    pub ignored: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +143,7 @@ pub fn spawn(spec: &SpawnSpec) -> Result<i32, SpawnError> {
         &mut cmd,
         ExecPlan {
             mask: spec.mask,
+            ignored: spec.ignored,
             foreground: spec.foreground,
             ids: spec.ids,
             parent: (std::process::id() != 1).then(nix::unistd::getpid),

@@ -56,6 +56,8 @@ use exit::code;
 /// Runs a supervised program to its end and returns the process exit code. Logs the final line
 /// `exiting code=… reason=…`. `mask` is the signal mask the process started with ([`sys::block_all`]).
 pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
+    // Before any handler or thread of ours: what the app must find ignored, as it would under tini.
+    let ignored = sys::ignored_now();
     let foreground = sys::ignore_tty_signals();
     let ids = match child::resolve_ids(cfg.user.as_deref(), cfg.group.as_deref()) {
         Ok(ids) => ids,
@@ -75,6 +77,7 @@ pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
         ids,
         foreground,
         mask,
+        ignored,
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

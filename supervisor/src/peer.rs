@@ -56,23 +56,12 @@ fn descends_from(mut pid: i32, ancestor: i32) -> bool {
         if pid == ancestor {
             return true;
         }
-        match parent_of(pid) {
+        match crate::reaper::read_ppid(pid) {
             Some(p) if p > 1 => pid = p,
             _ => return false,
         }
     }
     false
-}
-
-fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid …`: comm may hold spaces and parentheses, so split after the last ')'.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// Warns when other users can create files in the socket's directory (a 0777 emptyDir, /tmp): the check
@@ -102,7 +91,7 @@ mod tests {
     #[test]
     fn walks_the_parent_chain() {
         let me = std::process::id() as i32;
-        let parent = parent_of(me).expect("ppid");
+        let parent = crate::reaper::read_ppid(me).expect("ppid");
         assert!(descends_from(me, me));
         assert!(descends_from(me, parent));
         assert!(!descends_from(parent, me));

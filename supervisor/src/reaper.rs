@@ -3,8 +3,8 @@
 //! Nothing else in the process waits for children, so no exit status is ever stolen; the main child's status
 //! is handed to the rest of the supervisor from here.
 
+use crate::sys::{Target, send};
 use nix::errno::Errno;
-use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Pid, getpid};
 
@@ -52,16 +52,13 @@ pub fn reap(main_pid: i32) -> Reaped {
 /// As PID 1 that is everyone in the PID namespace (`kill(-1)`); as a subreaper it is every descendant, found
 /// by walking parent links in /proc. Returns how many processes were signalled (as PID 1: whether any were).
 pub fn signal_all_descendants(sig: Sig) -> usize {
-    let Ok(signal) = Signal::try_from(sig.0) else {
-        return 0;
-    };
     let me = getpid().as_raw();
     if me == 1 {
-        return usize::from(kill(Pid::from_raw(-1), signal).is_ok());
+        return usize::from(send(Target::Everyone, sig).is_ok());
     }
     let pids = descendants(me);
     for pid in &pids {
-        let _ = kill(Pid::from_raw(*pid), signal);
+        let _ = send(Target::Process(*pid), sig);
     }
     pids.len()
 }
@@ -96,7 +93,8 @@ pub fn descendants(root: i32) -> Vec<i32> {
     out
 }
 
-fn read_ppid(pid: i32) -> Option<i32> {
+/// The parent of a live process (None for a zombie or a pid that is gone).
+pub fn read_ppid(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces and parentheses: fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];

@@ -8,8 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::Pid;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout_at};
 
@@ -17,6 +15,7 @@ use crate::config::{Config, ForwardTo};
 use crate::exit::{ChildEnd, StopContext};
 use crate::signals::Sig;
 use crate::state::{Shared, StepOutcome, StepRecord, ms};
+use crate::sys::{Target, send};
 
 /// What the stop sequence needs, shared by signal mode and control mode.
 #[derive(Clone, Debug)]
@@ -287,10 +286,9 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopContext {
 /// window's end as a last chance to flush logs), then SIGKILL at the window's end.
 pub async fn force(ctx: &StopCtx, term_first: bool) {
     let began = Instant::now();
-    let pg = Pid::from_raw(ctx.pid);
     let mut detail = String::new();
     if term_first {
-        let _ = killpg(pg, Signal::SIGTERM);
+        let _ = send(Target::Group(ctx.pid), Sig::TERM);
         if ctx.wait_end_until(ctx.deadline()).await {
             ctx.record(
                 0,
@@ -305,8 +303,8 @@ pub async fn force(ctx: &StopCtx, term_first: bool) {
     } else {
         detail.push_str("overall deadline: ");
     }
-    let _ = killpg(pg, Signal::SIGKILL);
-    let _ = kill(pg, Signal::SIGKILL); // in case the child left its group
+    let _ = send(Target::Group(ctx.pid), Sig::KILL);
+    let _ = send(Target::Process(ctx.pid), Sig::KILL); // in case the child left its group
     detail.push_str("SIGKILL to the process group");
     // SIGKILL cannot be refused; only a task stuck in the kernel (D state) keeps us here, and then for half
     // of what is left before the hard end: the leftover sweep and the report get the other half.
@@ -318,11 +316,11 @@ pub async fn force(ctx: &StopCtx, term_first: bool) {
 /// Sends a signal to the child or its group, as configured.
 pub fn deliver(pid: i32, sig: Sig, to: ForwardTo) {
     let target = match to {
-        ForwardTo::Child => pid,
-        ForwardTo::Group => -pid,
+        ForwardTo::Child => Target::Process(pid),
+        ForwardTo::Group => Target::Group(pid),
     };
-    if let Err(e) = crate::sys::kill_raw(target, sig) {
-        tracing::debug!(pid = target, signal = %sig, error = %e, "signal not delivered");
+    if let Err(e) = send(target, sig) {
+        tracing::debug!(?target, signal = %sig, error = %e, "signal not delivered");
     }
 }
 

@@ -20,6 +20,10 @@ pub struct ExecPlan {
     pub foreground: bool,
     /// Drop to these ids, clearing supplementary groups.
     pub ids: Option<(Uid, Gid)>,
+    /// Signals that were ignored when the supervisor started (bit N-1 for signal N): the child gets them
+    /// ignored again, as under tini. Handlers the supervisor installed since (its own, and the C library's
+    /// once threads exist) would otherwise reset them to the default at exec.
+    pub ignored: u64,
     /// When the supervisor is not PID 1, its pid: the child gets SIGKILL if the supervisor dies (tini's
     /// `-p SIGKILL`), so an app never outlives a killed supervisor. As PID 1 the kernel does that already.
     pub parent: Option<Pid>,
@@ -47,6 +51,12 @@ pub fn install(cmd: &mut Command, plan: ExecPlan) {
             setgid(gid).map_err(std::io::Error::from)?;
             setuid(uid).map_err(std::io::Error::from)?;
         }
+        for sig in 1..=64 {
+            if plan.ignored & (1 << (sig - 1)) != 0 && sig != libc::SIGTTIN && sig != libc::SIGTTOU
+            {
+                let _ = raw_sigaction(sig, Some(libc::SIG_IGN));
+            }
+        }
         if let Some(parent) = plan.parent {
             // After the id drop: a credential change clears the parent-death signal.
             set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
@@ -64,6 +74,54 @@ pub fn install(cmd: &mut Command, plan: ExecPlan) {
     unsafe {
         cmd.pre_exec(hook);
     }
+}
+
+/// The kernel's `struct sigaction` (x86_64 and arm64 layout): the C library's wrapper refuses the two
+/// signals it reserves for itself (32 and 33), so the raw system call is used to read and restore those too.
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// rt_sigaction(2): reads signal `sig`'s handler, or sets it to `set` (flags, mask and restorer cleared).
+fn raw_sigaction(sig: i32, set: Option<libc::sighandler_t>) -> Option<usize> {
+    let mut old = KernelSigaction {
+        handler: 0,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    let new = set.map(|h| KernelSigaction {
+        handler: h,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    });
+    let new_ptr = new
+        .as_ref()
+        .map_or(std::ptr::null(), |n| n as *const KernelSigaction);
+    // SAFETY: both pointers are to live structs of the kernel's layout, the size is the kernel's sigset (8
+    // bytes); a raw syscall allocates nothing and is async-signal-safe.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            new_ptr,
+            &mut old as *mut KernelSigaction,
+            8usize,
+        )
+    };
+    (rc == 0).then_some(old.handler)
+}
+
+/// Which signals are ignored now (bit N-1 for signal N). Called first thing, before any handler or thread.
+pub fn ignored_now() -> u64 {
+    (1..=64)
+        .filter(|&sig| raw_sigaction(sig, None) == Some(libc::SIG_IGN))
+        .fold(0, |bits, sig| bits | 1 << (sig - 1))
 }
 
 /// Ignores SIGTTIN/SIGTTOU in the supervisor (tini does the same) and returns whether stdin is a TTY.
@@ -102,8 +160,25 @@ pub fn unblock_all() {
     set_mask(&SigSet::empty());
 }
 
-/// kill(2) with any signal number, including the realtime range that `nix::Signal` cannot name.
-pub fn kill_raw(pid: i32, sig: crate::signals::Sig) -> nix::Result<()> {
+/// Where a signal goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// One process.
+    Process(i32),
+    /// The process group whose id is this pid (the app's: it is spawned as a group leader).
+    Group(i32),
+    /// Every process the caller may signal except itself: as PID 1, the whole PID namespace.
+    Everyone,
+}
+
+/// The one way the supervisor sends a signal: kill(2) with any number, the realtime range included (which
+/// `nix::Signal` cannot name).
+pub fn send(target: Target, sig: crate::signals::Sig) -> nix::Result<()> {
+    let pid = match target {
+        Target::Process(p) => p,
+        Target::Group(g) => -g,
+        Target::Everyone => -1,
+    };
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     let rc = unsafe { libc::kill(pid, sig.0) };
     nix::errno::Errno::result(rc).map(drop)
