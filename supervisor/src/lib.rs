@@ -10,11 +10,29 @@
 //! | the main child's pid | [`supervisor::run`] | spawned once with `std::process::Command`, never waited on by it |
 //! | every exit status | [`reaper`] | `waitpid(-1, WNOHANG)` on SIGCHLD, in the run loop only; the main child's end goes out on a watch channel |
 //! | every catchable signal | [`supervisor::run`] | one `signal-hook-tokio` stream registered *before* the child starts |
-//! | SIGTERM / SIGINT | [`stop`] | start the shutdown once; repeats are counted and ignored |
-//! | the shutdown deadlines | [`stop::StopCtx`] | start (earliest trigger) + `grace_period - safety_margin` |
-//! | the termination message | [`report`] | written once, after the child and its leftovers are gone |
-//! | `unsafe` | [`sys`] | the pre-exec hook, signal dispositions, raw `kill` |
+//! | SIGTERM / SIGINT | [`stop`] | start the shutdown once (from the signal's arrival); repeats reach the app only as [`stop::Relay`] allows |
+//! | every signal sent | [`sys::send`] | to a process, the app's group, or everyone (as PID 1) |
+//! | the shutdown deadlines | [`stop::StopCtx`] | start (earliest trigger) + `grace_period - safety_margin`; nothing waits past the window + half the margin |
+//! | the termination message | [`report`] | its file opened at start-up, written once after the child and its leftovers are gone |
+//! | `unsafe` | [`sys`] | the pre-exec hook, signal masks and dispositions, `kill`, the arrival stamp |
 //!
+//! # A SIGTERM, from the kernel to the exit code
+//!
+//! 1. `main` blocked every signal first ([`sys::block_all`]), so a SIGTERM that comes before the handlers
+//!    waits in the kernel instead of being dropped (as PID 1 an unhandled default-action signal is).
+//! 2. The run loop ([`supervisor::run`]) installed the handlers and opened the mask; the handler stamps the
+//!    arrival ([`sys::stamp_stop_signals`]) and wakes the loop's signal stream.
+//! 3. The loop counts it ([`state::Shared::signal`], [`stop::Relay`]) and begins the stop: the start is the
+//!    arrival, the trigger goes into the status, and one stop task is spawned.
+//! 4. Step 1 ([`stop::step_one`]) flips the `stopping` watch: [`health::track`] recomputes, the probe thread
+//!    answers NOT_SERVING; then the preStop delay.
+//! 5. Signal mode: [`stop::ask_with_signal`] sends the one stop signal ([`stop::ask_signal`]) and waits for
+//!    the end until the deadline. Control mode: [`control::sequence`] walks the verbs, each planned by
+//!    [`control::plan`], sent over the driver connection; each reply becomes the rows of the status.
+//! 6. The app exits; SIGCHLD wakes the loop, [`reaper::reap`] collects the status and publishes the end.
+//! 7. The end of the run: the leftover sweep, [`exit::exit_code`], [`report::render`] into the file opened
+//!    at start-up; [`run`] logs `exiting` and `main` exits with the code.
+
 //! # Layout
 //!
 //! - [`config`], [`cli`]: keys, layers, validation; [`logging`]: tracing setup.
