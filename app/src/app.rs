@@ -25,7 +25,7 @@ use crate::metrics_server::MetricsServer;
 use crate::mq::Mq;
 use crate::outbox::OutboxPoller;
 use crate::redis_store::RedisStore;
-use crate::report::StopReport;
+use crate::report::{HandlerError, Report};
 
 /// The gRPC service names served (the supervisor's health server reports them).
 pub const SERVICES: [&str; 1] = ["order.v1.OrderService"];
@@ -188,17 +188,21 @@ impl App {
         &self.cron
     }
 
-    /// Runs one shutdown sub-step under `deadline`.
-    pub async fn run_substep(&self, substep: SubStep, deadline: Instant) -> StopReport {
+    /// Runs one shutdown sub-step under `deadline`: its stop function's report, or its error.
+    pub async fn run_substep(
+        &self,
+        substep: SubStep,
+        deadline: Instant,
+    ) -> Result<Report, HandlerError> {
         match substep {
-            SubStep::StopAccepting => self.grpc.stop_accepting(deadline).await,
-            SubStep::DrainInFlight => self.grpc.drain(deadline).await,
-            SubStep::StopCron => self.cron.stop(deadline).await,
-            SubStep::StopConsumer => self.consumer.stop(deadline).await,
-            SubStep::StopPoller => self.poller.stop(deadline).await,
+            SubStep::StopAccepting => Ok(self.grpc.stop_accepting(deadline).await),
+            SubStep::DrainInFlight => Ok(self.grpc.drain(deadline).await),
+            SubStep::StopCron => Ok(self.cron.stop(deadline).await),
+            SubStep::StopConsumer => Ok(self.consumer.stop(deadline).await),
+            SubStep::StopPoller => Ok(self.poller.stop(deadline).await),
             SubStep::CloseMq => self.mq.close(deadline).await,
-            SubStep::CloseRedis => self.redis.close(deadline).await,
-            SubStep::CloseDb => self.db.close(deadline).await,
+            SubStep::CloseRedis => Ok(self.redis.close(deadline).await),
+            SubStep::CloseDb => Ok(self.db.close(deadline).await),
         }
     }
 

@@ -35,7 +35,7 @@ use crate::db::Db;
 use crate::db::payments::{self, PaymentEffect, PaymentKind};
 use crate::metrics::Metrics;
 use crate::mq::Mq;
-use crate::report::StopReport;
+use crate::report::{Report, deadline_reached};
 use crate::worker::{WorkerEnd, WorkerTask};
 
 /// A payment message body. Other fields are ignored.
@@ -127,7 +127,7 @@ impl PaymentConsumer {
     /// while stopping), `requeued` (prefetched but unstarted, returned to the queue),
     /// `abandoned` (handlers cut at the deadline; their messages return to the queue when the
     /// channel closes, and a committed one is recognised as a duplicate on redelivery).
-    pub async fn stop(&self, deadline: Instant) -> StopReport {
+    pub async fn stop(&self, deadline: Instant) -> Report {
         let c = &self.counters;
         let in_flight = c.in_flight.load(Ordering::SeqCst);
         let acked_before = c.acked.load(Ordering::SeqCst);
@@ -142,7 +142,7 @@ impl PaymentConsumer {
         } else {
             c.in_flight.load(Ordering::SeqCst)
         };
-        let report = StopReport::ok()
+        let report = Report::new()
             .count("in_flight", in_flight)
             .count("acked", c.acked.load(Ordering::SeqCst) - acked_before)
             .count(
@@ -153,9 +153,12 @@ impl PaymentConsumer {
         if finished {
             report
         } else {
-            report.timeout(format!(
-                "{abandoned} handler(s) still running at the deadline were abandoned; their messages return to the queue"
-            ))
+            deadline_reached(
+                report,
+                format!(
+                    "{abandoned} handler(s) still running at the deadline were abandoned; their messages return to the queue"
+                ),
+            )
         }
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! Under quiesce (`QUIESCE_CONTROL_SOCKET` set) the supervisor drives the steps over the socket;
 //! without it, SIGTERM runs the same handlers in the same order through `Agent::run_local`.
-//! Either way each sub-step is logged at start and end with its duration and counts.
+//! Either way the agent logs each sub-step's end (verb, outcome, duration); the app adds one
+//! line when a sub-step starts (its number and budget, which the agent logs per verb only) and
+//! one when it ends with what only the app knows: the stop function's counts and note.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
@@ -13,7 +15,7 @@ use quiesce_protocol::agent::{Agent, HandlerError, Report, StepCtx};
 pub use quiesce_protocol::wire::{StepReply, SubStep};
 
 use crate::app::{App, SERVICES};
-use crate::report::{Outcome, StopReport};
+use crate::report::{Outcome, ReportExt, noted};
 
 /// How long each health check may take.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -56,45 +58,47 @@ async fn run_logged(app: &App, ctx: StepCtx) -> Result<Report, HandlerError> {
     let budget_ms = ctx.remaining().as_millis() as u64;
     tracing::info!(step, substep = %substep, budget_ms, local = ctx.is_local(), "shutdown step started");
     let started = StdInstant::now();
-    let report = app.run_substep(substep, ctx.deadline()).await;
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let counts = serde_json::to_string(&report.counts).unwrap_or_default();
-    match report.outcome {
-        Outcome::Ok => {
-            tracing::info!(step, substep = %substep, duration_ms, counts, "shutdown step finished");
-        }
-        outcome => tracing::warn!(
+    let (result, note) = noted(app.run_substep(substep, ctx.deadline())).await;
+    log_end(
+        step,
+        substep,
+        started.elapsed().as_millis() as u64,
+        &result,
+        note,
+    );
+    result
+}
+
+/// The app's line at a sub-step's end: the counts (as JSON text: a log field cannot hold a map)
+/// and, when it did not finish cleanly, the outcome and why.
+fn log_end(
+    step: u8,
+    substep: SubStep,
+    duration_ms: u64,
+    result: &Result<Report, HandlerError>,
+    note: Option<String>,
+) {
+    let (outcome, counts, note) = match result {
+        Ok(report) => (
+            report.outcome(),
+            serde_json::to_string(report.counts()).unwrap_or_default(),
+            note.unwrap_or_default(),
+        ),
+        Err(e) => (Outcome::Error, "{}".to_owned(), e.message().to_owned()),
+    };
+    if outcome == Outcome::Ok {
+        tracing::info!(step, substep = %substep, duration_ms, counts, "shutdown step finished");
+    } else {
+        tracing::warn!(
             step,
             substep = %substep,
             duration_ms,
             counts,
-            ?outcome,
+            outcome = outcome.as_str(),
             // Not `message`: that name would replace the event's text in JSON logs.
-            note = report.message.as_deref().unwrap_or(""),
+            note = %note,
             "shutdown step did not finish cleanly"
-        ),
-    }
-    to_protocol(report)
-}
-
-/// Maps a component's stop report to the agent's: counts kept; a component that reached its
-/// (soft) deadline and wrapped up still reports its counts, with `deadline_reached: 1`, the reason
-/// as the note, and outcome `timeout`; an error becomes the handler's error.
-pub fn to_protocol(report: StopReport) -> Result<Report, HandlerError> {
-    let mut out = Report::new();
-    for (name, value) in &report.counts {
-        out = out.count(*name, *value);
-    }
-    match report.outcome {
-        Outcome::Ok => Ok(out),
-        Outcome::Timeout => Ok(out.count("deadline_reached", 1).timed_out().note(
-            report
-                .message
-                .unwrap_or_else(|| "deadline reached".to_owned()),
-        )),
-        Outcome::Error => Err(HandlerError::msg(
-            report.message.unwrap_or_else(|| "failed".to_owned()),
-        )),
+        );
     }
 }
 
@@ -102,29 +106,4 @@ pub fn to_protocol(report: StopReport) -> Result<Report, HandlerError> {
 /// tests): the same handlers and order the supervisor would drive.
 pub async fn stop_all(app: &Arc<App>, budget: Duration) -> Vec<StepReply> {
     agent(app).run_local(budget).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reports_map_to_the_protocol() {
-        let ok = to_protocol(StopReport::ok().count("acked", 3)).unwrap();
-        assert_eq!(ok.counts().get("acked"), Some(&3));
-        let late = to_protocol(
-            StopReport::ok()
-                .count("requests_cancelled", 2)
-                .timeout("2 cancelled"),
-        )
-        .unwrap();
-        assert_eq!(late.counts().get("requests_cancelled"), Some(&2));
-        assert_eq!(late.counts().get("deadline_reached"), Some(&1));
-        assert!(
-            late.is_timed_out(),
-            "a step cut at its deadline is a timeout"
-        );
-        let err = to_protocol(StopReport::ok().error("broken pipe")).unwrap_err();
-        assert_eq!(err.message(), "broken pipe");
-    }
 }

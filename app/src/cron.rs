@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::db::{Db, orders};
 use crate::metrics::Metrics;
-use crate::report::StopReport;
+use crate::report::{Report, deadline_reached};
 use crate::worker::{WorkerEnd, WorkerTask};
 
 /// Orders expired per statement (the job loops until a batch comes back short).
@@ -81,20 +81,21 @@ impl ExpiryJob {
 
     /// Step 4. Counts: `job_running` (1 if a run was in progress when asked; it was allowed
     /// to finish), `runs_total`, `expired_total`.
-    pub async fn stop(&self, deadline: Instant) -> StopReport {
+    pub async fn stop(&self, deadline: Instant) -> Report {
         let running = self.shared.running.load(Ordering::SeqCst);
         // An aborted run's statement is rolled back with its connection; the next instance
         // expires those orders instead.
         let finished = self.worker.stop(deadline).await == WorkerEnd::Finished;
         self.shared.stopped.store(true, Ordering::SeqCst);
-        let report = StopReport::ok()
+        let report = Report::new()
             .count("job_running", u64::from(running))
             .count("runs_total", self.shared.runs.load(Ordering::SeqCst))
             .count("expired_total", self.shared.expired.load(Ordering::SeqCst));
         if finished {
             report
         } else {
-            report.timeout(
+            deadline_reached(
+                report,
                 "the expiry run in progress did not finish by the deadline and was cancelled",
             )
         }

@@ -28,7 +28,7 @@
 //! | RabbitMQ connection and topology | `mq.rs` |
 //! | Redis connection and idempotency keys | `redis_store.rs` |
 //! | Prometheus metrics / `/metrics` endpoint | `metrics.rs` / `metrics_server.rs` |
-//! | stop reports (outcome + counts) | `report.rs` |
+//! | helpers over the protocol's step report (deadline reached, counts, soft deadline) | `report.rs` |
 //! | stopping a worker task: cancel, wait to the soft deadline, abort | `worker.rs` |
 //! | logging | `telemetry.rs` |
 

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, SecretUrl};
 use crate::error::StartError;
-use crate::report::StopReport;
+use crate::report::{HandlerError, Report, deadline_reached};
 
 const RABBIT_START: &str = "rabbitmq-server -detached";
 
@@ -231,34 +231,26 @@ impl Mq {
     }
 
     /// Step 7: closes the connection (channels still open are closed with it; the broker
-    /// requeues whatever they left unacknowledged). Counts: `closed`.
-    pub async fn close(&self, deadline: Instant) -> StopReport {
+    /// requeues whatever they left unacknowledged). Counts: `closed`, `was_connected`. A close
+    /// the broker refuses is the step's error.
+    pub async fn close(&self, deadline: Instant) -> Result<Report, HandlerError> {
         let mut state = self.inner.lock().await;
         let State::Open(conn) = std::mem::replace(&mut *state, State::Closed) else {
-            return StopReport::ok().count("closed", 0);
+            return Ok(Report::new().count("closed", 0));
         };
         if !conn.status().connected() {
-            return StopReport::ok()
-                .count("closed", 1)
-                .count("was_connected", 0);
+            return Ok(Report::new().count("closed", 1).count("was_connected", 0));
         }
-        match tokio::time::timeout_at(
-            deadline,
-            conn.close(200, "order-service shutting down".into()),
-        )
-        .await
-        {
-            Ok(Ok(())) => StopReport::ok()
-                .count("closed", 1)
-                .count("was_connected", 1),
-            Ok(Err(e)) => StopReport::ok()
-                .count("closed", 1)
-                .count("was_connected", 1)
-                .error(format!("closing the RabbitMQ connection failed: {e}")),
-            Err(_) => StopReport::ok()
-                .count("closed", 0)
-                .count("was_connected", 1)
-                .timeout("RabbitMQ did not acknowledge connection.close before the deadline"),
+        let closing = conn.close(200, "order-service shutting down".into());
+        match tokio::time::timeout_at(deadline, closing).await {
+            Ok(Ok(())) => Ok(Report::new().count("closed", 1).count("was_connected", 1)),
+            Ok(Err(e)) => Err(HandlerError::msg(format!(
+                "closing the RabbitMQ connection failed: {e}"
+            ))),
+            Err(_) => Ok(deadline_reached(
+                Report::new().count("closed", 0).count("was_connected", 1),
+                "RabbitMQ did not acknowledge connection.close before the deadline",
+            )),
         }
     }
 }

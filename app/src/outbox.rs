@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::db::{Db, outbox};
 use crate::metrics::Metrics;
 use crate::mq::{Mq, MqError};
-use crate::report::StopReport;
+use crate::report::{Report, deadline_reached};
 use crate::worker::{WorkerEnd, WorkerTask};
 
 /// How long the poller waits for the broker's confirms of one batch.
@@ -143,7 +143,7 @@ impl OutboxPoller {
 
     /// Step 6. Counts: `batch_in_progress` (rows of the batch running when asked; 0 if idle),
     /// `published` (events confirmed while stopping), `published_total`.
-    pub async fn stop(&self, deadline: Instant) -> StopReport {
+    pub async fn stop(&self, deadline: Instant) -> Report {
         let in_progress = self.shared.batch_in_progress.load(Ordering::SeqCst);
         let published_before = self.published_total();
         if self.shared.state.load(Ordering::SeqCst) == RUNNING {
@@ -155,14 +155,17 @@ impl OutboxPoller {
         let finished = self.worker.stop(deadline).await == WorkerEnd::Finished;
         self.shared.state.store(STOPPED, Ordering::SeqCst);
         self.shared.batch_in_progress.store(0, Ordering::SeqCst);
-        let report = StopReport::ok()
+        let report = Report::new()
             .count("batch_in_progress", in_progress)
             .count("published", self.published_total() - published_before)
             .count("published_total", self.published_total());
         if finished {
             report
         } else {
-            report.timeout("the batch in progress did not finish by the deadline; its rows stay unsent and will be relayed again")
+            deadline_reached(
+                report,
+                "the batch in progress did not finish by the deadline; its rows stay unsent and will be relayed again",
+            )
         }
     }
 }

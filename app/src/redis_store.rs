@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::error::StartError;
-use crate::report::{StopReport, soft_deadline};
+use crate::report::{Report, soft_deadline};
 
 const REDIS_START: &str = "redis-server --daemonize yes";
 
@@ -241,7 +241,7 @@ impl RedisStore {
 
     /// Step 8: waits (until the soft deadline) for marker releases of cancelled requests, then
     /// drops the connection. Counts: `closed` (1 if this call closed it).
-    pub async fn close(&self, deadline: Instant) -> StopReport {
+    pub async fn close(&self, deadline: Instant) -> Report {
         self.releases.close();
         let _ = tokio::time::timeout_at(soft_deadline(deadline), self.releases.wait()).await;
         let taken = self
@@ -249,7 +249,7 @@ impl RedisStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        StopReport::ok().count("closed", u64::from(taken.is_some()))
+        Report::new().count("closed", u64::from(taken.is_some()))
     }
 }
 

@@ -1,76 +1,89 @@
-//! What a component's stop function returns: an outcome and named counts ("requests_drained",
-//! "acked", ...). The shutdown sequence and the control protocol both report these as they are.
+//! Helpers over the protocol's step report, [`quiesce_protocol::agent::Report`], which every
+//! component's stop function builds and returns as is (named counts such as
+//! `"requests_drained"`, an optional note, timed out or not). The agent hands it to the
+//! supervisor unchanged, so there is no app-side report type to convert from.
+//!
+//! What the protocol type has no words for lives here as functions over it: the app's rule for
+//! a stop that reached its deadline ([`deadline_reached`]), reading a count or the
+//! outcome back (tests, logs), and the soft deadline a stop function aims for when it is given
+//! only a bare deadline.
+//!
+//! The protocol's report can be given a note but not read back, and the app's end-of-step log
+//! line carries it: [`noted`] runs a stop function and hands back the note
+//! [`deadline_reached`] set during it (a task-local, scoped to that one call).
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::future::Future;
 
-use serde::Serialize;
+pub use quiesce_protocol::agent::{HandlerError, Report, StepCtx};
+pub use quiesce_protocol::wire::Outcome;
 
-/// How a stop went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// Finished within its deadline.
-    Ok,
-    /// The deadline cut it short; the counts say what was left.
-    Timeout,
-    /// It failed; the message says why.
-    Error,
+tokio::task_local! {
+    static NOTE: RefCell<Option<String>>;
 }
 
-/// The result of stopping one component.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct StopReport {
-    /// Ok, timeout or error.
-    pub outcome: Outcome,
-    /// Named counts of what the stop did.
-    pub counts: BTreeMap<&'static str, u64>,
-    /// Why it failed or timed out, for humans.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
+/// Runs `stop` and returns its result with the note a [`deadline_reached`] inside it
+/// attached to its report (`None` when it finished cleanly).
+pub async fn noted<T>(stop: impl Future<Output = T>) -> (T, Option<String>) {
+    NOTE.scope(RefCell::new(None), async move {
+        let result = stop.await;
+        (result, NOTE.with(|note| note.borrow_mut().take()))
+    })
+    .await
 }
 
-impl StopReport {
-    /// An `ok` report with no counts.
-    pub fn ok() -> Self {
-        Self {
-            outcome: Outcome::Ok,
-            counts: BTreeMap::new(),
-            message: None,
+/// Marks `report` as cut short by its (soft) deadline: the stop wrapped up and still reports its
+/// counts, plus `deadline_reached: 1`, with `why` as the note; the agent records it as outcome
+/// `timeout`.
+pub fn deadline_reached(report: Report, why: impl Into<String>) -> Report {
+    let why = why.into();
+    // Outside `noted` (a test calling a stop function directly) there is no one to tell.
+    let _ = NOTE.try_with(|note| *note.borrow_mut() = Some(why.clone()));
+    report.count("deadline_reached", 1).timed_out().note(why)
+}
+
+/// Reading a stop's result back (logs, tests): a stop function's [`Report`], or a sub-step's
+/// `Result<Report, HandlerError>` (a stop that fails returns the error instead of a report).
+pub trait ReportExt {
+    /// A count (0 when absent, or when the stop failed).
+    fn get(&self, name: &str) -> u64;
+
+    /// The outcome the agent records: `ok`, `timeout` when the deadline cut the stop short,
+    /// `error` when it failed.
+    fn outcome(&self) -> Outcome;
+}
+
+impl ReportExt for Report {
+    fn get(&self, name: &str) -> u64 {
+        self.counts().get(name).copied().unwrap_or(0)
+    }
+
+    fn outcome(&self) -> Outcome {
+        if self.is_timed_out() {
+            Outcome::Timeout
+        } else {
+            Outcome::Ok
         }
     }
+}
 
-    /// Adds a count.
-    pub fn count(mut self, name: &'static str, value: u64) -> Self {
-        self.counts.insert(name, value);
-        self
+impl ReportExt for Result<Report, HandlerError> {
+    fn get(&self, name: &str) -> u64 {
+        self.as_ref().map_or(0, |report| report.get(name))
     }
 
-    /// Marks the report as timed out with a reason.
-    pub fn timeout(mut self, message: impl Into<String>) -> Self {
-        self.outcome = Outcome::Timeout;
-        self.message = Some(message.into());
-        self
-    }
-
-    /// Marks the report as failed with a reason.
-    pub fn error(mut self, message: impl Into<String>) -> Self {
-        self.outcome = Outcome::Error;
-        self.message = Some(message.into());
-        self
-    }
-
-    /// Reads a count (0 when absent).
-    pub fn get(&self, name: &str) -> u64 {
-        self.counts.get(name).copied().unwrap_or(0)
+    fn outcome(&self) -> Outcome {
+        self.as_ref().map_or(Outcome::Error, ReportExt::outcome)
     }
 }
 
 /// The moment a stop function should give up waiting so that it still has time to clean up
 /// and report before the hard `deadline` (after which its caller may drop it): a tenth of the
-/// remaining budget, at most 100 ms, is kept in reserve.
+/// remaining budget, at most [`StepCtx::WRAP_UP_MAX`], is kept in reserve (the same margin as
+/// [`StepCtx::soft_deadline`], for callers that have only the deadline).
 pub fn soft_deadline(deadline: tokio::time::Instant) -> tokio::time::Instant {
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    deadline - (left / 10).min(std::time::Duration::from_millis(100))
+    deadline - (left / 10).min(StepCtx::WRAP_UP_MAX)
 }
 
 #[cfg(test)]
@@ -97,11 +110,36 @@ mod tests {
 
     #[test]
     fn report_builders() {
-        let r = StopReport::ok().count("a", 2).timeout("late");
+        let r = deadline_reached(Report::new().count("a", 2), "late");
         assert_eq!(
-            (r.outcome, r.get("a"), r.get("b")),
+            (r.outcome(), r.get("a"), r.get("b")),
             (Outcome::Timeout, 2, 0)
         );
         assert!(Outcome::Error > Outcome::Timeout && Outcome::Timeout > Outcome::Ok);
+    }
+
+    #[test]
+    fn a_report_cut_at_its_deadline_keeps_its_counts_and_is_a_timeout() {
+        let ok = Report::new().count("acked", 3);
+        assert_eq!(ok.counts().get("acked"), Some(&3));
+        assert_eq!(ok.outcome(), Outcome::Ok);
+        let late = deadline_reached(Report::new().count("requests_cancelled", 2), "2 cancelled");
+        assert_eq!(late.counts().get("requests_cancelled"), Some(&2));
+        assert_eq!(late.counts().get("deadline_reached"), Some(&1));
+        assert!(
+            late.is_timed_out(),
+            "a step cut at its deadline is a timeout"
+        );
+        let err: Result<Report, HandlerError> = Err(HandlerError::msg("broken pipe"));
+        assert_eq!((err.outcome(), err.get("acked")), (Outcome::Error, 0));
+    }
+
+    #[tokio::test]
+    async fn noted_hands_back_the_note_set_during_the_stop() {
+        let (late, note) = noted(async { deadline_reached(Report::new(), "2 cancelled") }).await;
+        assert!(late.is_timed_out());
+        assert_eq!(note.as_deref(), Some("2 cancelled"));
+        let (ok, note) = noted(async { Report::new().count("acked", 1) }).await;
+        assert_eq!((ok.outcome(), note), (Outcome::Ok, None));
     }
 }

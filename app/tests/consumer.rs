@@ -14,6 +14,7 @@ use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use order_service::App;
 use order_service::control::{SubStep, stop_all};
+use order_service::report::ReportExt;
 use tokio::time::Instant;
 
 #[tokio::test]
@@ -106,11 +107,12 @@ async fn stop_mid_stream_then_restart_applies_every_message_exactly_once() {
         config.consumer_concurrency = 16;
         // Declare the topology and stop the consumer at once, so all N are queued first.
         let app = App::start(config.clone()).await.expect("start");
-        app.run_substep(
-            SubStep::StopConsumer,
-            Instant::now() + Duration::from_secs(5),
-        )
-        .await;
+        let _ = app
+            .run_substep(
+                SubStep::StopConsumer,
+                Instant::now() + Duration::from_secs(5),
+            )
+            .await;
         let pool = env.pool().await;
         let ids = insert_pending_orders(&pool, N).await;
         let amqp = env.amqp().await;
@@ -158,7 +160,7 @@ async fn stop_mid_stream_then_restart_applies_every_message_exactly_once() {
             )
             .await;
         assert_eq!(
-            report.outcome,
+            report.outcome(),
             order_service::report::Outcome::Ok,
             "{report:?}"
         );

@@ -13,7 +13,7 @@ use common::{
 use order_service::App;
 use order_service::control::{SubStep, stop_all};
 use order_service::proto::CancelOrderRequest;
-use order_service::report::Outcome;
+use order_service::report::{Outcome, ReportExt};
 use quiesce_protocol::wire::{Outcome as ProtocolOutcome, SubStepReply};
 use sqlx::Connection;
 use tokio::time::Instant;
@@ -67,7 +67,7 @@ async fn stop_accepting_refuses_connections_and_drain_waits_for_in_flight() {
         .await;
 
         let report = app.run_substep(SubStep::StopAccepting, secs(5)).await;
-        assert_eq!(report.outcome, Outcome::Ok);
+        assert_eq!(report.outcome(), Outcome::Ok);
         assert_eq!(
             (report.get("listener_closed"), report.get("in_flight")),
             (1, 1)
@@ -87,7 +87,7 @@ async fn stop_accepting_refuses_connections_and_drain_waits_for_in_flight() {
         assert!(!drain.is_finished(), "drain waits for the in-flight RPC");
         release(lock).await;
         let report = drain.await.unwrap();
-        assert_eq!(report.outcome, Outcome::Ok, "{report:?}");
+        assert_eq!(report.outcome(), Outcome::Ok, "{report:?}");
         assert_eq!(
             (
                 report.get("requests_drained"),
@@ -135,7 +135,7 @@ async fn drain_deadline_cancels_what_is_still_running() {
             app.status()["grpc"]["in_flight"] == 2
         })
         .await;
-        app.run_substep(SubStep::StopAccepting, secs(5)).await;
+        let _ = app.run_substep(SubStep::StopAccepting, secs(5)).await;
         let started = Instant::now();
         let report = app
             .run_substep(
@@ -148,7 +148,7 @@ async fn drain_deadline_cancels_what_is_still_running() {
             "the deadline is honoured: {:?}",
             started.elapsed()
         );
-        assert_eq!(report.outcome, Outcome::Timeout, "{report:?}");
+        assert_eq!(report.outcome(), Outcome::Timeout, "{report:?}");
         assert_eq!(
             (
                 report.get("requests_drained"),
@@ -200,14 +200,14 @@ async fn a_create_cancelled_at_the_drain_deadline_takes_its_db_work_and_its_key_
         )
         .await;
 
-        app.run_substep(SubStep::StopAccepting, secs(5)).await;
+        let _ = app.run_substep(SubStep::StopAccepting, secs(5)).await;
         let drain = app
             .run_substep(
                 SubStep::DrainInFlight,
                 Instant::now() + Duration::from_millis(500),
             )
             .await;
-        assert_eq!(drain.outcome, Outcome::Timeout, "{drain:?}");
+        assert_eq!(drain.outcome(), Outcome::Timeout, "{drain:?}");
         assert_eq!(drain.get("requests_cancelled"), 1, "{drain:?}");
         let status = call.await.unwrap().unwrap_err();
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -226,11 +226,11 @@ async fn a_create_cancelled_at_the_drain_deadline_takes_its_db_work_and_its_key_
             SubStep::CloseMq,
             SubStep::CloseRedis,
         ] {
-            app.run_substep(substep, secs(5)).await;
+            let _ = app.run_substep(substep, secs(5)).await;
         }
         let started = Instant::now();
         let close = app.run_substep(SubStep::CloseDb, secs(5)).await;
-        assert_eq!(close.outcome, Outcome::Ok, "{close:?}");
+        assert_eq!(close.outcome(), Outcome::Ok, "{close:?}");
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "close-db waited {:?} for the cancelled request's connection",
@@ -317,7 +317,7 @@ async fn stop_cron_waits_for_the_running_job() {
         assert!(!stop.is_finished(), "stop-cron waits for the running job");
         sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
         let report = stop.await.unwrap();
-        assert_eq!(report.outcome, Outcome::Ok, "{report:?}");
+        assert_eq!(report.outcome(), Outcome::Ok, "{report:?}");
         assert_eq!(report.get("job_running"), 1);
         assert_eq!(
             report.get("expired_total"),
@@ -348,7 +348,7 @@ async fn stop_consumer_acks_running_handlers_and_requeues_the_prefetched() {
         config.prefetch = 20;
         config.consumer_concurrency = 4;
         let app = App::start(config).await.expect("start");
-        app.run_substep(SubStep::StopConsumer, secs(5)).await;
+        let _ = app.run_substep(SubStep::StopConsumer, secs(5)).await;
         let pool = env.pool().await;
         let ids = insert_pending_orders(&pool, 1).await;
         let amqp = env.amqp().await;
@@ -384,7 +384,7 @@ async fn stop_consumer_acks_running_handlers_and_requeues_the_prefetched() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         release(lock).await;
         let report = stop.await.unwrap();
-        assert_eq!(report.outcome, Outcome::Ok, "{report:?}");
+        assert_eq!(report.outcome(), Outcome::Ok, "{report:?}");
         assert_eq!(report.get("in_flight"), 4);
         assert_eq!(
             report.get("acked"),
@@ -473,7 +473,7 @@ async fn stop_poller_finishes_the_batch_in_progress() {
         assert!(!stop.is_finished(), "stop-poller lets the batch finish");
         release(lock).await;
         let report = stop.await.unwrap();
-        assert_eq!(report.outcome, Outcome::Ok, "{report:?}");
+        assert_eq!(report.outcome(), Outcome::Ok, "{report:?}");
         assert_eq!(
             (report.get("batch_in_progress"), report.get("published")),
             (20, 20)
@@ -518,7 +518,7 @@ async fn stop_poller_at_its_deadline_leaves_the_batch_unsent() {
                 Instant::now() + Duration::from_millis(500),
             )
             .await;
-        assert_eq!(report.outcome, Outcome::Timeout, "{report:?}");
+        assert_eq!(report.outcome(), Outcome::Timeout, "{report:?}");
         assert_eq!(
             (report.get("batch_in_progress"), report.get("published")),
             (10, 0)

@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, ConfigError};
 use crate::error::StartError;
-use crate::report::StopReport;
+use crate::report::{Report, deadline_reached};
 
 /// The schema, embedded at build time from `migrations/` at the repository root.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -143,15 +143,15 @@ impl Db {
 
     /// Step 9: closes the pool, waiting (until `deadline`) for checked-out connections to be
     /// returned. Counts: connections open when asked, and whether it finished in time.
-    pub async fn close(&self, deadline: Instant) -> StopReport {
+    pub async fn close(&self, deadline: Instant) -> Report {
         let open = u64::from(self.pool.size());
         let idle = self.pool.num_idle() as u64;
-        let report = StopReport::ok()
+        let report = Report::new()
             .count("connections_open", open)
             .count("connections_busy", open.saturating_sub(idle));
         match tokio::time::timeout_at(deadline, self.pool.close()).await {
             Ok(()) => report,
-            Err(_) => report.timeout("connections still checked out at the deadline"),
+            Err(_) => deadline_reached(report, "connections still checked out at the deadline"),
         }
     }
 }

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 use crate::proto::order_service_server::OrderServiceServer;
-use crate::report::{StopReport, soft_deadline};
+use crate::report::{Report, ReportExt, deadline_reached, soft_deadline};
 use layer::{RpcLayer, RpcTracker};
 use service::OrderApi;
 
@@ -120,14 +120,14 @@ impl GrpcServer {
 
     /// Step 2. Counts: `listener_closed` (1 when this call closed it), `in_flight` (RPCs
     /// running at that moment, which step 3 drains).
-    pub async fn stop_accepting(&self, deadline: Instant) -> StopReport {
+    pub async fn stop_accepting(&self, deadline: Instant) -> Report {
         let trigger = self
             .shutdown
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
         let Some(trigger) = trigger else {
-            return StopReport::ok()
+            return Report::new()
                 .count("listener_closed", 0)
                 .count("in_flight", self.in_flight());
         };
@@ -135,7 +135,7 @@ impl GrpcServer {
         self.state.store(NOT_ACCEPTING, Ordering::SeqCst);
         let closed = self.listener_closed.lock().await.take();
         let report = |closed| {
-            StopReport::ok()
+            Report::new()
                 .count("listener_closed", closed)
                 .count("in_flight", self.in_flight())
         };
@@ -143,7 +143,9 @@ impl GrpcServer {
             Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
                 // Err(RecvError) is the expected outcome: the sender was dropped with the listener.
                 Ok(_) => report(1),
-                Err(_) => report(0).timeout("the listener was still open at the deadline"),
+                Err(_) => {
+                    deadline_reached(report(0), "the listener was still open at the deadline")
+                }
             },
             None => report(0),
         }
@@ -151,7 +153,7 @@ impl GrpcServer {
 
     /// Step 3. Counts: `requests_drained` (finished normally during the step),
     /// `requests_cancelled` (still running at the deadline, answered UNAVAILABLE).
-    pub async fn drain(&self, deadline: Instant) -> StopReport {
+    pub async fn drain(&self, deadline: Instant) -> Report {
         let completed_before = self.tracker.completed();
         let cancelled_before = self.tracker.cancelled();
         let soft = soft_deadline(deadline);
@@ -173,7 +175,7 @@ impl GrpcServer {
             }
         }
         self.state.store(DRAINED, Ordering::SeqCst);
-        let report = StopReport::ok()
+        let report = Report::new()
             .count(
                 "requests_drained",
                 self.tracker.completed().saturating_sub(completed_before),
@@ -186,9 +188,10 @@ impl GrpcServer {
             report
         } else {
             let n = report.get("requests_cancelled");
-            report.timeout(format!(
-                "{n} request(s) still running at the drain deadline were cancelled"
-            ))
+            deadline_reached(
+                report,
+                format!("{n} request(s) still running at the drain deadline were cancelled"),
+            )
         }
     }
 }
