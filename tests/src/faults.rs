@@ -13,7 +13,7 @@ use std::time::Duration;
 use sqlx::{AssertSqlSafe, Connection as _, Executor, PgConnection};
 use tokio::time::Instant;
 
-use crate::sandbox::pg_admin_url;
+use crate::sandbox::pg_admin;
 
 fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new(cmd)
@@ -196,7 +196,7 @@ impl HeldLock {
 
 /// Backends of `database` waiting on a lock now (from `pg_stat_activity`).
 pub async fn lock_waiters(database: &str) -> i64 {
-    let Ok(mut admin) = PgConnection::connect(&pg_admin_url()).await else {
+    let Ok(mut admin) = pg_admin().await else {
         return -1;
     };
     let n = sqlx::query_scalar(AssertSqlSafe(

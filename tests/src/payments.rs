@@ -7,11 +7,11 @@
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::sandbox::amqp_url;
+use crate::sandbox::amqp;
 
 /// One payment message as published (confirmed by the broker).
 #[derive(Debug, Clone)]
@@ -74,9 +74,7 @@ impl PublishResult {
 }
 
 async fn connect() -> Result<(Connection, Channel), String> {
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = amqp().await.map_err(|e| e.to_string())?;
     let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
     channel
         .confirm_select(ConfirmSelectOptions::default())

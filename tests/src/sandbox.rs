@@ -26,6 +26,16 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// A connection to RabbitMQ at [`amqp_url`].
+pub async fn amqp() -> lapin::Result<Connection> {
+    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+}
+
+/// An admin connection to PostgreSQL at [`pg_admin_url`].
+pub async fn pg_admin() -> sqlx::Result<PgConnection> {
+    PgConnection::connect(&pg_admin_url()).await
+}
+
 /// One scenario's names on the shared services.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -40,7 +50,7 @@ impl Sandbox {
     pub async fn new() -> Self {
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("e2e_{suffix}");
-        let mut admin = PgConnection::connect(&pg_admin_url()).await.unwrap_or_else(|e| {
+        let mut admin = pg_admin().await.unwrap_or_else(|e| {
             panic!(
                 "cannot connect to PostgreSQL at {} ({e}); start it: pg_ctlcluster --skip-systemctl-redirect 15 main start",
                 pg_admin_url()
@@ -113,9 +123,7 @@ impl Sandbox {
 
     /// Declares [`Self::events_queue`] and binds it (the exchange exists once a pod started).
     pub async fn bind_events_queue(&self) {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("connect to RabbitMQ");
+        let conn = amqp().await.expect("connect to RabbitMQ");
         let channel = conn.create_channel().await.expect("channel");
         channel
             .queue_declare(
@@ -139,14 +147,14 @@ impl Sandbox {
     }
 
     async fn remove(database: String, redis_prefix: String, prefix: String) {
-        if let Ok(mut admin) = PgConnection::connect(&pg_admin_url()).await {
+        if let Ok(mut admin) = pg_admin().await {
             let _ = admin
                 .execute(AssertSqlSafe(format!(
                     "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
                 )))
                 .await;
         }
-        if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+        if let Ok(conn) = amqp().await
             && let Ok(channel) = conn.create_channel().await
         {
             for q in ["payments", "payments.dead", "e2e.events"] {

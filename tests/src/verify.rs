@@ -13,12 +13,12 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 use sqlx::PgPool;
 use tokio::time::Instant;
 
 use crate::payments::Published;
-use crate::sandbox::{Sandbox, amqp_url};
+use crate::sandbox::{Sandbox, amqp};
 
 /// Payment effects.
 #[derive(Debug, Default, Clone)]
@@ -83,10 +83,9 @@ pub async fn queue_depth(queue: &str) -> u32 {
 
 /// A connection to RabbitMQ, retried every 200 ms for up to `within`; panics naming `queue`.
 async fn connect_for_depth(queue: &str, within: Duration) -> Connection {
-    let url = amqp_url();
     let deadline = Instant::now() + within;
     loop {
-        match Connection::connect(&url, ConnectionProperties::default()).await {
+        match amqp().await {
             Ok(conn) => return conn,
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -264,7 +263,7 @@ pub async fn events(pool: &PgPool, sandbox: &Sandbox, within: Duration) -> Event
     let committed: BTreeSet<String> = committed.iter().map(|u| u.to_string()).collect();
     let mut received = 0usize;
     let mut seen = BTreeSet::new();
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+    let conn = amqp()
         .await
         .expect("connect to RabbitMQ to read the events queue");
     let channel = conn.create_channel().await.expect("channel");

@@ -15,6 +15,8 @@ use e2e::{
 
 const RATE: u32 = 1000;
 const LIMIT: Duration = Duration::from_secs(300);
+/// How long one full variant may wait for the machine's e2e lock.
+const WAIT_FOR_LOCK: Duration = Duration::from_secs(600);
 
 async fn run(name: &str, file: &str, fault: Fault, warmup: Duration) -> scenario::Outcome {
     run_scenario(Scenario::new(name, fault, RATE, warmup), file, LIMIT).await
@@ -23,7 +25,7 @@ async fn run(name: &str, file: &str, fault: Fault, warmup: Duration) -> scenario
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full variant: scripts/reliability.sh"]
 async fn full_termination_under_load() {
-    let _serial = serial(Duration::from_secs(600));
+    let _serial = serial(WAIT_FOR_LOCK);
     let o = run(
         "Termination under load: 30 s at 1000/s, then preStop, SIGTERM",
         "1-full",
@@ -41,7 +43,7 @@ async fn full_termination_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full variant: scripts/reliability.sh"]
 async fn full_consumer_step_hangs() {
-    let _serial = serial(Duration::from_secs(600));
+    let _serial = serial(WAIT_FOR_LOCK);
     let o = run(
         "Fault: the consumer step hangs (a handler waits on a locked row)",
         "2-consumer-hang",
@@ -55,7 +57,7 @@ async fn full_consumer_step_hangs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full variant: scripts/reliability.sh"]
 async fn full_app_crashes_mid_sequence() {
-    let _serial = serial(Duration::from_secs(600));
+    let _serial = serial(WAIT_FOR_LOCK);
     let o = run(
         "Fault: the app is SIGKILLed 1 s into step 5",
         "3-app-crash",
@@ -69,7 +71,7 @@ async fn full_app_crashes_mid_sequence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full variant: scripts/reliability.sh"]
 async fn full_rolling_update() {
-    let _serial = serial(Duration::from_secs(600));
+    let _serial = serial(WAIT_FOR_LOCK);
     let o = hard_timeout(
         LIMIT,
         scenario::rolling_update(RATE, Duration::from_secs(10), Duration::from_secs(5)),
@@ -119,7 +121,7 @@ async fn full_rolling_update() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "stops the shared PostgreSQL: scripts/reliability.sh runs it last, alone"]
 async fn shared_services_postgres_stops_mid_drain() {
-    let _serial = serial(Duration::from_secs(600));
+    let _serial = serial(WAIT_FOR_LOCK);
     let o = run(
         "Fault: PostgreSQL stops (fast) as step 3 starts, CreateOrder calls in flight",
         "5-postgres-stop",
@@ -133,7 +135,7 @@ async fn shared_services_postgres_stops_mid_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "restarts the shared RabbitMQ: scripts/reliability.sh runs it last, alone"]
 async fn shared_services_rabbitmq_restarts_before_termination() {
-    let _serial = serial(Duration::from_secs(600));
+    let _serial = serial(WAIT_FOR_LOCK);
     let o = run(
         "Fault: RabbitMQ restarts (stop_app, 3 s, start_app) 1 s before the termination",
         "6-rabbitmq-restart",
