@@ -8,6 +8,7 @@
 //! - `mq_consumer_messages_total{outcome}` — the payment consumer
 //! - `saga_stuck_total`, `orders_expired_total`, `cron_runs_total` — the expiry job
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -51,119 +52,129 @@ fn must<T>(r: prometheus::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("invalid metric definition: {e}"))
 }
 
+/// RPC latency buckets (seconds): 0.5 ms to 10 s.
+const RPC_LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Outbox relay lag buckets (seconds): 5 ms to 60 s.
+const RELAY_LAG_BUCKETS: [f64; 13] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const RPC_LABELS: &[&str] = &["grpc_type", "grpc_service", "grpc_method"];
+
+/// Registers `metric` in `registry` and returns it (a clone shares the same values).
+fn registered<C: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<C>,
+) -> C {
+    let metric = must(metric);
+    must(registry.register(Box::new(metric.clone())));
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    registered(registry, IntCounter::new(name, help))
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    registered(registry, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    registered(registry, IntGauge::new(name, help))
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    registered(registry, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    labels: &[&str],
+) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+    registered(registry, HistogramVec::new(opts, labels))
+}
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let rpc_labels = &["grpc_type", "grpc_service", "grpc_method"];
-        let grpc_started = must(IntCounterVec::new(
-            Opts::new(
+        let r = Registry::new();
+        Self {
+            grpc_started: counter_vec(
+                &r,
                 "grpc_server_started_total",
                 "Total number of RPCs started on the server.",
+                RPC_LABELS,
             ),
-            rpc_labels,
-        ));
-        let grpc_handled = must(IntCounterVec::new(
-            Opts::new(
+            grpc_handled: counter_vec(
+                &r,
                 "grpc_server_handled_total",
                 "Total number of RPCs completed on the server, regardless of success or failure.",
+                &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
             ),
-            &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
-        ));
-        let grpc_handling_seconds = must(HistogramVec::new(
-            HistogramOpts::new(
+            grpc_handling_seconds: histogram_vec(
+                &r,
                 "grpc_server_handling_seconds",
                 "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-            rpc_labels,
-        ));
-        let grpc_in_flight = must(IntGauge::new(
-            "grpc_server_in_flight",
-            "RPCs being handled right now.",
-        ));
-        let outbox_unsent = must(IntGauge::new(
-            "outbox_unsent_events_total",
-            "Outbox events committed but not yet confirmed by the broker.",
-        ));
-        let outbox_published = must(IntCounter::new(
-            "outbox_published_total",
-            "Outbox events published and confirmed by the broker.",
-        ));
-        let outbox_publish_failures = must(IntCounter::new(
-            "outbox_publish_failures_total",
-            "Outbox batches whose publishing failed (broker down, nack, timeout).",
-        ));
-        let outbox_relay_lag = must(HistogramVec::new(
-            HistogramOpts::new(
+                &RPC_LATENCY_BUCKETS,
+                RPC_LABELS,
+            ),
+            grpc_in_flight: gauge(&r, "grpc_server_in_flight", "RPCs being handled right now."),
+            outbox_unsent: gauge(
+                &r,
+                "outbox_unsent_events_total",
+                "Outbox events committed but not yet confirmed by the broker.",
+            ),
+            outbox_published: counter(
+                &r,
+                "outbox_published_total",
+                "Outbox events published and confirmed by the broker.",
+            ),
+            outbox_publish_failures: counter(
+                &r,
+                "outbox_publish_failures_total",
+                "Outbox batches whose publishing failed (broker down, nack, timeout).",
+            ),
+            outbox_relay_lag: histogram_vec(
+                &r,
                 "outbox_relay_lag_seconds",
                 "Time from an outbox event's commit to the broker's publish confirm.",
-            )
-            .buckets(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-            ]),
-            &["event_type"],
-        ));
-        let circuit_breaker_state = must(IntGaugeVec::new(
-            Opts::new(
+                &RELAY_LAG_BUCKETS,
+                &["event_type"],
+            ),
+            circuit_breaker_state: gauge_vec(
+                &r,
                 "circuit_breaker_state",
                 "1 for the circuit breaker's current state (closed, open, half_open), 0 otherwise.",
+                &["breaker", "state"],
             ),
-            &["breaker", "state"],
-        ));
-        let consumer_messages = must(IntCounterVec::new(
-            Opts::new(
+            consumer_messages: counter_vec(
+                &r,
                 "mq_consumer_messages_total",
                 "Payment messages handled, by outcome.",
+                &["outcome"],
             ),
-            &["outcome"],
-        ));
-        let saga_stuck = must(IntGauge::new(
-            "saga_stuck_total",
-            "Orders waiting for payment longer than stuck_after.",
-        ));
-        let orders_expired = must(IntCounter::new(
-            "orders_expired_total",
-            "Orders expired by the expiry job.",
-        ));
-        let cron_runs = must(IntCounterVec::new(
-            Opts::new("cron_runs_total", "Expiry job runs, by result."),
-            &["result"],
-        ));
-        for c in [
-            Box::new(grpc_started.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(grpc_handled.clone()),
-            Box::new(grpc_handling_seconds.clone()),
-            Box::new(grpc_in_flight.clone()),
-            Box::new(outbox_unsent.clone()),
-            Box::new(outbox_published.clone()),
-            Box::new(outbox_publish_failures.clone()),
-            Box::new(outbox_relay_lag.clone()),
-            Box::new(circuit_breaker_state.clone()),
-            Box::new(consumer_messages.clone()),
-            Box::new(saga_stuck.clone()),
-            Box::new(orders_expired.clone()),
-            Box::new(cron_runs.clone()),
-        ] {
-            must(registry.register(c));
-        }
-        Self {
-            registry,
-            grpc_started,
-            grpc_handled,
-            grpc_handling_seconds,
-            grpc_in_flight,
-            outbox_unsent,
-            outbox_published,
-            outbox_publish_failures,
-            outbox_relay_lag,
-            circuit_breaker_state,
-            consumer_messages,
-            saga_stuck,
-            orders_expired,
-            cron_runs,
+            saga_stuck: gauge(
+                &r,
+                "saga_stuck_total",
+                "Orders waiting for payment longer than stuck_after.",
+            ),
+            orders_expired: counter(
+                &r,
+                "orders_expired_total",
+                "Orders expired by the expiry job.",
+            ),
+            cron_runs: counter_vec(
+                &r,
+                "cron_runs_total",
+                "Expiry job runs, by result.",
+                &["result"],
+            ),
+            registry: r,
         }
     }
 
