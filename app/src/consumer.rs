@@ -246,12 +246,7 @@ impl Worker {
             while cancelled.is_ok()
                 && let Some(Ok(delivery)) = consumer.next().await
             {
-                let requeue = BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                };
-                if delivery.acker.nack(requeue).await.is_ok() {
-                    self.counters.requeued.fetch_add(1, Ordering::SeqCst);
+                if self.requeue(&delivery).await {
                     self.metrics
                         .consumer_messages
                         .with_label_values(&["requeued"])
@@ -302,13 +297,7 @@ impl Worker {
                 tracing::warn!(reason = %reason, "payment message failed transiently; requeueing");
                 // A short pause so a database outage does not become a redelivery storm.
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let requeue = BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                };
-                if delivery.acker.nack(requeue).await.is_ok() {
-                    self.counters.requeued.fetch_add(1, Ordering::SeqCst);
-                }
+                self.requeue(&delivery).await;
                 "requeued"
             }
         };
@@ -316,6 +305,19 @@ impl Worker {
             .consumer_messages
             .with_label_values(&[outcome])
             .inc();
+    }
+
+    /// Returns `delivery` to the queue (nack with requeue); whether the broker took it.
+    async fn requeue(&self, delivery: &Delivery) -> bool {
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        let requeued = delivery.acker.nack(requeue).await.is_ok();
+        if requeued {
+            self.counters.requeued.fetch_add(1, Ordering::SeqCst);
+        }
+        requeued
     }
 
     async fn process(&self, delivery: &Delivery) -> Disposition {
