@@ -575,8 +575,15 @@ fn out_of_descriptors_the_termination_message_is_still_written() {
             .unwrap_or(0)
     };
     assert!(wait_until(T, || std::net::TcpStream::connect(&addr).is_ok()));
+    assert!(wait_until(T, || {
+        std::os::unix::net::UnixStream::connect(s.path("admin.sock")).is_ok()
+    }));
+    // Probe connections (8 from one address) and admin connections (16) hold every spare descriptor.
     let held: Vec<_> = (0..8)
         .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    let admin: Vec<_> = (0..16)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(s.path("admin.sock")).ok())
         .collect();
     assert!(
         wait_until(T, || fds(sup.id()) >= 24),
@@ -585,7 +592,7 @@ fn out_of_descriptors_the_termination_message_is_still_written() {
     );
     send(sup.id(), libc::SIGTERM);
     assert_eq!(wait_timeout(&mut sup, T).code(), Some(0));
-    drop(held);
+    drop((held, admin));
     let msg = std::fs::read_to_string(s.path("termination-log")).unwrap_or_default();
     assert!(
         msg.contains("stop by SIGTERM"),

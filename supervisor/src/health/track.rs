@@ -1,0 +1,92 @@
+//! The tracker: recomputes the statuses whenever an input changes, publishes them to the probe thread, the
+//! metrics and `quiesce ctl status`.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::{AppHealth, Inputs, Statuses, compute, reason};
+use crate::config::Config;
+use crate::state::Shared;
+use crate::supervisor::Watches;
+
+/// Keeps each service's status, since when and why in the shared status (`quiesce ctl status`).
+fn publish(shared: &Shared, inputs: &Inputs, next: &Statuses) {
+    let mut st = shared.lock();
+    let (deps_down, live_why) = (st.deps_down.clone(), st.live_why.clone());
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    st.health.retain(|svc, _| next.contains_key(svc));
+    for (svc, serving) in next {
+        let status = if *serving { "SERVING" } else { "NOT_SERVING" };
+        let why = reason(inputs, svc, &deps_down, &live_why);
+        let e = st
+            .health
+            .entry(svc.clone())
+            .or_insert_with(|| crate::state::ServiceHealth {
+                status,
+                since: now.clone(),
+                why: why.clone(),
+            });
+        if e.status != status {
+            e.status = status;
+            e.since = now.clone();
+        }
+        e.why = why;
+    }
+}
+
+/// Recomputes the statuses whenever an input changes; also mirrors them into the metrics and the shared
+/// status.
+pub async fn track(
+    cfg: Arc<Config>,
+    mut w: Watches,
+    app: Option<AppHealth>,
+    out: watch::Sender<Statuses>,
+    shared: Shared,
+) {
+    let metrics = shared.metrics.clone();
+    let control = cfg.control_socket.is_some();
+    let (mut deps, mut live) = match app {
+        Some(a) => (a.deps_ok, a.live_ok),
+        None => (watch::channel(true).1, watch::channel(true).1),
+    };
+    loop {
+        let services = w
+            .hello
+            .borrow_and_update()
+            .as_ref()
+            .map(|h| h.services.clone());
+        let inputs = Inputs {
+            control,
+            alive: w.end.borrow_and_update().is_none(),
+            hello: services.is_some(),
+            deps_ok: *deps.borrow_and_update(),
+            live_ok: *live.borrow_and_update(),
+            stopping: *w.stopping.borrow_and_update(),
+            services: services.unwrap_or_default(),
+        };
+        let next = compute(&inputs);
+        publish(&shared, &inputs, &next);
+        out.send_if_modified(|cur| {
+            if *cur == next {
+                return false;
+            }
+            for (svc, serving) in &next {
+                if cur.get(svc) != Some(serving) {
+                    let name = if svc.is_empty() { "\"\"" } else { svc.as_str() };
+                    tracing::info!(service = name, serving, "health changed");
+                }
+                metrics.health(svc, *serving);
+            }
+            *cur = next.clone();
+            true
+        });
+        tokio::select! {
+            r = w.end.changed() => if r.is_err() { return },
+            r = w.hello.changed() => if r.is_err() { return },
+            r = w.stopping.changed() => if r.is_err() { return },
+            Ok(()) = deps.changed() => {},
+            Ok(()) = live.changed() => {},
+        }
+    }
+}
