@@ -121,23 +121,46 @@ pub async fn run(
     mut events: mpsc::UnboundedReceiver<Event>,
     sink: Option<report::Sink>,
 ) -> Result<Outcome, RunError> {
-    let sink = Arc::new(std::sync::Mutex::new(sink));
-    let mut handled = signals::forwarded();
-    handled.push(Sig::CHLD);
-    let mut sigs =
-        SignalsInfo::<WithOrigin>::new(handled.iter().map(|s| s.0)).map_err(RunError::Signals)?;
-    crate::sys::stamp_stop_signals().map_err(RunError::Signals)?;
-    // Handlers installed: what arrived since `main` blocked everything is delivered now.
-    crate::sys::unblock_all();
-
+    let mut sigs = install_signals()?;
     if std::process::id() != 1 {
         // Orphans of our descendants come to us instead of to the real init, so we can reap them.
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
             tracing::warn!(error = %e, "cannot become a child subreaper; orphans will go to the host's init");
         }
     }
-
     let pid = child::spawn(&spec)?;
+    started(&cfg, &shared, &spec, pid);
+    let driver = start_watchers(&cfg, &shared, &chans);
+    let mut l = RunLoop::new(cfg, shared, chans, pid, driver, sink);
+    loop {
+        tokio::select! {
+            Some(origin) = sigs.next() => l.on_signal(&origin),
+            Some(Event::Stop(trigger)) = events.recv() => l.begin_stop(trigger, None, None),
+            done = async { l.stop_task.as_mut().expect("guarded").await }, if l.stop_task.is_some() && l.finish.is_none() => {
+                l.stop_task = None;
+                l.on_stop_done(done.unwrap_or(StopContext { asked_with: None, forced: true }));
+            }
+            out = async { l.finish.as_mut().expect("guarded").await }, if l.finish.is_some() => {
+                return Ok(out.unwrap_or_else(|e| Outcome { code: code::INTERNAL, reason: format!("internal error: {e}") }));
+            }
+        }
+    }
+}
+
+/// The one signal stream (every forwarded signal and SIGCHLD), the arrival stamp, then the mask opened:
+/// what arrived since `main` blocked everything is delivered now.
+fn install_signals() -> Result<SignalsInfo<WithOrigin>, RunError> {
+    let mut handled = signals::forwarded();
+    handled.push(Sig::CHLD);
+    let sigs =
+        SignalsInfo::<WithOrigin>::new(handled.iter().map(|s| s.0)).map_err(RunError::Signals)?;
+    crate::sys::stamp_stop_signals().map_err(RunError::Signals)?;
+    crate::sys::unblock_all();
+    Ok(sigs)
+}
+
+/// Records the started child: who may answer at its control socket, the status, the log line.
+fn started(cfg: &Config, shared: &Shared, spec: &SpawnSpec, pid: i32) {
     crate::peer::set_app(crate::peer::Expected {
         pid,
         uid: spec
@@ -153,6 +176,11 @@ pub async fn run(
         st.phase = Phase::Running;
     }
     tracing::info!(pid, command = ?spec.argv, "child started");
+}
+
+/// The tasks that follow the app while it runs: the health tracker, and in control mode the observer poll
+/// and the driver's connector (whose connection the stop sequence takes over).
+fn start_watchers(cfg: &Arc<Config>, shared: &Shared, chans: &Channels) -> Option<Driver> {
     let app_health = cfg.control_socket.as_ref().map(|_| {
         // Not ready until the app's first `health` answer says so.
         let (deps_tx, deps_ok) = watch::channel(false);
@@ -174,7 +202,7 @@ pub async fn run(
         chans.statuses.clone(),
         shared.clone(),
     ));
-    let driver = cfg.control_socket.clone().map(|path| {
+    cfg.control_socket.clone().map(|path| {
         let driver = Driver::default();
         tokio::spawn(control::connect_driver(
             path,
@@ -185,32 +213,124 @@ pub async fn run(
             chans.end.subscribe(),
         ));
         driver
-    });
+    })
+}
 
-    let end_tx = chans.end;
-    let (none_left_tx, none_left_rx) = watch::channel(false);
-    let mut stop_task: Option<JoinHandle<StopContext>> = None;
-    // The stop task's result once it is over (it ends after the child's end, or after the forced kill).
-    let mut stopped: Option<StopContext> = None;
-    let mut finish: Option<JoinHandle<Outcome>> = None;
-    let mut start: Option<Instant> = None;
-    let relay = Arc::new(std::sync::Mutex::new(stop::Relay::default()));
+/// The run loop's state: what happened so far, and the tasks it waits for.
+struct RunLoop {
+    cfg: Arc<Config>,
+    shared: Shared,
+    chans: Channels,
+    pid: i32,
+    driver: Option<Driver>,
+    relay: Arc<std::sync::Mutex<stop::Relay>>,
+    sink: Arc<std::sync::Mutex<Option<report::Sink>>>,
+    none_left: (watch::Sender<bool>, watch::Receiver<bool>),
+    /// The stop's start, once it began.
+    start: Option<Instant>,
+    /// The stop sequence while it runs.
+    stop_task: Option<JoinHandle<StopContext>>,
+    /// Its result once it is over (it ends after the child's end, or after the forced kill).
+    stopped: Option<StopContext>,
+    /// The end of the run (sweep, exit code, report), once the child is gone.
+    finish: Option<JoinHandle<Outcome>>,
+}
 
-    let begin_stop = |trigger: Trigger,
-                      stop_task: &mut Option<JoinHandle<StopContext>>,
-                      start: &mut Option<Instant>,
-                      received: Option<Sig>,
-                      age: Option<std::time::Duration>| {
+impl RunLoop {
+    fn new(
+        cfg: Arc<Config>,
+        shared: Shared,
+        chans: Channels,
+        pid: i32,
+        driver: Option<Driver>,
+        sink: Option<report::Sink>,
+    ) -> RunLoop {
+        RunLoop {
+            cfg,
+            shared,
+            chans,
+            pid,
+            driver,
+            relay: Arc::default(),
+            sink: Arc::new(std::sync::Mutex::new(sink)),
+            none_left: watch::channel(false),
+            start: None,
+            stop_task: None,
+            stopped: None,
+            finish: None,
+        }
+    }
+
+    fn on_signal(&mut self, origin: &Origin) {
+        let sig = Sig(origin.signal);
+        if sig == Sig::CHLD {
+            return self.on_reap();
+        }
+        if sig == Sig::PIPE && !sent_by_another_process(origin) {
+            return; // raised by our own socket write, not meant for the app
+        }
+        self.shared.signal(sig.name());
+        if sig == Sig::TERM || sig == Sig::INT {
+            let age = crate::sys::take_stop_signal_age();
+            return self.begin_stop(Trigger::Signal(sig.name()), Some(sig), age);
+        }
+        if self.chans.end.borrow().is_some() {
+            return;
+        }
+        let out = self.cfg.rewrite.apply(sig);
+        tracing::debug!(received = %sig, forwarded = %out, "forwarding signal");
+        stop::deliver(self.pid, out, self.cfg.forward_to);
+    }
+
+    fn on_reap(&mut self) {
+        let r = reaper::reap(self.pid);
+        self.shared.reaped(r.count);
+        if let Some(end) = r.main
+            && self.chans.end.borrow().is_none()
+        {
+            tracing::info!(pid = self.pid, status = %end, "child ended");
+            self.shared.metrics.child_exit(match end {
+                ChildEnd::Exited(_) => "exited",
+                ChildEnd::Signaled(_) => "signaled",
+            });
+            {
+                let mut st = self.shared.lock();
+                st.child_end = Some(end);
+                st.phase = Phase::Exiting;
+            }
+            self.chans.end.send_replace(Some(end));
+            let task = self.stop_task.take();
+            self.finish = Some(tokio::spawn(finish_up(
+                self.ending(),
+                end,
+                task,
+                self.stopped,
+            )));
+        }
+        if r.none_left {
+            self.none_left.0.send_replace(true);
+        }
+    }
+
+    /// Begins the stop, once: a later trigger joins it, and a later stop signal may still reach the app
+    /// ([`stop::Relay`]). `age`: how long ago the signal arrived.
+    fn begin_stop(
+        &mut self,
+        trigger: Trigger,
+        received: Option<Sig>,
+        age: Option<std::time::Duration>,
+    ) {
+        let cfg = &self.cfg;
         if let Some(sig) = received {
-            relay
+            self.relay
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .received(stop::ask_signal(&cfg, Some(sig)));
+                .received(stop::ask_signal(cfg, Some(sig)));
         }
-        if start.is_some() || end_tx.borrow().is_some() {
+        if self.start.is_some() || self.chans.end.borrow().is_some() {
             tracing::info!(%trigger, "shutdown already under way; not restarting it");
-            if end_tx.borrow().is_none() {
-                stop::settle(&relay, pid, cfg.forward_to);
+            if self.chans.end.borrow().is_none() {
+                stop::settle(&self.relay, self.pid, cfg.forward_to);
             }
             return;
         }
@@ -218,9 +338,9 @@ pub async fn run(
         let now = age
             .and_then(|a| Instant::now().checked_sub(a.min(std::time::Duration::from_secs(5))))
             .unwrap_or_else(Instant::now);
-        *start = Some(now);
+        self.start = Some(now);
         {
-            let mut st = shared.lock();
+            let mut st = self.shared.lock();
             st.phase = Phase::Stopping;
             st.trigger = Some(trigger.clone());
             st.stop_started = Some(now.into_std());
@@ -228,82 +348,48 @@ pub async fn run(
         tracing::info!(%trigger, window_ms = ms(cfg.stop_window()), "shutdown started");
         let ctx = StopCtx {
             cfg: cfg.clone(),
-            shared: shared.clone(),
-            pid,
-            end: end_tx.subscribe(),
+            shared: self.shared.clone(),
+            pid: self.pid,
+            end: self.chans.end.subscribe(),
             start: now,
-            step_one_done: chans.step_one_done.clone(),
-            stopping: chans.stopping.clone(),
-            probes: chans.probes.subscribe(),
-            ask_with: stop::ask_signal(&cfg, received),
-            relay: relay.clone(),
+            step_one_done: self.chans.step_one_done.clone(),
+            stopping: self.chans.stopping.clone(),
+            probes: self.chans.probes.subscribe(),
+            ask_with: stop::ask_signal(cfg, received),
+            relay: self.relay.clone(),
         };
-        *stop_task = Some(match &driver {
+        self.stop_task = Some(match &self.driver {
             Some(d) => tokio::spawn(control::sequence(ctx, d.clone())),
             None => tokio::spawn(stop::signal_mode(ctx)),
         });
-    };
+    }
 
-    loop {
-        tokio::select! {
-            Some(origin) = sigs.next() => {
-                let sig = Sig(origin.signal);
-                if sig == Sig::CHLD {
-                    let r = reaper::reap(pid);
-                    shared.reaped(r.count);
-                    if let Some(end) = r.main && end_tx.borrow().is_none() {
-                        tracing::info!(pid, status = %end, "child ended");
-                        shared.metrics.child_exit(match end {
-                            ChildEnd::Exited(_) => "exited",
-                            ChildEnd::Signaled(_) => "signaled",
-                        });
-                        {
-                            let mut st = shared.lock();
-                            st.child_end = Some(end);
-                            st.phase = Phase::Exiting;
-                        }
-                        end_tx.send_replace(Some(end));
-                        finish = Some(tokio::spawn(finish_up(Ending { cfg: cfg.clone(), shared: shared.clone(), start, none_left: none_left_rx.clone(), sink: sink.clone() }, end, stop_task.take(), stopped)));
-                    }
-                    if r.none_left {
-                        none_left_tx.send_replace(true);
-                    }
-                    continue;
-                }
-                if sig == Sig::PIPE && !sent_by_another_process(&origin) {
-                    continue; // raised by our own socket write, not meant for the app
-                }
-                shared.signal(sig.name());
-                if sig == Sig::TERM || sig == Sig::INT {
-                    let age = crate::sys::take_stop_signal_age();
-                    begin_stop(Trigger::Signal(sig.name()), &mut stop_task, &mut start, Some(sig), age);
-                    continue;
-                }
-                if end_tx.borrow().is_some() {
-                    continue;
-                }
-                let out = cfg.rewrite.apply(sig);
-                tracing::debug!(received = %sig, forwarded = %out, "forwarding signal");
-                stop::deliver(pid, out, cfg.forward_to);
-            }
-            Some(ev) = events.recv() => match ev {
-                Event::Stop(trigger) => begin_stop(trigger, &mut stop_task, &mut start, None, None),
-            },
-            done = async { stop_task.as_mut().expect("guarded").await }, if stop_task.is_some() && finish.is_none() => {
-                stop_task = None;
-                let ctx = done.unwrap_or(StopContext { asked_with: None, forced: true });
-                stopped = Some(ctx);
-                if ctx.forced && end_tx.borrow().is_none() {
-                    // SIGKILL was sent and waited for, yet the child was not reaped (stuck in the kernel, e.g. a
-                    // hung mount). Exit anyway, inside the grace period, with the story written.
-                    tracing::error!(pid, "the app was not reaped after SIGKILL; exiting without waiting for it");
-                    let end = ChildEnd::Signaled(Sig::KILL);
-                    finish = Some(tokio::spawn(finish_up(Ending { cfg: cfg.clone(), shared: shared.clone(), start, none_left: none_left_rx.clone(), sink: sink.clone() }, end, None, stopped)));
-                }
-            }
-            out = async { finish.as_mut().expect("guarded").await }, if finish.is_some() => {
-                return Ok(out.unwrap_or_else(|e| Outcome { code: code::INTERNAL, reason: format!("internal error: {e}") }));
-            }
+    fn on_stop_done(&mut self, ctx: StopContext) {
+        self.stopped = Some(ctx);
+        if ctx.forced && self.chans.end.borrow().is_none() {
+            // SIGKILL was sent and waited for, yet the child was not reaped (stuck in the kernel, e.g. a hung
+            // mount). Exit anyway, inside the grace period, with the story written.
+            tracing::error!(
+                pid = self.pid,
+                "the app was not reaped after SIGKILL; exiting without waiting for it"
+            );
+            let end = ChildEnd::Signaled(Sig::KILL);
+            self.finish = Some(tokio::spawn(finish_up(
+                self.ending(),
+                end,
+                None,
+                self.stopped,
+            )));
+        }
+    }
+
+    fn ending(&self) -> Ending {
+        Ending {
+            cfg: self.cfg.clone(),
+            shared: self.shared.clone(),
+            start: self.start,
+            none_left: self.none_left.1.clone(),
+            sink: self.sink.clone(),
         }
     }
 }
