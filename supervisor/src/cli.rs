@@ -136,11 +136,7 @@ pub fn describe(cfg: &Config) -> String {
     use std::fmt::Write as _;
     let h = |d: Duration| humantime::format_duration(d).to_string();
     let mut out = String::new();
-    let mode = if cfg.control_socket.is_some() {
-        "control"
-    } else {
-        "signal"
-    };
+    let mode = cfg.mode();
     let _ = writeln!(out, "configuration is valid");
     let _ = writeln!(out, "mode: {mode}");
     if cfg.command.is_empty() {

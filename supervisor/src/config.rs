@@ -852,6 +852,33 @@ impl Config {
     pub fn stop_window(&self) -> Duration {
         self.grace_period - self.safety_margin
     }
+
+    /// The one place the mode is decided: a control socket makes it control mode.
+    pub fn mode(&self) -> Mode {
+        if self.control_socket.is_some() {
+            Mode::Control
+        } else {
+            Mode::Signal
+        }
+    }
+}
+
+/// Signal mode (a drop-in init: the stop signal, then the deadline) or control mode (the nine steps over the
+/// app's control socket).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Signal,
+    Control,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Signal => "signal",
+            Mode::Control => "control",
+        })
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::time::{Instant, sleep, timeout_at};
 
 use crate::exit::{ChildEnd, StopContext};
-use crate::state::{Shared, StepOutcome, StepRecord, ms};
+use crate::state::{Control, Shared, StepOutcome, StepRecord, ms};
 use crate::steps::{STEPS, verbs};
 use crate::stop::{self, StopCtx};
 
@@ -91,7 +91,7 @@ pub async fn connect_driver(
             bound_services(&mut hello.services);
             tracing::info!(app = %hello.app, pid = hello.pid, services = ?hello.services, registered = ?hello.registered, "app said hello");
             *driver.0.lock().await = Some(client);
-            shared.lock().control = "connected".into();
+            shared.lock().control = Control::Connected;
             hello_tx.send_replace(Some(hello));
         }
         None => {
@@ -101,7 +101,7 @@ pub async fn connect_driver(
                     timeout_ms = ms(connect_timeout),
                     "the app did not answer hello on its control socket; it will be stopped with the stop signal"
                 );
-                shared.lock().control = "never connected".into();
+                shared.lock().control = Control::NeverConnected;
             }
         }
     }
@@ -453,9 +453,9 @@ async fn reconnect(ctx: &StopCtx) -> Option<Client> {
         .await
         .map(|(c, _)| c);
     ctx.shared.lock().control = if got.is_some() {
-        "connected".into()
+        Control::Connected
     } else {
-        "lost".into()
+        Control::Lost
     };
     got
 }

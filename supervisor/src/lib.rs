@@ -123,12 +123,7 @@ pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
         None => None,
     };
     let cfg = Arc::new(cfg);
-    let mode = if cfg.control_socket.is_some() {
-        "control"
-    } else {
-        "signal"
-    };
-    let shared = state::Shared::new(mode);
+    let shared = state::Shared::new(cfg.mode());
     let (chans, watches) = supervisor::channels();
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     // Probe and metrics ports are bound before the child starts: the app would otherwise find them taken.

@@ -249,7 +249,7 @@ mod tests {
 
     #[test]
     fn names_each_step_and_marks_the_hung_one() {
-        let shared = Shared::new("control");
+        let shared = Shared::new(crate::config::Mode::Control);
         shared.record(record(1, "health-not-serving", StepOutcome::Ok, ""));
         shared.record(record(
             5,
@@ -275,7 +275,7 @@ mod tests {
 
     #[test]
     fn stays_under_kubelets_limit() {
-        let shared = Shared::new("control");
+        let shared = Shared::new(crate::config::Mode::Control);
         for i in 0..200 {
             shared.record(record(
                 i as u8 % 9 + 1,
@@ -301,7 +301,7 @@ mod tests {
     fn multi_byte_notes_are_cut_at_a_character_boundary() {
         // Rows wide enough that even the shortest form is over the limit: the last resort cuts the text.
         // `é` is two bytes, so an odd byte limit falls inside one unless the cut looks for a boundary.
-        let shared = Shared::new("control");
+        let shared = Shared::new(crate::config::Mode::Control);
         for n in 1..=9 {
             let mut r = record(n, "stop-consumer", StepOutcome::Error, "");
             r.counts = (0..40)
@@ -324,7 +324,7 @@ mod tests {
 
     #[test]
     fn app_text_cannot_forge_rows_or_reach_a_terminal() {
-        let shared = Shared::new("control");
+        let shared = Shared::new(crate::config::Mode::Control);
         shared.record(record(
             9,
             "close-db",

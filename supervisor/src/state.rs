@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::config::Mode;
 use crate::exit::ChildEnd;
 use crate::metrics::Metrics;
 
@@ -90,10 +91,28 @@ pub struct ServiceHealth {
     pub why: String,
 }
 
+/// The driver connection to the app's control socket, as `quiesce ctl status` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Control {
+    /// Signal mode: there is none.
+    #[serde(rename = "off")]
+    Off,
+    #[serde(rename = "connecting")]
+    Connecting,
+    #[serde(rename = "connected")]
+    Connected,
+    /// The app did not answer hello within `control.connect_timeout`.
+    #[serde(rename = "never connected")]
+    NeverConnected,
+    /// It broke during the stop and could not be claimed again.
+    #[serde(rename = "lost")]
+    Lost,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub phase: Phase,
-    pub mode: &'static str,
+    pub mode: Mode,
     pub child_pid: Option<i32>,
     #[serde(serialize_with = "ser_end")]
     pub child_end: Option<ChildEnd>,
@@ -101,8 +120,7 @@ pub struct Status {
     #[serde(skip)]
     pub stop_started: Option<Instant>,
     pub steps: Vec<StepRecord>,
-    /// Control connection: "off" (signal mode), "connecting", "connected", "lost".
-    pub control: String,
+    pub control: Control,
     pub zombies_reaped: u64,
     pub signals_received: BTreeMap<String, u64>,
     /// Each health service: status, since when, why.
@@ -130,7 +148,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(mode: &'static str) -> Shared {
+    pub fn new(mode: Mode) -> Shared {
         let status = Arc::new(Mutex::new(Status {
             phase: Phase::Starting,
             mode,
@@ -139,10 +157,9 @@ impl Shared {
             trigger: None,
             stop_started: None,
             steps: Vec::new(),
-            control: if mode == "control" {
-                "connecting".into()
-            } else {
-                "off".into()
+            control: match mode {
+                Mode::Control => Control::Connecting,
+                Mode::Signal => Control::Off,
             },
             zombies_reaped: 0,
             signals_received: BTreeMap::new(),

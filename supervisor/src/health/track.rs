@@ -45,7 +45,7 @@ pub async fn track(
     shared: Shared,
 ) {
     let metrics = shared.metrics.clone();
-    let control = cfg.control_socket.is_some();
+    let control = cfg.mode() == crate::config::Mode::Control;
     let (mut deps, mut live) = match app {
         Some(a) => (a.deps_ok, a.live_ok),
         None => (watch::channel(true).1, watch::channel(true).1),
