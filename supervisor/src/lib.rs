@@ -74,13 +74,56 @@ use exit::code;
 /// Runs a supervised program to its end and returns the process exit code. Logs the final line
 /// `exiting code=… reason=…`. `mask` is the signal mask the process started with ([`sys::block_all`]).
 pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
+    match run_inner(cfg, mask) {
+        Ok(out) => {
+            tracing::info!(code = out.code, reason = %out.reason, "exiting");
+            out.code
+        }
+        Err(code) => code,
+    }
+}
+
+/// Everything the run needs, in the order it must exist: the child's spec, the termination-log file, the
+/// probe ports and the admin socket (all before the child starts), then the run loop. An error is the exit
+/// code, its line already written ([`fail`]).
+fn run_inner(cfg: Config, mask: nix::sys::signal::SigSet) -> Result<supervisor::Outcome, i32> {
+    let spec = spawn_spec(&cfg, mask)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            fail(
+                code::INTERNAL,
+                &format!("cannot start the async runtime: {e}"),
+            )
+        })?;
+    let sink = open_termination_log(&cfg);
+    let cfg = Arc::new(cfg);
+    let shared = state::Shared::new(cfg.mode());
+    let (chans, watches) = supervisor::channels();
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    start_probe_thread(&cfg, &shared, &chans, &watches)?;
+    let mut own_socket = None;
+    let result = rt.block_on(async {
+        // Bound before the child starts, so `quiesce prestop` works from the first moment.
+        own_socket = start_admin(&cfg, &shared, events_tx, &watches)?;
+        supervisor::run(cfg.clone(), spec, shared, chans, events_rx, sink)
+            .await
+            .map_err(|e| fail(e.exit_code(), &e.to_string()))
+    });
+    if let Some(own) = own_socket {
+        own.remove();
+    }
+    result
+}
+
+/// The child's argv, environment, ids and the signal state it gets back.
+fn spawn_spec(cfg: &Config, mask: nix::sys::signal::SigSet) -> Result<child::SpawnSpec, i32> {
     // Before any handler or thread of ours: what the app must find ignored, as it would under tini.
     let ignored = sys::ignored_now();
     let foreground = sys::ignore_tty_signals();
-    let ids = match child::resolve_ids(cfg.user.as_deref(), cfg.group.as_deref()) {
-        Ok(ids) => ids,
-        Err(e) => return fail(e.exit_code(), &e.to_string()),
-    };
+    let ids = child::resolve_ids(cfg.user.as_deref(), cfg.group.as_deref())
+        .map_err(|e| fail(e.exit_code(), &e.to_string()))?;
     let mut env = cfg.env.clone();
     if let Some(path) = &cfg.control_socket {
         env.insert(
@@ -88,7 +131,7 @@ pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
             path.display().to_string(),
         );
     }
-    let spec = child::SpawnSpec {
+    Ok(child::SpawnSpec {
         argv: cfg.command.clone(),
         env,
         workdir: cfg.workdir.clone(),
@@ -96,37 +139,26 @@ pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
         foreground,
         mask,
         ignored,
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            return fail(
-                code::INTERNAL,
-                &format!("cannot start the async runtime: {e}"),
-            );
-        }
-    };
-    // Judged and opened before the app runs; kept open for the end (see `report::Sink`).
-    let sink = match cfg.termination_log.as_deref().map(report::Sink::open) {
-        Some(Ok(sink)) => sink,
-        Some(Err(why)) => {
-            let path = cfg
-                .termination_log
-                .as_deref()
-                .unwrap_or(std::path::Path::new(""));
-            tracing::warn!(path = %path.display(), reason = %why, "no termination message will be written");
-            None
-        }
-        None => None,
-    };
-    let cfg = Arc::new(cfg);
-    let shared = state::Shared::new(cfg.mode());
-    let (chans, watches) = supervisor::channels();
-    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-    // Probe and metrics ports are bound before the child starts: the app would otherwise find them taken.
+    })
+}
+
+/// Judged and opened before the app runs; kept open for the end (see [`report::Sink`]).
+fn open_termination_log(cfg: &Config) -> Option<report::Sink> {
+    let path = cfg.termination_log.as_deref()?;
+    report::Sink::open(path).unwrap_or_else(|why| {
+        tracing::warn!(path = %path.display(), reason = %why, "no termination message will be written");
+        None
+    })
+}
+
+/// Probe and metrics ports are bound before the child starts (the app would otherwise find them taken),
+/// and served on a thread of their own.
+fn start_probe_thread(
+    cfg: &Config,
+    shared: &state::Shared,
+    chans: &supervisor::Channels,
+    watches: &supervisor::Watches,
+) -> Result<(), i32> {
     let bind = |what: &str, addr: Option<std::net::SocketAddr>| {
         addr.map(|a| health::bind(what, a)).transpose()
     };
@@ -135,57 +167,56 @@ pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
         bind("metrics", cfg.metrics_address),
     ) {
         (Ok(h), Ok(m)) => (h, m),
-        (Err(e), _) | (_, Err(e)) => return fail(code::BIND, &e),
+        (Err(e), _) | (_, Err(e)) => return Err(fail(code::BIND, &e)),
     };
     if metrics_l.is_some() {
         shared.metrics.with_process_metrics();
     }
-    if (health_l.is_some() || metrics_l.is_some())
-        && let Err(e) = health::spawn_server(
-            health_l,
-            metrics_l,
-            watches.statuses.clone(),
-            chans.probes.clone(),
-            shared.metrics.clone(),
-        )
-    {
-        return fail(
+    if health_l.is_none() && metrics_l.is_none() {
+        return Ok(());
+    }
+    health::spawn_server(
+        health_l,
+        metrics_l,
+        watches.statuses.clone(),
+        chans.probes.clone(),
+        shared.metrics.clone(),
+    )
+    .map_err(|e| {
+        fail(
             code::INTERNAL,
             &format!("cannot start the probe thread: {e}"),
-        );
-    }
-    let mut own_socket = None;
-    let result = rt.block_on(async {
-        // Bound before the child starts, so `quiesce prestop` works from the first moment.
-        if let Some(path) = &cfg.admin_socket {
-            match admin::bind(path) {
-                Ok((listener, own)) => {
-                    own_socket = Some(own);
-                    // Its own thread, started while every signal is still blocked: signals stay the run
-                    // loop's.
-                    if let Err(e) = admin::spawn(listener, shared.clone(), events_tx.clone(), watches.clone()) {
-                        return Err(fail(code::INTERNAL, &format!("cannot start the admin thread: {e}")));
-                    }
-                }
-                Err(e) if cfg.admin_socket_explicit => return Err(fail(code::BIND, &format!("{e}"))),
-                // The default path (/run/quiesce) may not be writable for a non-root drop-in init: run
-                // without the admin socket rather than refuse to start the app.
-                Err(e) => tracing::warn!(error = %e, "no admin socket: `quiesce prestop` and `quiesce ctl` will not reach this supervisor"),
-            }
+        )
+    })
+}
+
+/// The admin socket, on its own thread, started while every signal is still blocked (signals stay the run
+/// loop's). The default path may not be writable for a non-root drop-in init: then the run goes on without
+/// it; a configured path is required.
+fn start_admin(
+    cfg: &Config,
+    shared: &state::Shared,
+    events: tokio::sync::mpsc::UnboundedSender<supervisor::Event>,
+    watches: &supervisor::Watches,
+) -> Result<Option<quiesce_protocol::socket::SocketFile>, i32> {
+    let Some(path) = &cfg.admin_socket else {
+        return Ok(None);
+    };
+    match admin::bind(path) {
+        Ok((listener, own)) => {
+            admin::spawn(listener, shared.clone(), events, watches.clone()).map_err(|e| {
+                fail(
+                    code::INTERNAL,
+                    &format!("cannot start the admin thread: {e}"),
+                )
+            })?;
+            Ok(Some(own))
         }
-        supervisor::run(cfg.clone(), spec, shared, chans, events_rx, sink)
-            .await
-            .map_err(|e| fail(e.exit_code(), &e.to_string()))
-    });
-    if let Some(own) = own_socket {
-        own.remove();
-    }
-    match result {
-        Ok(out) => {
-            tracing::info!(code = out.code, reason = %out.reason, "exiting");
-            out.code
+        Err(e) if cfg.admin_socket_explicit => Err(fail(code::BIND, &format!("{e}"))),
+        Err(e) => {
+            tracing::warn!(error = %e, "no admin socket: `quiesce prestop` and `quiesce ctl` will not reach this supervisor");
+            Ok(None)
         }
-        Err(code) => code,
     }
 }
 
