@@ -1,7 +1,7 @@
 //! `order-service`: the reference service run under quiesce. An order API over gRPC backed by
 //! PostgreSQL, a transactional outbox relayed to RabbitMQ, a consumer of payment messages, a
 //! cron job expiring stale orders, and Redis for idempotency keys — every component the
-//! seed's nine shutdown steps name, each with a stop function that takes a deadline and
+//! reference design's nine shutdown steps name, each with a stop function that takes a deadline and
 //! reports what it did.
 //!
 //! # Layout

@@ -1,5 +1,5 @@
 //! The service's Prometheus metrics, in one registry per service instance (so several
-//! instances in one test process do not collide), named as the seed's alert rules expect.
+//! instances in one test process do not collide), named as the reference design's alert rules expect.
 //!
 //! - `grpc_server_started_total`, `grpc_server_handled_total`, `grpc_server_handling_seconds`,
 //!   `grpc_server_in_flight` — the RPC layer (`grpc/layer.rs`)

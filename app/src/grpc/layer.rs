@@ -1,4 +1,4 @@
-//! A tower layer around every RPC: Prometheus metrics (go-grpc-prometheus names, so the seed's
+//! A tower layer around every RPC: Prometheus metrics (go-grpc-prometheus names, so the reference design's
 //! alert rules work), the in-flight count that step 3 waits on, and the cancel switch that
 //! step 3 pulls at its deadline (requests still running then answer UNAVAILABLE at once).
 
