@@ -18,7 +18,7 @@ use quiesce_protocol::wire::{AgentCommand, HelloReply, Outcome, Role, StepReply,
 use tokio::sync::{Mutex, watch};
 use tokio::time::{Instant, sleep, timeout_at};
 
-use crate::exit::{ChildEnd, StopContext};
+use crate::exit::{ChildEnd, StopResult};
 use crate::state::{Control, Shared, StepOutcome, StepRecord, ms};
 use crate::steps::{STEPS, verbs};
 use crate::stop::{self, StopCtx};
@@ -134,7 +134,7 @@ fn bound_services(services: &mut Vec<String>) {
 }
 
 /// The control-mode stop: step 1, then each verb in table order, then wait for the app to exit.
-pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
+pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopResult {
     stop::step_one(&ctx).await;
     let client = driver.0.lock().await.take();
     if client.is_none() && !ctx.child_ended() {
@@ -162,10 +162,10 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopContext {
 
 /// After `close` the app exits by itself; one that does not gets the deadline's SIGTERM when the steps' time
 /// is over and SIGKILL at the window's end.
-async fn wait_exit(ctx: &StopCtx) -> StopContext {
+async fn wait_exit(ctx: &StopCtx) -> StopResult {
     let began = Instant::now();
     if ctx.wait_end_until(ctx.steps_deadline()).await {
-        return StopContext {
+        return StopResult {
             asked_with: None,
             forced: false,
         };
@@ -178,7 +178,7 @@ async fn wait_exit(ctx: &StopCtx) -> StopContext {
         "the app did not exit after its last step".into(),
     );
     stop::force(ctx, true).await;
-    StopContext {
+    StopResult {
         asked_with: Some(crate::signals::Sig::TERM),
         forced: true,
     }

@@ -68,7 +68,7 @@ impl fmt::Display for ChildEnd {
 
 /// What the supervisor knows about the stop when the child ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StopContext {
+pub struct StopResult {
     /// Signal the supervisor sent to ask for the stop, if any (signal mode, or the deadline's SIGTERM).
     pub asked_with: Option<Sig>,
     /// The supervisor had to SIGKILL at the deadline.
@@ -83,7 +83,7 @@ pub struct StopContext {
 ///
 /// A stop that reached the overall deadline is never reported as in time: an app that exits 0 after the
 /// deadline's SIGTERM gives 143 (128+SIGTERM), the code it would have had, had it died of that signal.
-pub fn exit_code(end: ChildEnd, stop: Option<StopContext>, policy: StopExitCode) -> i32 {
+pub fn exit_code(end: ChildEnd, stop: Option<StopResult>, policy: StopExitCode) -> i32 {
     let raw = end.raw_code();
     let Some(stop) = stop else { return raw };
     if stop.forced {
@@ -105,8 +105,8 @@ mod tests {
 
     const ZERO: StopExitCode = StopExitCode::Zero;
 
-    fn asked(s: Sig) -> Option<StopContext> {
-        Some(StopContext {
+    fn asked(s: Sig) -> Option<StopResult> {
+        Some(StopResult {
             asked_with: Some(s),
             forced: false,
         })
@@ -153,7 +153,7 @@ mod tests {
 
     #[test]
     fn forced_kill_is_never_hidden() {
-        let forced = Some(StopContext {
+        let forced = Some(StopResult {
             asked_with: Some(Sig::TERM),
             forced: true,
         });
@@ -162,7 +162,7 @@ mod tests {
 
     #[test]
     fn a_stop_that_hit_the_deadline_never_exits_zero() {
-        let forced = Some(StopContext {
+        let forced = Some(StopResult {
             asked_with: Some(Sig::TERM),
             forced: true,
         });

@@ -188,6 +188,37 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_step_table_is_this_table() {
+        // `| # | step | owner | control verb | budget key | default |`, one row per step, in order.
+        let readme = include_str!("../../README.md");
+        let rows: Vec<Vec<&str>> = readme
+            .lines()
+            .filter(|l| l.starts_with("| ") && l[2..].starts_with(|c: char| c.is_ascii_digit()))
+            .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
+            .filter(|r: &Vec<&str>| r.len() == 6)
+            .collect();
+        assert_eq!(rows.len(), STEPS.len(), "README step table: {rows:?}");
+        let cfg =
+            crate::config::Config::resolve(crate::config::Layer::default()).expect("defaults");
+        for ((row, step), budget) in rows.iter().zip(&STEPS).zip(cfg.budgets) {
+            assert_eq!(row[0], step.number.to_string(), "{row:?}");
+            let owner = match step.owner {
+                Owner::Supervisor => "supervisor",
+                Owner::App => "app",
+            };
+            assert_eq!(row[2], owner, "{row:?}");
+            assert_eq!(
+                row[3],
+                step.verb.map_or("—".to_string(), |v| format!("`{v}`")),
+                "{row:?}"
+            );
+            assert_eq!(row[4], format!("`{}`", step.config_key), "{row:?}");
+            let default = humantime::format_duration(budget).to_string();
+            assert!(row[5].starts_with(&default), "{row:?}: default {default}");
+        }
+    }
+
+    #[test]
     fn default_budgets_fit_the_default_window() {
         // The resolved defaults, not the table alone: step 1's row and the config default must agree.
         let cfg =

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout_at};
 
 use crate::config::{Config, ForwardTo};
-use crate::exit::{ChildEnd, StopContext};
+use crate::exit::{ChildEnd, StopResult};
 use crate::signals::Sig;
 use crate::state::{Shared, StepOutcome, StepRecord, ms};
 use crate::sys::{Target, send};
@@ -228,10 +228,10 @@ pub fn ask_signal(cfg: &Config, received: Option<Sig>) -> Sig {
 }
 
 /// Signal mode: step 1, then the stop signal, then wait for the exit until the deadline, then SIGKILL.
-pub async fn signal_mode(ctx: StopCtx) -> StopContext {
+pub async fn signal_mode(ctx: StopCtx) -> StopResult {
     step_one(&ctx).await;
     if ctx.child_ended() {
-        return StopContext {
+        return StopResult {
             asked_with: None,
             forced: false,
         };
@@ -241,7 +241,7 @@ pub async fn signal_mode(ctx: StopCtx) -> StopContext {
 
 /// Sends `send` to the app (or its group), waits for its end until the deadline, then forces it; records
 /// the `stop-signal` row. Signal mode's stop, and control mode's fallback when the app never connected.
-pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopContext {
+pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopResult {
     let began = Instant::now();
     let target = match ctx.cfg.forward_to {
         ForwardTo::Child => format!("pid {}", ctx.pid),
@@ -263,7 +263,7 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopContext {
             began,
             format!("sent {send} to {target}; app {end}"),
         );
-        return StopContext {
+        return StopResult {
             asked_with: Some(send),
             forced: false,
         };
@@ -276,7 +276,7 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopContext {
         format!("sent {send} to {target}; still running at the deadline"),
     );
     force(ctx, false).await;
-    StopContext {
+    StopResult {
         asked_with: Some(send),
         forced: true,
     }

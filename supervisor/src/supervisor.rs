@@ -18,7 +18,7 @@ use quiesce_protocol::wire::HelloReply;
 use crate::child::{self, SpawnError, SpawnSpec};
 use crate::config::Config;
 use crate::control::{self, Driver, HelloWatch};
-use crate::exit::{self, ChildEnd, StopContext, code};
+use crate::exit::{self, ChildEnd, StopResult, code};
 use crate::health::{self, AppHealth, Statuses};
 use crate::reaper;
 use crate::report;
@@ -138,7 +138,7 @@ pub async fn run(
             Some(Event::Stop(trigger)) = events.recv() => l.begin_stop(trigger, None, None),
             done = async { l.stop_task.as_mut().expect("guarded").await }, if l.stop_task.is_some() && l.finish.is_none() => {
                 l.stop_task = None;
-                l.on_stop_done(done.unwrap_or(StopContext { asked_with: None, forced: true }));
+                l.on_stop_done(done.unwrap_or(StopResult { asked_with: None, forced: true }));
             }
             out = async { l.finish.as_mut().expect("guarded").await }, if l.finish.is_some() => {
                 return Ok(out.unwrap_or_else(|e| Outcome { code: code::INTERNAL, reason: format!("internal error: {e}") }));
@@ -229,9 +229,9 @@ struct RunLoop {
     /// The stop's start, once it began.
     start: Option<Instant>,
     /// The stop sequence while it runs.
-    stop_task: Option<JoinHandle<StopContext>>,
+    stop_task: Option<JoinHandle<StopResult>>,
     /// Its result once it is over (it ends after the child's end, or after the forced kill).
-    stopped: Option<StopContext>,
+    stopped: Option<StopResult>,
     /// The end of the run (sweep, exit code, report), once the child is gone.
     finish: Option<JoinHandle<Outcome>>,
 }
@@ -364,7 +364,7 @@ impl RunLoop {
         });
     }
 
-    fn on_stop_done(&mut self, ctx: StopContext) {
+    fn on_stop_done(&mut self, ctx: StopResult) {
         self.stopped = Some(ctx);
         if ctx.forced && self.chans.end.borrow().is_none() {
             // SIGKILL was sent and waited for, yet the child was not reaped (stuck in the kernel, e.g. a hung
@@ -416,8 +416,8 @@ struct Ending {
 async fn finish_up(
     e: Ending,
     end: ChildEnd,
-    stop_task: Option<JoinHandle<StopContext>>,
-    stopped: Option<StopContext>,
+    stop_task: Option<JoinHandle<StopResult>>,
+    stopped: Option<StopResult>,
 ) -> Outcome {
     let Ending {
         cfg,
