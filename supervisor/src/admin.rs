@@ -123,6 +123,12 @@ async fn serve(
     events: mpsc::UnboundedSender<Event>,
     watches: Watches,
 ) {
+    // Bound early (so `quiesce prestop` can connect from the first moment) but served once the child runs:
+    // clients that come first wait in the listen queue and cannot take the descriptors its start needs.
+    let mut started = watches.started.clone();
+    if started.wait_for(|s| *s).await.is_err() {
+        return; // the child never started
+    }
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {

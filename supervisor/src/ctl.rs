@@ -116,41 +116,46 @@ pub fn render_status(v: &Value) -> String {
     if steps.is_empty() {
         let _ = writeln!(out, "steps:      none run yet");
     } else {
-        let _ = writeln!(
-            out,
-            "\n{:>2}  {:<20} {:<8} {:>9} {:>9}  detail",
-            "#", "step", "outcome", "start ms", "took ms"
-        );
-        for st in steps {
-            let n = st.get("number").and_then(Value::as_u64).unwrap_or(0);
-            let num = if n == 0 { "-".into() } else { n.to_string() };
-            let g = |k: &str| {
-                st.get(k)
-                    .map(|x| {
-                        x.as_str()
-                            .map(String::from)
-                            .unwrap_or_else(|| x.to_string())
-                    })
-                    .unwrap_or_default()
-            };
-            let mut detail = g("detail");
-            if let Some(c) = st.get("counts").and_then(Value::as_object) {
-                for (k, val) in c {
-                    let _ = write!(detail, " {k}={val}");
-                }
-            }
-            let _ = writeln!(
-                out,
-                "{num:>2}  {:<20} {:<8} {:>9} {:>9}  {}",
-                g("name"),
-                g("outcome"),
-                g("started_ms"),
-                g("duration_ms"),
-                detail.trim()
-            );
-        }
+        render_steps(&mut out, &steps);
     }
     out
+}
+
+/// The step rows of `ctl status`, as the status JSON has them.
+fn render_steps(out: &mut String, steps: &[Value]) {
+    let _ = writeln!(
+        out,
+        "\n{:>2}  {:<20} {:<8} {:>9} {:>9}  detail",
+        "#", "step", "outcome", "start ms", "took ms"
+    );
+    for st in steps {
+        let n = st.get("number").and_then(Value::as_u64).unwrap_or(0);
+        let num = if n == 0 { "-".into() } else { n.to_string() };
+        let g = |k: &str| {
+            st.get(k)
+                .map(|x| {
+                    x.as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| x.to_string())
+                })
+                .unwrap_or_default()
+        };
+        let mut detail = g("detail");
+        if let Some(c) = st.get("counts").and_then(Value::as_object) {
+            for (k, val) in c {
+                let _ = write!(detail, " {k}={val}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "{num:>2}  {:<20} {:<8} {:>9} {:>9}  {}",
+            g("name"),
+            g("outcome"),
+            g("started_ms"),
+            g("duration_ms"),
+            detail.trim()
+        );
+    }
 }
 
 /// `health:` lines, one per service: `readiness  NOT_SERVING since 12:00:01 (db down)`.

@@ -31,41 +31,9 @@ fn main() {
                 quiesce::logging::init(cfg.log_format, cfg.log_level);
                 quiesce::run(cfg, mask)
             }
-            Err(e) => {
-                quiesce::logging::say(&format!("quiesce: config error: {e}"));
-                code::CONFIG
-            }
+            Err(e) => config_error(&e),
         },
-        Some(Sub::CheckConfig(args)) => match args.run.resolve() {
-            // The run refuses a user/group it cannot resolve or switch to (exit 123): so does the check.
-            Ok(cfg) => match quiesce::child::resolve_ids(cfg.user.as_deref(), cfg.group.as_deref())
-            {
-                Err(e) => {
-                    quiesce::logging::say(&format!("quiesce: {e}"));
-                    e.exit_code()
-                }
-                Ok(_) => {
-                    out(&quiesce::cli::describe(&cfg));
-                    match quiesce::cli::budget_warning(&cfg) {
-                        Some(w) if args.strict => {
-                            quiesce::logging::say(&format!(
-                                "quiesce: config error (--strict): {w}"
-                            ));
-                            code::CONFIG
-                        }
-                        Some(w) => {
-                            quiesce::logging::say(&format!("quiesce: warning: {w}"));
-                            0
-                        }
-                        None => 0,
-                    }
-                }
-            },
-            Err(e) => {
-                quiesce::logging::say(&format!("quiesce: config error: {e}"));
-                code::CONFIG
-            }
-        },
+        Some(Sub::CheckConfig(args)) => check_config(&args),
         Some(Sub::Prestop(c)) => client(&c.admin_socket, "prestop", c.timeout, |v| {
             format!("preStop delay over after {} ms", v["waited_ms"])
         }),
@@ -89,6 +57,36 @@ fn main() {
         }),
     };
     std::process::exit(exit);
+}
+
+fn config_error(e: &quiesce::config::ConfigError) -> i32 {
+    quiesce::logging::say(&format!("quiesce: config error: {e}"));
+    code::CONFIG
+}
+
+/// `check-config`: refuses what the run would refuse (a user/group it cannot resolve or switch to: 123),
+/// prints the plan, and warns (or with `--strict` fails) when the budgets overcommit the window.
+fn check_config(args: &quiesce::cli::CheckArgs) -> i32 {
+    let cfg = match args.run.resolve() {
+        Ok(cfg) => cfg,
+        Err(e) => return config_error(&e),
+    };
+    if let Err(e) = quiesce::child::resolve_ids(cfg.user.as_deref(), cfg.group.as_deref()) {
+        quiesce::logging::say(&format!("quiesce: {e}"));
+        return e.exit_code();
+    }
+    out(&quiesce::cli::describe(&cfg));
+    match quiesce::cli::budget_warning(&cfg) {
+        Some(w) if args.strict => {
+            quiesce::logging::say(&format!("quiesce: config error (--strict): {w}"));
+            code::CONFIG
+        }
+        Some(w) => {
+            quiesce::logging::say(&format!("quiesce: warning: {w}"));
+            0
+        }
+        None => 0,
+    }
 }
 
 /// Runs one admin-socket verb and prints its result; errors go to stderr with a documented code.

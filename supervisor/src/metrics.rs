@@ -41,6 +41,49 @@ pub struct Metrics {
     _build: Gauge,
 }
 
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = must(GaugeVec::new(Opts::new(name, help), labels));
+    must(registry.register(Box::new(g.clone())));
+    g
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+    must(registry.register(Box::new(c.clone())));
+    c
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = must(IntCounter::new(name, help));
+    must(registry.register(Box::new(c.clone())));
+    c
+}
+
+fn rtt_histogram(registry: &Registry) -> HistogramVec {
+    let h = must(HistogramVec::new(
+        HistogramOpts::new(
+            "quiesce_control_rtt_seconds",
+            "Round-trip time of control protocol requests.",
+        )
+        .buckets(vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]),
+        &["verb"],
+    ));
+    must(registry.register(Box::new(h.clone())));
+    h
+}
+
+fn build_info(registry: &Registry) -> Gauge {
+    let build = must(Gauge::with_opts(
+        Opts::new("quiesce_build_info", "Build information.")
+            .const_label("version", env!("CARGO_PKG_VERSION")),
+    ));
+    build.set(1.0);
+    must(registry.register(Box::new(build.clone())));
+    build
+}
+
 fn must<T>(r: prometheus::Result<T>) -> T {
     // Registration fails only on duplicate or malformed names, which are constants here.
     r.unwrap_or_else(|e| panic!("metric definition: {e}"))
@@ -55,98 +98,69 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let g = must(GaugeVec::new(Opts::new(name, help), labels));
-            must(registry.register(Box::new(g.clone())));
-            g
-        };
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
-            must(registry.register(Box::new(c.clone())));
-            c
-        };
-        let health = gauge_vec(
-            "quiesce_health_status",
-            "Health status served to probes per service (1 SERVING, 0 NOT_SERVING).",
-            &["service"],
-        );
-        let step_duration = gauge_vec(
-            "quiesce_shutdown_step_duration_seconds",
-            "Duration of each step of the last shutdown.",
-            &["step"],
-        );
-        let step_outcome = counter_vec(
-            "quiesce_shutdown_step_outcome_total",
-            "Shutdown steps by outcome (ok, timeout, error, skipped).",
-            &["step", "outcome"],
-        );
-        let child_exits = counter_vec(
-            "quiesce_child_exits_total",
-            "Exits of the supervised app by reason (exited, signaled).",
-            &["reason"],
-        );
-        let signals = counter_vec(
-            "quiesce_signals_received_total",
-            "Signals received by the supervisor.",
-            &["signal"],
-        );
-        let listener_open = gauge_vec(
-            "quiesce_listener_connections",
-            "Open connections to the probe (health) and metrics servers.",
-            &["server"],
-        );
-        let listener_refused = counter_vec(
-            "quiesce_listener_refused_total",
-            "Connections or Watch streams refused at a cap (connections, peer_connections, watch_streams).",
-            &["server", "limit"],
-        );
-        let listener_timeouts = counter_vec(
-            "quiesce_listener_timeouts_total",
-            "Connections closed because their peer sent nothing, or read nothing, for the idle timeout.",
-            &["server"],
-        );
-        let steps_timed_out = must(IntCounter::new(
-            "quiesce_shutdown_steps_timed_out_total",
-            "Shutdown steps that passed their deadline.",
-        ));
-        must(registry.register(Box::new(steps_timed_out.clone())));
-        let zombies = must(IntCounter::new(
-            "quiesce_zombies_reaped_total",
-            "Processes reaped by the supervisor.",
-        ));
-        must(registry.register(Box::new(zombies.clone())));
-        let rtt = must(HistogramVec::new(
-            HistogramOpts::new(
-                "quiesce_control_rtt_seconds",
-                "Round-trip time of control protocol requests.",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
-            ]),
-            &["verb"],
-        ));
-        must(registry.register(Box::new(rtt.clone())));
-        let build = must(Gauge::with_opts(
-            Opts::new("quiesce_build_info", "Build information.")
-                .const_label("version", env!("CARGO_PKG_VERSION")),
-        ));
-        build.set(1.0);
-        must(registry.register(Box::new(build.clone())));
+        let r = &registry;
         Metrics {
+            health: gauge_vec(
+                r,
+                "quiesce_health_status",
+                "Health status served to probes per service (1 SERVING, 0 NOT_SERVING).",
+                &["service"],
+            ),
+            step_duration: gauge_vec(
+                r,
+                "quiesce_shutdown_step_duration_seconds",
+                "Duration of each step of the last shutdown.",
+                &["step"],
+            ),
+            step_outcome: counter_vec(
+                r,
+                "quiesce_shutdown_step_outcome_total",
+                "Shutdown steps by outcome (ok, timeout, error, skipped).",
+                &["step", "outcome"],
+            ),
+            steps_timed_out: counter(
+                r,
+                "quiesce_shutdown_steps_timed_out_total",
+                "Shutdown steps that passed their deadline.",
+            ),
+            child_exits: counter_vec(
+                r,
+                "quiesce_child_exits_total",
+                "Exits of the supervised app by reason (exited, signaled).",
+                &["reason"],
+            ),
+            zombies: counter(
+                r,
+                "quiesce_zombies_reaped_total",
+                "Processes reaped by the supervisor.",
+            ),
+            signals: counter_vec(
+                r,
+                "quiesce_signals_received_total",
+                "Signals received by the supervisor.",
+                &["signal"],
+            ),
+            rtt: rtt_histogram(r),
+            listener_open: gauge_vec(
+                r,
+                "quiesce_listener_connections",
+                "Open connections to the probe (health) and metrics servers.",
+                &["server"],
+            ),
+            listener_refused: counter_vec(
+                r,
+                "quiesce_listener_refused_total",
+                "Connections or Watch streams refused at a cap (connections, peer_connections, watch_streams).",
+                &["server", "limit"],
+            ),
+            listener_timeouts: counter_vec(
+                r,
+                "quiesce_listener_timeouts_total",
+                "Connections closed because their peer sent nothing, or read nothing, for the idle timeout.",
+                &["server"],
+            ),
+            _build: build_info(r),
             registry,
-            health,
-            step_duration,
-            step_outcome,
-            steps_timed_out,
-            child_exits,
-            zombies,
-            signals,
-            rtt,
-            listener_open,
-            listener_refused,
-            listener_timeouts,
-            _build: build,
         }
     }
 

@@ -65,80 +65,85 @@ fn render_with(s: &Summary<'_>, detail_width: usize, max_rows: usize) -> String 
         secs(s.window_ms)
     );
     if !st.steps.is_empty() {
-        let _ = writeln!(
-            out,
-            "{:>2}  {:<20} {:<8} {:>8} {:>8}  detail",
-            "#", "step", "outcome", "start", "took"
-        );
-        let rows = &st.steps;
-        let (head, tail, dropped) = if rows.len() > max_rows {
-            let tail = 4.min(max_rows);
-            (max_rows - tail, tail, rows.len() - max_rows)
-        } else {
-            (rows.len(), 0, 0)
-        };
-        let row = |out: &mut String, r: &StepRecord| {
-            let num = if r.number == 0 {
-                "-".to_string()
-            } else {
-                r.number.to_string()
-            };
-            // Counts first: they are short and the part an operator compares; the note may be cut.
-            let mut detail: String = r
-                .counts
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(" ");
-            if !r.detail.is_empty() {
-                if !detail.is_empty() {
-                    detail.push_str("; ");
-                }
-                detail.push_str(&r.detail);
-            }
-            // The app's text is data: a newline must not forge a row, nor an escape sequence reach a terminal.
-            let mut detail = escape_controls(&detail);
-            if detail.chars().count() > detail_width {
-                detail = detail
-                    .chars()
-                    .take(detail_width.saturating_sub(1))
-                    .collect::<String>()
-                    + "…";
-            }
-            let mark = if matches!(
-                r.outcome,
-                StepOutcome::Timeout | StepOutcome::Error | StepOutcome::Unknown
-            ) {
-                " <-"
-            } else {
-                ""
-            };
-            let _ = writeln!(
-                out,
-                "{num:>2}  {:<20} {:<8} {:>8} {:>8}  {detail}{mark}",
-                r.name,
-                r.outcome.as_str(),
-                secs(r.started_ms),
-                secs(r.duration_ms)
-            );
-        };
-        for r in &rows[..head] {
-            row(&mut out, r);
-        }
-        if dropped > 0 {
-            let _ = writeln!(
-                out,
-                "    ... {dropped} rows left out to fit kubelet's 4096-byte limit ..."
-            );
-        }
-        for r in &rows[rows.len() - tail..] {
-            row(&mut out, r);
-        }
+        render_rows(&mut out, &st.steps, detail_width, max_rows);
     }
     if let Some(total) = s.total_ms {
         let _ = writeln!(out, "total: {}", secs(total));
     }
     out
+}
+
+/// The step table: every row when they fit, else the first ones and the last four with a count between.
+fn render_rows(out: &mut String, rows: &[StepRecord], detail_width: usize, max_rows: usize) {
+    let _ = writeln!(
+        out,
+        "{:>2}  {:<20} {:<8} {:>8} {:>8}  detail",
+        "#", "step", "outcome", "start", "took"
+    );
+    let (head, tail, dropped) = if rows.len() > max_rows {
+        let tail = 4.min(max_rows);
+        (max_rows - tail, tail, rows.len() - max_rows)
+    } else {
+        (rows.len(), 0, 0)
+    };
+    for r in &rows[..head] {
+        render_row(out, r, detail_width);
+    }
+    if dropped > 0 {
+        let _ = writeln!(
+            out,
+            "    ... {dropped} rows left out to fit kubelet's 4096-byte limit ..."
+        );
+    }
+    for r in &rows[rows.len() - tail..] {
+        render_row(out, r, detail_width);
+    }
+}
+
+fn render_row(out: &mut String, r: &StepRecord, detail_width: usize) {
+    let num = if r.number == 0 {
+        "-".to_string()
+    } else {
+        r.number.to_string()
+    };
+    // Counts first: they are short and the part an operator compares; the note may be cut.
+    let mut detail: String = r
+        .counts
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if !r.detail.is_empty() {
+        if !detail.is_empty() {
+            detail.push_str("; ");
+        }
+        detail.push_str(&r.detail);
+    }
+    // The app's text is data: a newline must not forge a row, nor an escape sequence reach a terminal.
+    let mut detail = escape_controls(&detail);
+    if detail.chars().count() > detail_width {
+        detail = detail
+            .chars()
+            .take(detail_width.saturating_sub(1))
+            .collect::<String>()
+            + "…";
+    }
+    let mark = if matches!(
+        r.outcome,
+        StepOutcome::Timeout | StepOutcome::Error | StepOutcome::Unknown
+    ) {
+        " <-"
+    } else {
+        ""
+    };
+    let _ = writeln!(
+        out,
+        "{num:>2}  {:<20} {:<8} {:>8} {:>8}  {detail}{mark}",
+        r.name,
+        r.outcome.as_str(),
+        secs(r.started_ms),
+        secs(r.duration_ms)
+    );
 }
 
 /// Control characters (newlines, ESC, the C1 range) written as `\n`, `\u{1b}`…, everything else kept.

@@ -36,6 +36,8 @@ pub enum Event {
 /// Watches other parts of the supervisor can hold.
 #[derive(Clone, Debug)]
 pub struct Watches {
+    /// True once the child has been started (the admin socket accepts from then on).
+    pub started: watch::Receiver<bool>,
     /// True once step 1 began (health: NOT_SERVING).
     pub stopping: watch::Receiver<bool>,
     /// True once step 1's delay is over (`quiesce prestop` returns).
@@ -75,6 +77,7 @@ impl RunError {
 /// The senders behind [`Watches`], created before the loop so servers can subscribe first.
 #[derive(Debug)]
 pub struct Channels {
+    started: watch::Sender<bool>,
     stopping: watch::Sender<bool>,
     step_one_done: watch::Sender<bool>,
     end: watch::Sender<Option<ChildEnd>>,
@@ -88,6 +91,7 @@ impl Channels {
     /// Fresh receivers on every channel.
     pub fn watches(&self) -> Watches {
         Watches {
+            started: self.started.subscribe(),
             stopping: self.stopping.subscribe(),
             step_one_done: self.step_one_done.subscribe(),
             end: self.end.subscribe(),
@@ -99,6 +103,7 @@ impl Channels {
 
 pub fn channels() -> (Channels, Watches) {
     let chans = Channels {
+        started: watch::channel(false).0,
         stopping: watch::channel(false).0,
         step_one_done: watch::channel(false).0,
         end: watch::channel(None).0,
@@ -130,6 +135,7 @@ pub async fn run(
     }
     let pid = child::spawn(&spec)?;
     started(&cfg, &shared, &spec, pid);
+    chans.started.send_replace(true);
     let driver = start_watchers(&cfg, &shared, &chans);
     let mut l = RunLoop::new(cfg, shared, chans, pid, driver, sink);
     loop {

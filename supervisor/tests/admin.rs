@@ -159,7 +159,7 @@ fn admin_socket_rejects_garbage_and_strangers() {
         .spawn()
         .expect("spawn");
     wait_admin(&s);
-    // The admin socket answers from before the child starts (phase `starting`).
+    // Wait until the child runs: the phase below must be seen unchanged by the bad input.
     assert!(wait_until(T, || admin_status(&s)["phase"] == "running"));
     let path = s.path("admin.sock");
     let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;

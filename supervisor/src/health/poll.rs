@@ -48,66 +48,85 @@ pub async fn poll(
             }
         }
         let Some(c) = client.as_mut() else { continue };
-        let began = Instant::now();
-        match timeout(h.liveness_timeout, c.status()).await {
-            Ok(Ok(_)) => {
-                shared.metrics.rtt("status", began.elapsed().as_secs_f64());
-                shared.lock().live_why.clear();
-                live_tx.send_if_modified(|v| !std::mem::replace(v, true));
-            }
-            other => {
-                let why = match other {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!(
-                        "no answer to status within {}",
-                        humantime::format_duration(h.liveness_timeout)
-                    ),
-                };
-                shared.lock().live_why = why.clone();
-                if live_tx.send_if_modified(|v| std::mem::replace(v, false)) {
-                    tracing::warn!(reason = %why, "liveness: the app's control socket does not answer");
-                }
-                client = None;
-                continue;
-            }
-        }
-        let began = Instant::now();
-        let wait = h.poll_interval.max(Duration::from_secs(2));
-        match timeout(wait, c.health()).await {
-            Ok(Ok(reply)) => {
-                shared.metrics.rtt("health", began.elapsed().as_secs_f64());
-                let ok = deps_up(&reply, &h.required);
-                let down: Vec<String> = reply
-                    .checks
-                    .iter()
-                    .filter(|c| !c.up)
-                    .map(|c| match &c.error {
-                        Some(m) if !m.is_empty() => {
-                            let m: String =
-                                m.chars().take(120).filter(|c| !c.is_control()).collect();
-                            format!("{} ({m})", c.name)
-                        }
-                        _ => c.name.clone(),
-                    })
-                    .collect();
-                let new_down = {
-                    let mut st = shared.lock();
-                    st.deps_down != down && {
-                        st.deps_down = down.clone();
-                        true
-                    }
-                };
-                if deps_tx.send_if_modified(|v| std::mem::replace(v, ok) != ok) {
-                    tracing::info!(ready = ok, down = ?down, "dependency health changed");
-                } else if new_down {
-                    // Same answer, other reasons: wake the tracker so `ctl status` says why.
-                    deps_tx.send_modify(|_| {});
-                }
-            }
-            _ => {
-                deps_tx.send_if_modified(|v| std::mem::replace(v, false));
-                client = None;
-            }
+        // A connection that failed either poll is out of step: the next round opens a fresh one.
+        if !poll_status(c, &cfg, &shared, &live_tx).await
+            || !poll_health(c, &cfg, &shared, &deps_tx).await
+        {
+            client = None;
         }
     }
+}
+
+/// `status` within `liveness_timeout`: liveness. False when the connection should be dropped.
+async fn poll_status(
+    c: &mut Client,
+    cfg: &Config,
+    shared: &Shared,
+    live_tx: &watch::Sender<bool>,
+) -> bool {
+    let h = &cfg.health;
+    let began = Instant::now();
+    let why = match timeout(h.liveness_timeout, c.status()).await {
+        Ok(Ok(_)) => {
+            shared.metrics.rtt("status", began.elapsed().as_secs_f64());
+            shared.lock().live_why.clear();
+            live_tx.send_if_modified(|v| !std::mem::replace(v, true));
+            return true;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!(
+            "no answer to status within {}",
+            humantime::format_duration(h.liveness_timeout)
+        ),
+    };
+    shared.lock().live_why = why.clone();
+    if live_tx.send_if_modified(|v| std::mem::replace(v, false)) {
+        tracing::warn!(reason = %why, "liveness: the app's control socket does not answer");
+    }
+    false
+}
+
+/// `health`: readiness, and the names (with their reasons) of the dependencies that are down. False when
+/// the connection should be dropped.
+async fn poll_health(
+    c: &mut Client,
+    cfg: &Config,
+    shared: &Shared,
+    deps_tx: &watch::Sender<bool>,
+) -> bool {
+    let h = &cfg.health;
+    let began = Instant::now();
+    let wait = h.poll_interval.max(Duration::from_secs(2));
+    let Ok(Ok(reply)) = timeout(wait, c.health()).await else {
+        deps_tx.send_if_modified(|v| std::mem::replace(v, false));
+        return false;
+    };
+    shared.metrics.rtt("health", began.elapsed().as_secs_f64());
+    let ok = deps_up(&reply, &h.required);
+    let down: Vec<String> = reply
+        .checks
+        .iter()
+        .filter(|c| !c.up)
+        .map(|c| match &c.error {
+            Some(m) if !m.is_empty() => {
+                let m: String = m.chars().take(120).filter(|c| !c.is_control()).collect();
+                format!("{} ({m})", c.name)
+            }
+            _ => c.name.clone(),
+        })
+        .collect();
+    let new_down = {
+        let mut st = shared.lock();
+        st.deps_down != down && {
+            st.deps_down = down.clone();
+            true
+        }
+    };
+    if deps_tx.send_if_modified(|v| std::mem::replace(v, ok) != ok) {
+        tracing::info!(ready = ok, down = ?down, "dependency health changed");
+    } else if new_down {
+        // Same answer, other reasons: wake the tracker so `ctl status` says why.
+        deps_tx.send_modify(|_| {});
+    }
+    true
 }
