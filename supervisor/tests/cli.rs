@@ -435,3 +435,18 @@ fn client_timeout_is_bounded() {
         );
     }
 }
+
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    // `quiesce check-config | head -0`: the reader is gone before anything is written.
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    drop(read);
+    let mut c = std::process::Command::new(quiesce_bin());
+    c.env_clear()
+        .arg("check-config")
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::null());
+    let mut child = c.spawn().expect("spawn");
+    let status = wait_timeout(&mut child, std::time::Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
