@@ -175,7 +175,7 @@ pub fn describe(cfg: &Config) -> String {
     let mut total = Duration::ZERO;
     for (i, s) in crate::steps::STEPS.iter().enumerate() {
         total += cfg.budgets[i];
-        let verb = s.verb.unwrap_or("-");
+        let verb = s.verb().map_or("-", |v| v.as_str());
         let _ = writeln!(
             out,
             "  {} {:<20} {:<14} {:>8}  ({})",

@@ -16,7 +16,8 @@ use serde::{Deserialize, Deserializer};
 use tracing::level_filters::LevelFilter;
 
 use crate::signals::{Rewrite, Sig};
-use crate::steps::{STEPS, StepId};
+use crate::steps::STEPS;
+use quiesce_protocol::wire::SubStep;
 
 /// A human duration (`5s`, `250ms`, `1m30s`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,17 +264,16 @@ pub struct StepsLayer {
 }
 
 impl StepsLayer {
-    fn get(&self, id: StepId) -> Option<Dur> {
-        match id {
-            StepId::HealthNotServing => None,
-            StepId::StopAccepting => self.stop_accepting,
-            StepId::DrainInFlight => self.drain_in_flight,
-            StepId::StopCron => self.stop_cron,
-            StepId::StopConsumer => self.stop_consumer,
-            StepId::StopPoller => self.stop_poller,
-            StepId::CloseMq => self.close_mq,
-            StepId::CloseRedis => self.close_redis,
-            StepId::CloseDb => self.close_db,
+    fn get(&self, sub: SubStep) -> Option<Dur> {
+        match sub {
+            SubStep::StopAccepting => self.stop_accepting,
+            SubStep::DrainInFlight => self.drain_in_flight,
+            SubStep::StopCron => self.stop_cron,
+            SubStep::StopConsumer => self.stop_consumer,
+            SubStep::StopPoller => self.stop_poller,
+            SubStep::CloseMq => self.close_mq,
+            SubStep::CloseRedis => self.close_redis,
+            SubStep::CloseDb => self.close_db,
         }
     }
     fn merge(self, lower: StepsLayer) -> StepsLayer {
@@ -804,10 +804,9 @@ impl Config {
         let prestop_delay = dur(l.prestop_delay, STEPS[0].default_budget);
         let mut budgets = [Duration::ZERO; 9];
         for (i, step) in STEPS.iter().enumerate() {
-            budgets[i] = if step.id == StepId::HealthNotServing {
-                prestop_delay
-            } else {
-                dur(l.steps.get(step.id), step.default_budget)
+            budgets[i] = match step.substep {
+                None => prestop_delay,
+                Some(sub) => dur(l.steps.get(sub), step.default_budget),
             };
         }
         let metrics_address = l.metrics.enabled.unwrap_or(true).then(|| {

@@ -20,7 +20,7 @@ use tokio::time::{Instant, sleep, timeout_at};
 
 use crate::exit::{ChildEnd, StopResult};
 use crate::state::{Control, Shared, StepOutcome, StepRecord, ms};
-use crate::steps::{STEPS, verbs};
+use crate::steps::{Extra, STEPS, verbs};
 use crate::stop::{self, StopCtx};
 
 /// Slack for a reply after a step's deadline: the agent cuts handlers at the deadline, then writes.
@@ -154,8 +154,8 @@ pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopResult {
         client,
         per_substep: true,
     };
-    for (verb_name, rows) in verbs() {
-        walk.verb(verb_name, &rows).await;
+    for (verb, rows) in verbs() {
+        walk.verb(verb, &rows).await;
     }
     wait_exit(&ctx).await
 }
@@ -172,7 +172,7 @@ async fn wait_exit(ctx: &StopCtx) -> StopResult {
     }
     ctx.record(
         0,
-        "app-exit",
+        Extra::AppExit.name(),
         StepOutcome::Timeout,
         began,
         "the app did not exit after its last step".into(),
@@ -242,15 +242,13 @@ struct Walk<'a> {
 
 impl Walk<'_> {
     /// Sends one verb, retrying once over a fresh connection when the old one failed, and records its rows.
-    async fn verb(&mut self, verb_name: &'static str, rows: &[usize]) {
+    async fn verb(&mut self, verb: StepVerb, rows: &[usize]) {
         let ctx = self.ctx;
+        let verb_name = verb.as_str();
         if ctx.child_ended() {
             skip_rows(ctx, rows.iter().copied(), &exited_detail(ctx));
             return;
         }
-        let Some(verb) = StepVerb::parse(verb_name) else {
-            return;
-        };
         let began = Instant::now();
         let end = ctx.steps_deadline();
         if end <= began {
@@ -588,7 +586,7 @@ mod tests {
         let end = Instant::now() + Duration::from_secs(4);
         for (verb, rows) in &verbs() {
             let p = plan(&b, rows, Instant::now(), end);
-            if *verb == "close" {
+            if *verb == StepVerb::Close {
                 let share = Duration::from_secs(4).mul_f64(4.0 / 23.0);
                 assert!(
                     p.deadline + REPLY_SLACK + Duration::from_millis(5) >= share,
@@ -603,10 +601,10 @@ mod tests {
     #[test]
     fn every_app_row_is_a_protocol_substep() {
         use quiesce_protocol::wire::SubStep;
-        for s in STEPS.iter().filter(|s| s.verb.is_some()) {
+        for s in STEPS.iter().filter(|s| s.verb().is_some()) {
             let sub = SubStep::parse(s.name)
                 .unwrap_or_else(|| panic!("{} is not a protocol sub-step", s.name));
-            assert_eq!(sub.verb().as_str(), s.verb.expect("app step"));
+            assert_eq!(Some(sub.verb()), s.verb());
             assert_eq!(sub.step_number(), s.number);
         }
     }

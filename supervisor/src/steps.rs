@@ -1,24 +1,13 @@
-//! The nine shutdown steps as one table of data.
+//! The nine shutdown steps as one table of data, and the supervisor's own rows of the shutdown story.
 //!
-//! The sequencer walks it; logs, metrics, `quiesce ctl status`, `check-config` and the termination message
-//! all name steps from it. Steps that share a control verb (2–3 `drain`, 7–9 `close`) are sent to the app as
-//! one request whose budget is the sum of theirs; the app's reply reports each as a sub-step.
+//! The table itself lives in the protocol crate ([`quiesce_protocol::wire::STEPS`]): the app's agent orders
+//! its sub-steps by it, the supervisor walks it. Logs, metrics labels, `quiesce ctl status`, `check-config`,
+//! the `[steps]` budgets and the termination message all name steps from it. Steps that share a control
+//! verb (2–3 `drain`, 7–9 `close`) are sent to the app as one request; its reply reports each as a
+//! sub-step.
 
-use std::time::Duration;
-
-/// Stable identity of a step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum StepId {
-    HealthNotServing,
-    StopAccepting,
-    DrainInFlight,
-    StopCron,
-    StopConsumer,
-    StopPoller,
-    CloseMq,
-    CloseRedis,
-    CloseDb,
-}
+use quiesce_protocol::wire::StepVerb;
+pub use quiesce_protocol::wire::{STEPS, Step};
 
 /// Who carries a step out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,128 +16,43 @@ pub enum Owner {
     App,
 }
 
-/// One row of the table.
-#[derive(Debug)]
-pub struct Step {
-    pub id: StepId,
-    /// 1-based position, as the docs number them.
-    pub number: u8,
-    /// Name used in logs, metrics labels, the termination message and the app's sub-step replies.
-    pub name: &'static str,
-    /// The `[steps]` config key holding its budget.
-    pub config_key: &'static str,
-    pub owner: Owner,
-    /// Control verb that carries it out (app steps only).
-    pub verb: Option<&'static str>,
-    pub default_budget: Duration,
-    pub done_when: &'static str,
+/// Who carries `step` out: the app for its sub-steps, the supervisor for step 1.
+pub fn owner(step: &Step) -> Owner {
+    match step.substep {
+        Some(_) => Owner::App,
+        None => Owner::Supervisor,
+    }
 }
 
-const fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
+/// The supervisor's own rows of the shutdown story, besides the nine steps (numbered 0, shown `-`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extra {
+    /// Signal mode (or control mode without a connection): the stop signal and the app's end.
+    StopSignal,
+    /// The overall deadline's SIGTERM and SIGKILL.
+    Deadline,
+    /// Control mode: the app did not exit after its last step.
+    AppExit,
+    /// Leftover processes: SIGTERM, then SIGKILL.
+    Cleanup,
 }
 
-/// The documented order. Step 1's budget is always `prestop_delay` (default 0s, 5s in the shipped
-/// manifests); steps 2-9 default to 23s, so with the manifests' 5s delay they fill the default 28s window
-/// (30s grace period minus the 2s safety margin) exactly.
-pub const STEPS: [Step; 9] = [
-    Step {
-        id: StepId::HealthNotServing,
-        number: 1,
-        name: "health-not-serving",
-        config_key: "prestop_delay",
-        owner: Owner::Supervisor,
-        verb: None,
-        default_budget: ms(0),
-        done_when: "readiness NOT_SERVING and the preStop delay passed",
-    },
-    Step {
-        id: StepId::StopAccepting,
-        number: 2,
-        name: "stop-accepting",
-        config_key: "steps.stop_accepting",
-        owner: Owner::App,
-        verb: Some("drain"),
-        default_budget: ms(1000),
-        done_when: "listeners closed",
-    },
-    Step {
-        id: StepId::DrainInFlight,
-        number: 3,
-        name: "drain-in-flight",
-        config_key: "steps.drain_in_flight",
-        owner: Owner::App,
-        verb: Some("drain"),
-        default_budget: ms(7000),
-        done_when: "in-flight requests finished",
-    },
-    Step {
-        id: StepId::StopCron,
-        number: 4,
-        name: "stop-cron",
-        config_key: "steps.stop_cron",
-        owner: Owner::App,
-        verb: Some("stop-cron"),
-        default_budget: ms(3000),
-        done_when: "the running job finished",
-    },
-    Step {
-        id: StepId::StopConsumer,
-        number: 5,
-        name: "stop-consumer",
-        config_key: "steps.stop_consumer",
-        owner: Owner::App,
-        verb: Some("stop-consumer"),
-        default_budget: ms(5000),
-        done_when: "every delivered message acked or requeued",
-    },
-    Step {
-        id: StepId::StopPoller,
-        number: 6,
-        name: "stop-poller",
-        config_key: "steps.stop_poller",
-        owner: Owner::App,
-        verb: Some("stop-poller"),
-        default_budget: ms(3000),
-        done_when: "the current outbox batch finished",
-    },
-    Step {
-        id: StepId::CloseMq,
-        number: 7,
-        name: "close-mq",
-        config_key: "steps.close_mq",
-        owner: Owner::App,
-        verb: Some("close"),
-        default_budget: ms(1000),
-        done_when: "MQ connection closed",
-    },
-    Step {
-        id: StepId::CloseRedis,
-        number: 8,
-        name: "close-redis",
-        config_key: "steps.close_redis",
-        owner: Owner::App,
-        verb: Some("close"),
-        default_budget: ms(1000),
-        done_when: "Redis client closed",
-    },
-    Step {
-        id: StepId::CloseDb,
-        number: 9,
-        name: "close-db",
-        config_key: "steps.close_db",
-        owner: Owner::App,
-        verb: Some("close"),
-        default_budget: ms(2000),
-        done_when: "DB pool closed",
-    },
-];
+impl Extra {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Extra::StopSignal => "stop-signal",
+            Extra::Deadline => "deadline",
+            Extra::AppExit => "app-exit",
+            Extra::Cleanup => "cleanup",
+        }
+    }
+}
 
 /// The control verbs in the order they are sent, each with the indexes of the table rows it covers.
-pub fn verbs() -> Vec<(&'static str, Vec<usize>)> {
-    let mut out: Vec<(&'static str, Vec<usize>)> = Vec::new();
+pub fn verbs() -> Vec<(StepVerb, Vec<usize>)> {
+    let mut out: Vec<(StepVerb, Vec<usize>)> = Vec::new();
     for (i, s) in STEPS.iter().enumerate() {
-        let Some(v) = s.verb else { continue };
+        let Some(v) = s.verb() else { continue };
         match out.last_mut() {
             Some((last, rows)) if *last == v => rows.push(i),
             _ => out.push((v, vec![i])),
@@ -160,19 +64,25 @@ pub fn verbs() -> Vec<(&'static str, Vec<usize>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn table_is_numbered_in_order() {
         for (i, s) in STEPS.iter().enumerate() {
             assert_eq!(s.number as usize, i + 1, "{}", s.name);
-            assert_eq!(s.owner == Owner::Supervisor, s.verb.is_none(), "{}", s.name);
+            assert_eq!(
+                owner(s) == Owner::Supervisor,
+                s.verb().is_none(),
+                "{}",
+                s.name
+            );
         }
     }
 
     #[test]
     fn verbs_group_adjacent_rows() {
         let v = verbs();
-        let names: Vec<&str> = v.iter().map(|(n, _)| *n).collect();
+        let names: Vec<&str> = v.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
             [
@@ -202,14 +112,14 @@ mod tests {
             crate::config::Config::resolve(crate::config::Layer::default()).expect("defaults");
         for ((row, step), budget) in rows.iter().zip(&STEPS).zip(cfg.budgets) {
             assert_eq!(row[0], step.number.to_string(), "{row:?}");
-            let owner = match step.owner {
+            let owner = match owner(step) {
                 Owner::Supervisor => "supervisor",
                 Owner::App => "app",
             };
             assert_eq!(row[2], owner, "{row:?}");
             assert_eq!(
                 row[3],
-                step.verb.map_or("—".to_string(), |v| format!("`{v}`")),
+                step.verb().map_or("—".to_string(), |v| format!("`{v}`")),
                 "{row:?}"
             );
             assert_eq!(row[4], format!("`{}`", step.config_key), "{row:?}");

@@ -15,6 +15,7 @@ use crate::config::{Config, ForwardTo};
 use crate::exit::{ChildEnd, StopResult};
 use crate::signals::Sig;
 use crate::state::{Shared, StepOutcome, StepRecord, ms};
+use crate::steps::{Extra, STEPS};
 use crate::sys::{Target, send};
 
 /// What the stop sequence needs, shared by signal mode and control mode.
@@ -112,11 +113,7 @@ pub async fn step_one(ctx: &StopCtx) {
     let probes_before = *ctx.probes.borrow();
     ctx.stopping.send_replace(true);
     let delay = ctx.cfg.prestop_delay;
-    tracing::info!(
-        step = "health-not-serving",
-        delay_ms = ms(delay),
-        "step start"
-    );
+    tracing::info!(step = STEPS[0].name, delay_ms = ms(delay), "step start");
     let until = ctx.start + delay;
     let want = ctx.cfg.health.observed_probes;
     let mut early = false;
@@ -153,7 +150,7 @@ pub async fn step_one(ctx: &StopCtx) {
             format!("readiness NOT_SERVING; preStop delay {d}"),
         )
     };
-    ctx.record(1, "health-not-serving", outcome, began, detail);
+    ctx.record(STEPS[0].number, STEPS[0].name, outcome, began, detail);
     ctx.step_one_done.send_replace(true);
 }
 
@@ -247,7 +244,7 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopResult {
         ForwardTo::Child => format!("pid {}", ctx.pid),
         ForwardTo::Group => format!("process group {}", ctx.pid),
     };
-    tracing::info!(step = "stop-signal", signal = %send, %target, "step start");
+    tracing::info!(step = Extra::StopSignal.name(), signal = %send, %target, "step start");
     deliver(ctx.pid, send, ctx.cfg.forward_to);
     ctx.relay
         .lock()
@@ -258,7 +255,7 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopResult {
         let end = ctx.end.borrow().map(|e| e.to_string()).unwrap_or_default();
         ctx.record(
             0,
-            "stop-signal",
+            Extra::StopSignal.name(),
             StepOutcome::Ok,
             began,
             format!("sent {send} to {target}; app {end}"),
@@ -270,7 +267,7 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopResult {
     }
     ctx.record(
         0,
-        "stop-signal",
+        Extra::StopSignal.name(),
         StepOutcome::Timeout,
         began,
         format!("sent {send} to {target}; still running at the deadline"),
@@ -292,7 +289,7 @@ pub async fn force(ctx: &StopCtx, term_first: bool) {
         if ctx.wait_end_until(ctx.deadline()).await {
             ctx.record(
                 0,
-                "deadline",
+                Extra::Deadline.name(),
                 StepOutcome::Timeout,
                 began,
                 "overall deadline: SIGTERM to the process group; app exited".into(),
@@ -310,7 +307,13 @@ pub async fn force(ctx: &StopCtx, term_first: bool) {
     // of what is left before the hard end: the leftover sweep and the report get the other half.
     let until = ctx.deadline() + (ctx.hard_end() - ctx.deadline()) / 2;
     let _ = ctx.wait_end_until(until).await;
-    ctx.record(0, "deadline", StepOutcome::Timeout, began, detail);
+    ctx.record(
+        0,
+        Extra::Deadline.name(),
+        StepOutcome::Timeout,
+        began,
+        detail,
+    );
 }
 
 /// Sends a signal to the child or its group, as configured.

@@ -532,7 +532,7 @@ async fn cleanup(
     let base = shared.lock().stop_started;
     shared.record(crate::state::StepRecord {
         number: 0,
-        name: "cleanup".into(),
+        name: crate::steps::Extra::Cleanup.name().into(),
         outcome,
         started_ms: base
             .map(|b| ms(began.into_std().saturating_duration_since(b)))

@@ -19,7 +19,7 @@ pub use reply::{
     StepReply, StepState, StepStatus, SubStepReply,
 };
 pub use request::Request;
-pub use steps::{StepVerb, SubStep, UnknownName};
+pub use steps::{STEPS, Step, StepVerb, SubStep, UnknownName};
 
 use serde::Serialize;
 

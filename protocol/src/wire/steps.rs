@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -193,6 +194,62 @@ impl FromStr for SubStep {
     }
 }
 
+/// One row of the nine-step shutdown: the table the supervisor and the app both read. Step 1 is the
+/// supervisor's own (readiness off, then the preStop delay); steps 2–9 are the app's sub-steps. The name is
+/// the one logs, metrics labels, the termination message and the app's replies use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// 1-based position, as the docs number the steps.
+    pub number: u8,
+    pub name: &'static str,
+    /// The app's sub-step; `None` for step 1.
+    pub substep: Option<SubStep>,
+    /// The supervisor's configuration key holding the step's budget.
+    pub config_key: &'static str,
+    /// The budget when the configuration sets none (step 1's is the default `prestop_delay`).
+    pub default_budget: Duration,
+}
+
+impl Step {
+    /// The verb that carries the step out; `None` for step 1.
+    pub const fn verb(&self) -> Option<StepVerb> {
+        match self.substep {
+            Some(s) => Some(s.verb()),
+            None => None,
+        }
+    }
+}
+
+const fn app_step(substep: SubStep, config_key: &'static str, default_ms: u64) -> Step {
+    Step {
+        number: substep.step_number(),
+        name: substep.as_str(),
+        substep: Some(substep),
+        config_key,
+        default_budget: Duration::from_millis(default_ms),
+    }
+}
+
+/// The nine steps, in order. Steps 2–9 default to 23 s, so with a 5 s preStop delay they fill the 28 s
+/// window of a 30 s grace period with a 2 s safety margin.
+pub const STEPS: [Step; 9] = [
+    Step {
+        number: 1,
+        name: "health-not-serving",
+        substep: None,
+        config_key: "prestop_delay",
+        default_budget: Duration::ZERO,
+    },
+    app_step(SubStep::StopAccepting, "steps.stop_accepting", 1000),
+    app_step(SubStep::DrainInFlight, "steps.drain_in_flight", 7000),
+    app_step(SubStep::StopCron, "steps.stop_cron", 3000),
+    app_step(SubStep::StopConsumer, "steps.stop_consumer", 5000),
+    app_step(SubStep::StopPoller, "steps.stop_poller", 3000),
+    app_step(SubStep::CloseMq, "steps.close_mq", 1000),
+    app_step(SubStep::CloseRedis, "steps.close_redis", 1000),
+    app_step(SubStep::CloseDb, "steps.close_db", 2000),
+];
+
 /// A name that is not one of the protocol's step or sub-step names.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{0}` is not a step name of protocol v1")]
@@ -213,6 +270,16 @@ mod tests {
             assert_eq!(usize::from(s.step_number()), i + 2);
             assert!(s.verb().substeps().contains(s));
         }
+    }
+
+    #[test]
+    fn the_table_is_numbered_in_order_and_covers_every_substep() {
+        for (i, s) in STEPS.iter().enumerate() {
+            assert_eq!(usize::from(s.number), i + 1, "{}", s.name);
+        }
+        let subs: Vec<SubStep> = STEPS.iter().filter_map(|s| s.substep).collect();
+        assert_eq!(subs, SubStep::ALL);
+        assert!(STEPS[0].substep.is_none());
     }
 
     #[test]
