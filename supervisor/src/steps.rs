@@ -9,21 +9,6 @@
 use quiesce_protocol::wire::StepVerb;
 pub use quiesce_protocol::wire::{STEPS, Step};
 
-/// Who carries a step out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Owner {
-    Supervisor,
-    App,
-}
-
-/// Who carries `step` out: the app for its sub-steps, the supervisor for step 1.
-pub fn owner(step: &Step) -> Owner {
-    match step.substep {
-        Some(_) => Owner::App,
-        None => Owner::Supervisor,
-    }
-}
-
 /// The supervisor's own rows of the shutdown story, besides the nine steps (numbered 0, shown `-`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Extra {
@@ -64,6 +49,20 @@ pub fn verbs() -> Vec<(StepVerb, Vec<usize>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Who carries a step out, as README's table says it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Owner {
+        Supervisor,
+        App,
+    }
+
+    fn owner(step: &Step) -> Owner {
+        match step.substep {
+            Some(_) => Owner::App,
+            None => Owner::Supervisor,
+        }
+    }
     use std::time::Duration;
 
     #[test]

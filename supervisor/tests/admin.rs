@@ -5,7 +5,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -21,6 +21,20 @@ fn ctl(s: &Scratch, args: &[&str]) -> std::process::Output {
     output_timeout(c, T)
 }
 
+/// quiesce with `args` over `testbin ignore-sigterm`, once the app is ready and the admin socket answers.
+fn start_ignoring_sigterm(s: &Scratch, args: &[&str]) -> Child {
+    let mut c = quiesce(s);
+    c.args(args).arg("--").arg(testbin()).arg("ignore-sigterm");
+    let mut sup = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    wait_for_line(&mut sup, T, |l| l == "ignoring SIGTERM");
+    wait_admin(s);
+    sup
+}
+
 fn wait_admin(s: &Scratch) {
     assert!(
         wait_until(T, || UnixStream::connect(s.path("admin.sock")).is_ok()),
@@ -31,25 +45,17 @@ fn wait_admin(s: &Scratch) {
 #[test]
 fn prestop_under_empty_env_waits_the_delay_and_sigterm_does_not_wait_again() {
     let s = Scratch::new();
-    let mut c = quiesce(&s);
-    c.args([
-        "--prestop-delay",
-        "1s",
-        "--grace-period",
-        "4s",
-        "--safety-margin",
-        "1s",
-        "--",
-    ])
-    .arg(testbin())
-    .arg("ignore-sigterm");
-    let mut sup = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    wait_for_line(&mut sup, T, |l| l == "ignoring SIGTERM");
-    wait_admin(&s);
+    let mut sup = start_ignoring_sigterm(
+        &s,
+        &[
+            "--prestop-delay",
+            "1s",
+            "--grace-period",
+            "4s",
+            "--safety-margin",
+            "1s",
+        ],
+    );
     let began = Instant::now();
     // As kubelet runs an exec hook in a distroless image: no shell, no environment.
     let mut hook = Command::new("env");
@@ -104,17 +110,7 @@ fn prestop_without_a_supervisor_fails_clearly() {
 #[test]
 fn ctl_status_and_shutdown() {
     let s = Scratch::new();
-    let mut c = quiesce(&s);
-    c.args(["--grace-period", "20s", "--"])
-        .arg(testbin())
-        .arg("ignore-sigterm");
-    let mut sup = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    wait_for_line(&mut sup, T, |l| l == "ignoring SIGTERM");
-    wait_admin(&s);
+    let mut sup = start_ignoring_sigterm(&s, &["--grace-period", "20s"]);
     let out = ctl(&s, &["ctl", "status"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
@@ -347,17 +343,7 @@ fn an_admin_socket_flood_never_delays_the_stop_past_its_window() {
     let s = Scratch::new();
     // The app ignores SIGTERM: the run ends with SIGKILL at the 3 s window, and quiesce must be gone by 3.5 s
     // (half the margin) however busy its admin socket is.
-    let mut c = quiesce(&s);
-    c.args(["--grace-period", "4s", "--safety-margin", "1s", "--"])
-        .arg(testbin())
-        .arg("ignore-sigterm");
-    let mut sup = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    wait_for_line(&mut sup, T, |l| l == "ignoring SIGTERM");
-    wait_admin(&s);
+    let mut sup = start_ignoring_sigterm(&s, &["--grace-period", "4s", "--safety-margin", "1s"]);
     let stop = Arc::new(AtomicBool::new(false));
     let flooders: Vec<_> = (0..8)
         .map(|_| {

@@ -583,6 +583,9 @@ fn an_impostor_listening_first_at_the_control_socket_is_refused_and_never_driven
         "--regid",
         "65534",
         "--clear-groups",
+        // The id change clears a parent-death signal set before it; setpriv sets this one after it.
+        "--pdeathsig",
+        "KILL",
         "/usr/bin/python3",
     ])
     .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/raw_app.py"))
