@@ -2,6 +2,7 @@
 //!
 //! - `quiesce_health_status{service}`: 1 SERVING, 0 NOT_SERVING
 //! - `quiesce_shutdown_step_duration_seconds{step}`: duration of each step of the last shutdown
+//! - `quiesce_step_budget_seconds{step}`: each step's budget in the resolved config ([`Metrics::budgets`])
 //! - `quiesce_shutdown_step_outcome_total{step,outcome}`, `quiesce_shutdown_steps_timed_out_total`
 //! - `quiesce_child_exits_total{reason}`: exited / signaled
 //! - `quiesce_zombies_reaped_total`, `quiesce_signals_received_total{signal}`
@@ -22,13 +23,16 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::config::Config;
 use crate::state::{StepOutcome, StepRecord};
+use crate::steps::STEPS;
 
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     health: GaugeVec,
     step_duration: GaugeVec,
+    step_budget: GaugeVec,
     step_outcome: IntCounterVec,
     steps_timed_out: IntCounter,
     child_exits: IntCounterVec,
@@ -112,6 +116,12 @@ impl Metrics {
                 "Duration of each step of the last shutdown.",
                 &["step"],
             ),
+            step_budget: gauge_vec(
+                r,
+                "quiesce_step_budget_seconds",
+                "Budget of each shutdown step in the resolved config (prestop_delay, steps.*).",
+                &["step"],
+            ),
             step_outcome: counter_vec(
                 r,
                 "quiesce_shutdown_step_outcome_total",
@@ -169,6 +179,16 @@ impl Metrics {
         let pc = prometheus::process_collector::ProcessCollector::for_self();
         if let Err(e) = self.registry.register(Box::new(pc)) {
             tracing::warn!(error = %e, "process metrics unavailable");
+        }
+    }
+
+    /// Sets `quiesce_step_budget_seconds` for every row of the step table from the resolved config, once
+    /// at start-up (the dashboards and the 80 %-of-budget alert compare the step durations with it).
+    pub fn budgets(&self, cfg: &Config) {
+        for (step, budget) in STEPS.iter().zip(cfg.budgets) {
+            self.step_budget
+                .with_label_values(&[step.name])
+                .set(budget.as_secs_f64());
         }
     }
 
@@ -274,4 +294,31 @@ fn respond(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> 
         *resp.status_mut() = StatusCode::NOT_FOUND;
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, parse_toml};
+
+    #[test]
+    fn budgets_are_exported_per_step_from_the_resolved_config() {
+        let toml = "prestop_delay = \"4s\"\n[steps]\nclose_db = \"1500ms\"\n";
+        let layer = parse_toml(std::path::Path::new("q.toml"), toml).expect("valid toml");
+        let cfg = Config::resolve(layer).expect("a valid config");
+        let m = Metrics::new();
+        m.budgets(&cfg);
+        let text = String::from_utf8(m.render()).expect("utf-8");
+        for (step, budget) in STEPS.iter().zip(cfg.budgets) {
+            let line = format!(
+                "quiesce_step_budget_seconds{{step=\"{}\"}} {}",
+                step.name,
+                budget.as_secs_f64()
+            );
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
+        assert!(text.contains("quiesce_step_budget_seconds{step=\"health-not-serving\"} 4\n"));
+        assert!(text.contains("quiesce_step_budget_seconds{step=\"drain-in-flight\"} 7\n"));
+        assert!(text.contains("quiesce_step_budget_seconds{step=\"close-db\"} 1.5\n"));
+    }
 }
