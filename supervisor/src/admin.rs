@@ -23,6 +23,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
+use crate::lifecycle::Lifecycle;
 use crate::state::{Shared, Trigger, ms};
 use crate::supervisor::{Event, Watches};
 
@@ -125,8 +126,8 @@ async fn serve(
 ) {
     // Bound early (so `quiesce prestop` can connect from the first moment) but served once the child runs:
     // clients that come first wait in the listen queue and cannot take the descriptors its start needs.
-    let mut started = watches.started.clone();
-    if started.wait_for(|s| *s).await.is_err() {
+    let mut life = watches.lifecycle.clone();
+    if life.wait_for(|l| l.started()).await.is_err() {
         return; // the child never started
     }
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -211,40 +212,40 @@ async fn answer(
         return e.render_reply();
     }
     match req.verb() {
-        "status" => {
-            let st = shared.lock();
-            let mut v = serde_json::to_value(&*st).unwrap_or_else(|_| json!({}));
-            if let Some(o) = v.as_object_mut() {
-                o.insert("ok".into(), json!(true));
-                o.insert("pid".into(), json!(std::process::id()));
-                if let Some(s) = st.stop_started {
-                    o.insert("stop_elapsed_ms".into(), json!(ms(s.elapsed())));
-                }
-            }
-            render_reply(&v)
-        }
+        "status" => render_reply(&status(shared, &watches.lifecycle.borrow().clone())),
         "shutdown" => {
-            let already = shared.lock().trigger.is_some();
+            let already = watches.lifecycle.borrow().stop().is_some();
             let _ = events.send(Event::Stop(Trigger::Operator));
             render_reply(&json!({"ok": true, "already_stopping": already}))
         }
         "prestop" => {
             let began = Instant::now();
-            let already = shared.lock().trigger.is_some();
+            let already = watches.lifecycle.borrow().stop().is_some();
             let _ = events.send(Event::Stop(Trigger::Prestop));
             // Returns when step 1 is over, or at once if the app is already gone.
-            let mut done = watches.step_one_done.clone();
-            let mut end = watches.end.clone();
-            tokio::select! {
-                _ = done.wait_for(|d| *d) => {}
-                _ = end.wait_for(|e| e.is_some()) => {}
-            }
+            let _ = watches.lifecycle.wait_for(|l| l.step_one_over()).await;
             render_reply(
                 &json!({"ok": true, "already_stopping": already, "waited_ms": ms(began.elapsed())}),
             )
         }
         other => unknown_verb(other),
     }
+}
+
+/// The `status` reply: the lifecycle, then the record ([`crate::state::Status`]).
+fn status(shared: &Shared, life: &Lifecycle) -> serde_json::Value {
+    let mut v = serde_json::to_value(&*shared.lock()).unwrap_or_else(|_| json!({}));
+    if let Some(o) = v.as_object_mut() {
+        o.insert("ok".into(), json!(true));
+        o.insert("pid".into(), json!(std::process::id()));
+        o.insert("phase".into(), json!(life.phase()));
+        o.insert("child_end".into(), json!(life.end().map(|e| e.to_string())));
+        o.insert("trigger".into(), json!(life.stop().map(|s| &s.trigger)));
+        if let Some(s) = life.stop() {
+            o.insert("stop_elapsed_ms".into(), json!(ms(s.since.elapsed())));
+        }
+    }
+    v
 }
 
 fn unknown_verb(verb: &str) -> String {

@@ -18,7 +18,8 @@ use quiesce_protocol::wire::{AgentCommand, HelloReply, Outcome, Role, StepReply,
 use tokio::sync::{Mutex, watch};
 use tokio::time::{Instant, sleep, timeout_at};
 
-use crate::exit::{ChildEnd, StopResult};
+use crate::exit::StopResult;
+use crate::lifecycle::Lifecycle;
 use crate::state::{Control, Shared, StepOutcome, StepRecord, ms};
 use crate::steps::{Extra, STEPS, verbs};
 use crate::stop::{self, StopCtx};
@@ -40,10 +41,10 @@ pub async fn connect(
     path: &PathBuf,
     role: Role,
     until: Instant,
-    end: &watch::Receiver<Option<ChildEnd>>,
+    life: &watch::Receiver<Lifecycle>,
 ) -> Option<(Client, HelloReply)> {
     let mut last_err = String::new();
-    while Instant::now() < until && end.borrow().is_none() {
+    while Instant::now() < until && life.borrow().end().is_none() {
         match Client::connect(path).await {
             Ok(c) if let Err(why) = listener_is_the_app(&c) => {
                 if why != last_err {
@@ -83,10 +84,10 @@ pub async fn connect_driver(
     driver: Driver,
     hello_tx: watch::Sender<Option<HelloReply>>,
     shared: Shared,
-    end: watch::Receiver<Option<ChildEnd>>,
+    life: watch::Receiver<Lifecycle>,
 ) {
     let until = Instant::now() + connect_timeout;
-    match connect(&path, Role::Driver, until, &end).await {
+    match connect(&path, Role::Driver, until, &life).await {
         Some((client, mut hello)) => {
             bound_services(&mut hello.services);
             tracing::info!(app = %hello.app, pid = hello.pid, services = ?hello.services, registered = ?hello.registered, "app said hello");
@@ -95,7 +96,7 @@ pub async fn connect_driver(
             hello_tx.send_replace(Some(hello));
         }
         None => {
-            if end.borrow().is_none() {
+            if life.borrow().end().is_none() {
                 tracing::warn!(
                     socket = %path.display(),
                     timeout_ms = ms(connect_timeout),
@@ -354,7 +355,7 @@ async fn record_failure(
         let until = (Instant::now() + Duration::from_millis(200)).min(ctx.deadline());
         let _ = ctx.wait_end_until(until).await;
     }
-    let (outcome, why) = match (*ctx.end.borrow(), failure) {
+    let (outcome, why) = match (ctx.end(), failure) {
         (Some(end), _) if rows.len() > 1 => {
             let (first, last) = (STEPS[rows[0]].number, STEPS[rows[rows.len() - 1]].number);
             (
@@ -416,13 +417,13 @@ async fn send_step(
     .to_request();
     // The client's own timeout is set past ours, so a silent app is always our `timeout`.
     let client_wait = wait_until - began + Duration::from_secs(1);
-    let mut end = ctx.end.clone();
+    let mut life = ctx.life.subscribe();
     let reply = c.request::<StepReply>(&req, client_wait);
     tokio::pin!(reply);
     let got = tokio::select! {
         biased;
         r = timeout_at(wait_until, &mut reply) => r,
-        _ = async { drop(end.wait_for(|e| e.is_some()).await) } => {
+        _ = async { drop(life.wait_for(|l| l.end().is_some()).await) } => {
             // An app that exits right after answering (as one does after `close`) may be reaped before
             // its reply is read: the reply is already in the socket buffer, so finish reading it.
             match tokio::time::timeout(Duration::from_millis(100), &mut reply).await {
@@ -447,7 +448,7 @@ async fn reconnect(ctx: &StopCtx) -> Option<Client> {
     // Never past the steps' time: a frozen app that accepts but never answers hello must not delay the
     // deadline's signals.
     let until = (Instant::now() + Duration::from_secs(1)).min(ctx.steps_deadline());
-    let got = connect(&path, Role::Driver, until, &ctx.end)
+    let got = connect(&path, Role::Driver, until, &ctx.life.subscribe())
         .await
         .map(|(c, _)| c);
     ctx.shared.lock().control = if got.is_some() {
@@ -459,7 +460,7 @@ async fn reconnect(ctx: &StopCtx) -> Option<Client> {
 }
 
 fn exited_detail(ctx: &StopCtx) -> String {
-    match *ctx.end.borrow() {
+    match ctx.end() {
         Some(e) => format!("app {e} before this step"),
         None => "app exited".into(),
     }

@@ -8,7 +8,8 @@
 //! | what | owner | how |
 //! |---|---|---|
 //! | the main child's pid | [`supervisor::run`] | spawned once with `std::process::Command`, never waited on by it |
-//! | every exit status | [`reaper`] | `waitpid(-1, WNOHANG)` on SIGCHLD, in the run loop only; the main child's end goes out on a watch channel |
+//! | the lifecycle | [`lifecycle::Transitions`] | `Starting → Running → Stopping → Exited` in one watch; the run loop makes the transitions, everyone else subscribes |
+//! | every exit status | [`reaper`] | `waitpid(-1, WNOHANG)` on SIGCHLD, in the run loop only; the main child's end becomes the lifecycle's `Exited` |
 //! | every catchable signal | [`supervisor::run`] | one `signal-hook-tokio` stream registered *before* the child starts |
 //! | SIGTERM / SIGINT | [`stop`] | start the shutdown once (from the signal's arrival); repeats reach the app only as [`stop::Relay`] allows |
 //! | every signal sent | [`sys::send`] | to a process, the app's group, or everyone (as PID 1) |
@@ -22,14 +23,17 @@
 //!    waits in the kernel instead of being dropped (as PID 1 an unhandled default-action signal is).
 //! 2. The run loop ([`supervisor::run`]) installed the handlers and opened the mask; the handler stamps the
 //!    arrival ([`sys::stamp_stop_signals`]) and wakes the loop's signal stream.
-//! 3. The loop counts it ([`state::Shared::signal`], [`stop::Relay`]) and begins the stop: the start is the
-//!    arrival, the trigger goes into the status, and one stop task is spawned.
-//! 4. Step 1 ([`stop::step_one`]) flips the `stopping` watch: [`health::track`] recomputes, the probe thread
-//!    answers NOT_SERVING; then the preStop delay.
+//! 3. The loop counts it ([`state::Shared::signal`], [`stop::Relay`]) and begins the stop: the lifecycle
+//!    goes `Stopping { since: arrival, trigger }` ([`lifecycle::Transitions::begin_stop`], once; a later
+//!    trigger joins it), and one stop task is spawned.
+//! 4. [`health::track`] sees `Stopping` and recomputes: the probe thread answers NOT_SERVING. Step 1
+//!    ([`stop::step_one`]) runs the preStop delay and marks it over in the lifecycle (`quiesce prestop`
+//!    returns).
 //! 5. Signal mode: [`stop::ask_with_signal`] sends the one stop signal ([`stop::ask_signal`]) and waits for
 //!    the end until the deadline. Control mode: [`control::sequence`] walks the verbs, each planned by
 //!    [`control::plan`], sent over the driver connection; each reply becomes the rows of the status.
-//! 6. The app exits; SIGCHLD wakes the loop, [`reaper::reap`] collects the status and publishes the end.
+//! 6. The app exits; SIGCHLD wakes the loop, [`reaper::reap`] collects the status, and the lifecycle goes
+//!    `Exited { end }`: every wait of the stop task ends.
 //! 7. The end of the run: the leftover sweep, [`exit::exit_code`], [`report::render`] into the file opened
 //!    at start-up; [`run`] logs `exiting` and `main` exits with the code.
 
@@ -44,7 +48,7 @@
 //! - [`admin`]: the admin socket (`prestop`, `ctl`); [`ctl`]: its client in the same binary.
 //! - [`health`]: grpc.health.v1 for kubelet on its own thread; [`metrics`]: Prometheus `/metrics`.
 //! - [`supervisor`]: the run loop; [`exit`]: exit codes; [`report`]: the termination message;
-//!   [`state`]: the observable status.
+//!   [`lifecycle`]: the one state machine; [`state`]: the observable record (steps, counters, health).
 
 pub mod admin;
 pub mod child;
@@ -54,6 +58,7 @@ pub mod control;
 pub mod ctl;
 pub mod exit;
 pub mod health;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod peer;

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::Path;
 
-use crate::state::{Status, StepOutcome, StepRecord};
+use crate::state::{Status, StepOutcome, StepRecord, Trigger};
 
 /// Kubelet's limit for the termination message.
 pub const LIMIT: usize = 4096;
@@ -17,6 +17,8 @@ pub const LIMIT: usize = 4096;
 pub struct Summary<'a> {
     pub code: i32,
     pub reason: &'a str,
+    /// Why the stop began; `None` when the app exited by itself.
+    pub trigger: Option<&'a Trigger>,
     pub status: &'a Status,
     pub window_ms: u64,
     pub total_ms: Option<u64>,
@@ -52,9 +54,8 @@ fn render_with(s: &Summary<'_>, detail_width: usize, max_rows: usize) -> String 
         s.code,
         escape_controls(s.reason)
     );
-    let trigger = st
+    let trigger = s
         .trigger
-        .as_ref()
         .map(|t| t.to_string())
         .unwrap_or_else(|| "none (the app exited by itself)".into());
     let _ = writeln!(
@@ -266,6 +267,7 @@ mod tests {
         let text = render(&Summary {
             code: 0,
             reason: "stopped",
+            trigger: None,
             status: &st,
             window_ms: 28_000,
             total_ms: Some(7000),
@@ -293,6 +295,7 @@ mod tests {
         let text = render(&Summary {
             code: 137,
             reason: "killed",
+            trigger: None,
             status: &st,
             window_ms: 1,
             total_ms: Some(1),
@@ -319,6 +322,7 @@ mod tests {
         let text = render(&Summary {
             code: 10,
             reason: &reason,
+            trigger: None,
             status: &st,
             window_ms: 1,
             total_ms: Some(1),
@@ -340,6 +344,7 @@ mod tests {
         let text = render(&Summary {
             code: 1,
             reason: "stopped\nforged",
+            trigger: None,
             status: &st,
             window_ms: 1,
             total_ms: Some(1),

@@ -1,24 +1,15 @@
-//! The supervisor's observable state: what `quiesce ctl status`, health, metrics and the termination message
-//! read. One `Arc<Mutex<_>>`, written by the run loop and the stop sequence, read by everyone else.
+//! The supervisor's observable record: what `quiesce ctl status`, metrics and the termination message read
+//! besides the lifecycle ([`crate::lifecycle`]): the step rows, the control connection, counters, health by
+//! service. One `Arc<Mutex<_>>`, written by the run loop and the stop sequence, read by everyone else.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::config::Mode;
-use crate::exit::ChildEnd;
 use crate::metrics::Metrics;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    Starting,
-    Running,
-    Stopping,
-    Exiting,
-}
 
 /// Outcome of one step, as the termination message spells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -111,14 +102,8 @@ pub enum Control {
 
 #[derive(Debug, Serialize)]
 pub struct Status {
-    pub phase: Phase,
     pub mode: Mode,
     pub child_pid: Option<i32>,
-    #[serde(serialize_with = "ser_end")]
-    pub child_end: Option<ChildEnd>,
-    pub trigger: Option<Trigger>,
-    #[serde(skip)]
-    pub stop_started: Option<Instant>,
     pub steps: Vec<StepRecord>,
     pub control: Control,
     pub zombies_reaped: u64,
@@ -133,13 +118,6 @@ pub struct Status {
     pub live_why: String,
 }
 
-fn ser_end<S: serde::Serializer>(end: &Option<ChildEnd>, s: S) -> Result<S::Ok, S::Error> {
-    match end {
-        Some(e) => s.serialize_str(&e.to_string()),
-        None => s.serialize_none(),
-    }
-}
-
 /// Cheap to clone handle on the shared status and the metrics that mirror it.
 #[derive(Clone, Debug)]
 pub struct Shared {
@@ -150,12 +128,8 @@ pub struct Shared {
 impl Shared {
     pub fn new(mode: Mode) -> Shared {
         let status = Arc::new(Mutex::new(Status {
-            phase: Phase::Starting,
             mode,
             child_pid: None,
-            child_end: None,
-            trigger: None,
-            stop_started: None,
             steps: Vec::new(),
             control: match mode {
                 Mode::Control => Control::Connecting,

@@ -13,6 +13,7 @@ use tokio::time::{Instant, sleep, timeout_at};
 
 use crate::config::{Config, ForwardTo};
 use crate::exit::{ChildEnd, StopResult};
+use crate::lifecycle::Transitions;
 use crate::signals::Sig;
 use crate::state::{Shared, StepOutcome, StepRecord, ms};
 use crate::steps::{Extra, STEPS};
@@ -24,15 +25,14 @@ pub struct StopCtx {
     pub cfg: Arc<Config>,
     pub shared: Shared,
     pub pid: i32,
-    pub end: watch::Receiver<Option<ChildEnd>>,
-    /// Shutdown start.
+    /// The lifecycle: the stop watches it for the child's end and marks step 1 over in it.
+    pub life: Transitions,
+    /// Shutdown start: the lifecycle's `Stopping.since`, copied because every deadline reads it.
     pub start: Instant,
-    /// Flipped to true when step 1 is over (the preStop hook returns then).
-    pub step_one_done: watch::Sender<bool>,
-    /// Flipped to true at step 1's start: health goes NOT_SERVING.
-    pub stopping: watch::Sender<bool>,
     /// Readiness checks kubelet got NOT_SERVING for (for `health.observed_probes`).
     pub probes: watch::Receiver<u32>,
+    /// That count when the stop began: only answers after it count.
+    pub probes_before: u32,
     /// The signal that asks the app to stop, chosen once from the trigger ([`ask_signal`]).
     pub ask_with: Sig,
     /// Stop signals received and passed on, shared with the run loop.
@@ -65,8 +65,13 @@ impl StopCtx {
         self.deadline() - self.term_grace()
     }
 
+    /// The main child's end, once the reaper saw it.
+    pub fn end(&self) -> Option<ChildEnd> {
+        self.life.now().end()
+    }
+
     pub fn child_ended(&self) -> bool {
-        self.end.borrow().is_some()
+        self.end().is_some()
     }
 
     /// Waits for the child's end until `until`; true if it ended.
@@ -78,8 +83,8 @@ impl StopCtx {
         if until <= Instant::now() {
             return false;
         }
-        let mut rx = self.end.clone();
-        timeout_at(until, rx.wait_for(|e| e.is_some()))
+        let mut rx = self.life.subscribe();
+        timeout_at(until, rx.wait_for(|l| l.end().is_some()))
             .await
             .is_ok()
     }
@@ -109,9 +114,8 @@ impl StopCtx {
 /// Step 1: every service but liveness NOT_SERVING, then the preStop delay (ends early if the app exits).
 pub async fn step_one(ctx: &StopCtx) {
     let began = Instant::now();
-    // Only NOT_SERVING answers from now on count (earlier ones came from dependency outages).
-    let probes_before = *ctx.probes.borrow();
-    ctx.stopping.send_replace(true);
+    // Health went NOT_SERVING when the stop began (the lifecycle's Stopping); only answers since count.
+    let probes_before = ctx.probes_before;
     let delay = ctx.cfg.prestop_delay;
     tracing::info!(step = STEPS[0].name, delay_ms = ms(delay), "step start");
     let until = ctx.start + delay;
@@ -151,7 +155,7 @@ pub async fn step_one(ctx: &StopCtx) {
         )
     };
     ctx.record(STEPS[0].number, STEPS[0].name, outcome, began, detail);
-    ctx.step_one_done.send_replace(true);
+    ctx.life.step_one_done();
 }
 
 /// Stop signals (SIGTERM, SIGINT) the supervisor received, against those the app got.
@@ -252,7 +256,7 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopResult {
         .asked(send);
     settle(&ctx.relay, ctx.pid, ctx.cfg.forward_to);
     if ctx.wait_end_until(ctx.deadline()).await {
-        let end = ctx.end.borrow().map(|e| e.to_string()).unwrap_or_default();
+        let end = ctx.end().map(|e| e.to_string()).unwrap_or_default();
         ctx.record(
             0,
             Extra::StopSignal.name(),

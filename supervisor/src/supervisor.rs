@@ -1,7 +1,7 @@
 //! The run loop: owns the signal stream and the reaper, starts the stop, and decides the exit.
 //!
 //! One task owns `waitpid(-1)` and every signal. The stop sequence runs as its own task and hears about the
-//! child's end through a watch channel, so the loop keeps reaping and forwarding while it runs.
+//! child's end through the lifecycle watch ([`crate::lifecycle`]), so the loop keeps reaping and forwarding while it runs.
 
 use std::sync::Arc;
 
@@ -20,10 +20,11 @@ use crate::config::Config;
 use crate::control::{self, Driver, HelloWatch};
 use crate::exit::{self, ChildEnd, StopResult, code};
 use crate::health::{self, AppHealth, Statuses};
+use crate::lifecycle::{self, Lifecycle, Transitions};
 use crate::reaper;
 use crate::report;
 use crate::signals::{self, Sig};
-use crate::state::{Phase, Shared, StepOutcome, Trigger, ms};
+use crate::state::{Shared, StepOutcome, Trigger, ms};
 use crate::stop::{self, StopCtx};
 
 /// Requests from outside the loop (admin socket, tests).
@@ -36,14 +37,8 @@ pub enum Event {
 /// Watches other parts of the supervisor can hold.
 #[derive(Clone, Debug)]
 pub struct Watches {
-    /// True once the child has been started (the admin socket accepts from then on).
-    pub started: watch::Receiver<bool>,
-    /// True once step 1 began (health: NOT_SERVING).
-    pub stopping: watch::Receiver<bool>,
-    /// True once step 1's delay is over (`quiesce prestop` returns).
-    pub step_one_done: watch::Receiver<bool>,
-    /// The main child's end.
-    pub end: watch::Receiver<Option<ChildEnd>>,
+    /// Starting → Running → Stopping → Exited ([`crate::lifecycle`]).
+    pub lifecycle: watch::Receiver<Lifecycle>,
     /// The app's `hello` (control mode), once it said it.
     pub hello: HelloWatch,
     /// What the health server answers, per service.
@@ -77,10 +72,7 @@ impl RunError {
 /// The senders behind [`Watches`], created before the loop so servers can subscribe first.
 #[derive(Debug)]
 pub struct Channels {
-    started: watch::Sender<bool>,
-    stopping: watch::Sender<bool>,
-    step_one_done: watch::Sender<bool>,
-    end: watch::Sender<Option<ChildEnd>>,
+    life: Transitions,
     hello: watch::Sender<Option<HelloReply>>,
     statuses: watch::Sender<Statuses>,
     /// Incremented by the health server; public so the probe thread can hold a clone.
@@ -91,10 +83,7 @@ impl Channels {
     /// Fresh receivers on every channel.
     pub fn watches(&self) -> Watches {
         Watches {
-            started: self.started.subscribe(),
-            stopping: self.stopping.subscribe(),
-            step_one_done: self.step_one_done.subscribe(),
-            end: self.end.subscribe(),
+            lifecycle: self.life.subscribe(),
             hello: self.hello.subscribe(),
             statuses: self.statuses.subscribe(),
         }
@@ -103,10 +92,7 @@ impl Channels {
 
 pub fn channels() -> (Channels, Watches) {
     let chans = Channels {
-        started: watch::channel(false).0,
-        stopping: watch::channel(false).0,
-        step_one_done: watch::channel(false).0,
-        end: watch::channel(None).0,
+        life: Transitions::default(),
         hello: watch::channel(None).0,
         // Known from the first moment (NOT_SERVING): before the child starts, probes get an answer, not NOT_FOUND.
         statuses: watch::channel(health::compute(&health::Inputs::default())).0,
@@ -135,7 +121,7 @@ pub async fn run(
     }
     let pid = child::spawn(&spec)?;
     started(&cfg, &shared, &spec, pid);
-    chans.started.send_replace(true);
+    chans.life.running();
     let driver = start_watchers(&cfg, &shared, &chans);
     let mut l = RunLoop::new(cfg, shared, chans, pid, driver, sink);
     loop {
@@ -176,11 +162,7 @@ fn started(cfg: &Config, shared: &Shared, spec: &SpawnSpec, pid: i32) {
     if let Some(path) = &cfg.control_socket {
         crate::peer::warn_if_shared_dir(path);
     }
-    {
-        let mut st = shared.lock();
-        st.child_pid = Some(pid);
-        st.phase = Phase::Running;
-    }
+    shared.lock().child_pid = Some(pid);
     tracing::info!(pid, command = ?spec.argv, "child started");
 }
 
@@ -194,7 +176,7 @@ fn start_watchers(cfg: &Arc<Config>, shared: &Shared, chans: &Channels) -> Optio
         tokio::spawn(health::poll(
             cfg.clone(),
             shared.clone(),
-            chans.end.subscribe(),
+            chans.life.subscribe(),
             chans.hello.subscribe(),
             deps_tx,
             live_tx,
@@ -216,7 +198,7 @@ fn start_watchers(cfg: &Arc<Config>, shared: &Shared, chans: &Channels) -> Optio
             driver.clone(),
             chans.hello.clone(),
             shared.clone(),
-            chans.end.subscribe(),
+            chans.life.subscribe(),
         ));
         driver
     })
@@ -232,8 +214,6 @@ struct RunLoop {
     relay: Arc<std::sync::Mutex<stop::Relay>>,
     sink: Arc<std::sync::Mutex<Option<report::Sink>>>,
     none_left: (watch::Sender<bool>, watch::Receiver<bool>),
-    /// The stop's start, once it began.
-    start: Option<Instant>,
     /// The stop sequence while it runs.
     stop_task: Option<JoinHandle<StopResult>>,
     /// Its result once it is over (it ends after the child's end, or after the forced kill).
@@ -260,7 +240,6 @@ impl RunLoop {
             relay: Arc::default(),
             sink: Arc::new(std::sync::Mutex::new(sink)),
             none_left: watch::channel(false),
-            start: None,
             stop_task: None,
             stopped: None,
             finish: None,
@@ -280,7 +259,7 @@ impl RunLoop {
             let age = crate::sys::take_stop_signal_age();
             return self.begin_stop(Trigger::Signal(sig.name()), Some(sig), age);
         }
-        if self.chans.end.borrow().is_some() {
+        if self.exited() {
             return;
         }
         let out = self.cfg.rewrite.apply(sig);
@@ -292,19 +271,13 @@ impl RunLoop {
         let r = reaper::reap(self.pid);
         self.shared.reaped(r.count);
         if let Some(end) = r.main
-            && self.chans.end.borrow().is_none()
+            && self.chans.life.exited(end)
         {
             tracing::info!(pid = self.pid, status = %end, "child ended");
             self.shared.metrics.child_exit(match end {
                 ChildEnd::Exited(_) => "exited",
                 ChildEnd::Signaled(_) => "signaled",
             });
-            {
-                let mut st = self.shared.lock();
-                st.child_end = Some(end);
-                st.phase = Phase::Exiting;
-            }
-            self.chans.end.send_replace(Some(end));
             let task = self.stop_task.take();
             self.finish = Some(tokio::spawn(finish_up(
                 self.ending(),
@@ -333,34 +306,28 @@ impl RunLoop {
                 .unwrap_or_else(|p| p.into_inner())
                 .received(stop::ask_signal(cfg, Some(sig)));
         }
-        if self.start.is_some() || self.chans.end.borrow().is_some() {
-            tracing::info!(%trigger, "shutdown already under way; not restarting it");
-            if self.chans.end.borrow().is_none() {
-                stop::settle(&self.relay, self.pid, cfg.forward_to);
-            }
-            return;
-        }
         // From the signal's arrival (stamped in its handler), so a busy loop never moves the deadlines later.
         let now = age
             .and_then(|a| Instant::now().checked_sub(a.min(std::time::Duration::from_secs(5))))
             .unwrap_or_else(Instant::now);
-        self.start = Some(now);
-        {
-            let mut st = self.shared.lock();
-            st.phase = Phase::Stopping;
-            st.trigger = Some(trigger.clone());
-            st.stop_started = Some(now.into_std());
+        // Read before health flips: only NOT_SERVING answers from now on count for `health.observed_probes`.
+        let probes_before = *self.chans.probes.borrow();
+        if !self.chans.life.begin_stop(now, trigger.clone()) {
+            tracing::info!(%trigger, "shutdown already under way; not restarting it");
+            if !self.exited() {
+                stop::settle(&self.relay, self.pid, cfg.forward_to);
+            }
+            return;
         }
         tracing::info!(%trigger, window_ms = ms(cfg.stop_window()), "shutdown started");
         let ctx = StopCtx {
             cfg: cfg.clone(),
             shared: self.shared.clone(),
             pid: self.pid,
-            end: self.chans.end.subscribe(),
+            life: self.chans.life.clone(),
             start: now,
-            step_one_done: self.chans.step_one_done.clone(),
-            stopping: self.chans.stopping.clone(),
             probes: self.chans.probes.subscribe(),
+            probes_before,
             ask_with: stop::ask_signal(cfg, received),
             relay: self.relay.clone(),
         };
@@ -372,7 +339,7 @@ impl RunLoop {
 
     fn on_stop_done(&mut self, ctx: StopResult) {
         self.stopped = Some(ctx);
-        if ctx.forced && self.chans.end.borrow().is_none() {
+        if ctx.forced && !self.exited() {
             // SIGKILL was sent and waited for, yet the child was not reaped (stuck in the kernel, e.g. a hung
             // mount). Exit anyway, inside the grace period, with the story written.
             tracing::error!(
@@ -389,11 +356,15 @@ impl RunLoop {
         }
     }
 
+    fn exited(&self) -> bool {
+        self.chans.life.now().end().is_some()
+    }
+
     fn ending(&self) -> Ending {
         Ending {
             cfg: self.cfg.clone(),
             shared: self.shared.clone(),
-            start: self.start,
+            stop: self.chans.life.now().stop().cloned(),
             none_left: self.none_left.1.clone(),
             sink: self.sink.clone(),
         }
@@ -413,8 +384,8 @@ fn sent_by_another_process(o: &Origin) -> bool {
 struct Ending {
     cfg: Arc<Config>,
     shared: Shared,
-    /// The stop's start, if one ran.
-    start: Option<Instant>,
+    /// The stop, if one began.
+    stop: Option<lifecycle::Stop>,
     none_left: watch::Receiver<bool>,
     sink: Arc<std::sync::Mutex<Option<report::Sink>>>,
 }
@@ -428,7 +399,7 @@ async fn finish_up(
     let Ending {
         cfg,
         shared,
-        start,
+        stop: begun,
         none_left,
         sink,
     } = e;
@@ -436,9 +407,11 @@ async fn finish_up(
         Some(t) => t.await.ok(),
         None => stopped,
     };
+    let start = begun.as_ref().map(|s| s.since);
+    let trigger = begun.map(|s| s.trigger);
     let reap_until = cleanup(&cfg, &shared, start, none_left.clone()).await;
     let code = exit::exit_code(end, stop, cfg.stop_exit_code);
-    let reason = match (&stop, shared.lock().trigger.clone()) {
+    let reason = match (&stop, trigger.clone()) {
         (Some(s), Some(t)) if s.forced => {
             format!(
                 "stop by {t}: app still running at the deadline; its process group got the deadline's signals (app {end})"
@@ -456,6 +429,7 @@ async fn finish_up(
         let text = report::render(&report::Summary {
             code,
             reason: &reason,
+            trigger: trigger.as_ref(),
             status: &st,
             window_ms: ms(cfg.stop_window()),
             total_ms: total,
@@ -529,13 +503,12 @@ async fn cleanup(
         )
     };
     tracing::info!(outcome = outcome.as_str(), "leftover cleanup done");
-    let base = shared.lock().stop_started;
     shared.record(crate::state::StepRecord {
         number: 0,
         name: crate::steps::Extra::Cleanup.name().into(),
         outcome,
-        started_ms: base
-            .map(|b| ms(began.into_std().saturating_duration_since(b)))
+        started_ms: start
+            .map(|b| ms(began.saturating_duration_since(b)))
             .unwrap_or(0),
         duration_ms: ms(began.elapsed()),
         counts: Default::default(),

@@ -10,14 +10,14 @@ use tokio::time::{Instant, timeout};
 
 use super::deps_up;
 use crate::config::Config;
-use crate::exit::ChildEnd;
+use crate::lifecycle::Lifecycle;
 use crate::state::Shared;
 
 /// Control mode: keeps an observer connection and polls `status` (liveness) and `health` (readiness).
 pub async fn poll(
     cfg: Arc<Config>,
     shared: Shared,
-    end: watch::Receiver<Option<ChildEnd>>,
+    life: watch::Receiver<Lifecycle>,
     hello: watch::Receiver<Option<quiesce_protocol::wire::HelloReply>>,
     deps_tx: watch::Sender<bool>,
     live_tx: watch::Sender<bool>,
@@ -34,11 +34,11 @@ pub async fn poll(
     let mut client: Option<Client> = None;
     let mut tick = tokio::time::interval(h.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while end.borrow().is_none() {
+    while life.borrow().end().is_none() {
         tick.tick().await;
         if client.is_none() {
             let until = Instant::now() + h.liveness_timeout;
-            client = crate::control::connect(&path, Role::Observer, until, &end)
+            client = crate::control::connect(&path, Role::Observer, until, &life)
                 .await
                 .map(|(c, _)| c);
             if client.is_none() {

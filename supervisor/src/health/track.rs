@@ -56,13 +56,14 @@ pub async fn track(
             .borrow_and_update()
             .as_ref()
             .map(|h| h.services.clone());
+        let life = w.lifecycle.borrow_and_update().clone();
         let inputs = Inputs {
             control,
-            alive: w.end.borrow_and_update().is_none(),
+            alive: life.end().is_none(),
             hello: services.is_some(),
             deps_ok: *deps.borrow_and_update(),
             live_ok: *live.borrow_and_update(),
-            stopping: *w.stopping.borrow_and_update(),
+            stopping: life.stop().is_some(),
             services: services.unwrap_or_default(),
         };
         let next = compute(&inputs);
@@ -82,9 +83,8 @@ pub async fn track(
             true
         });
         tokio::select! {
-            r = w.end.changed() => if r.is_err() { return },
+            r = w.lifecycle.changed() => if r.is_err() { return },
             r = w.hello.changed() => if r.is_err() { return },
-            r = w.stopping.changed() => if r.is_err() { return },
             Ok(()) = deps.changed() => {},
             Ok(()) = live.changed() => {},
         }
