@@ -231,7 +231,7 @@ impl App {
             let start = StdInstant::now();
             let result = tokio::time::timeout(timeout, check)
                 .await
-                .unwrap_or_else(|_| Err(format!("timeout after {timeout:?}")));
+                .unwrap_or_else(|_| Err(format!("timeout after {} ms", timeout.as_millis())));
             CheckResult {
                 name,
                 required: true,

@@ -325,7 +325,7 @@ fn parse_metrics_addr(value: &str) -> Result<Option<SocketAddr>, ConfigError> {
     value.parse().map(Some).map_err(|e| ConfigError::Invalid {
         key: "metrics_addr",
         message: format!(
-            "{value:?} is not an address ({e}); use host:port such as 0.0.0.0:9091, or `off`"
+            "`{value}` is not an address ({e}); use host:port such as 0.0.0.0:9091, or `off`"
         ),
     })
 }

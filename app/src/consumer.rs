@@ -334,7 +334,7 @@ impl Worker {
         };
         let Some(kind) = PaymentKind::from_routing_key(delivery.routing_key.as_str()) else {
             return Disposition::DeadLetter(format!(
-                "unknown routing key {:?}; expected payment.succeeded or payment.failed",
+                "unknown routing key `{}`; expected payment.succeeded or payment.failed",
                 delivery.routing_key.as_str()
             ));
         };

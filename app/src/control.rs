@@ -4,18 +4,17 @@
 //!
 //! Under quiesce (`QUIESCE_CONTROL_SOCKET` set) the supervisor drives the steps over the socket;
 //! without it, SIGTERM runs the same handlers in the same order through `Agent::run_local`.
-//! Either way the agent logs each sub-step's end (verb, outcome, duration); the app adds one
-//! line when a sub-step starts (its number and budget, which the agent logs per verb only) and
-//! one when it ends with what only the app knows: the stop function's counts and note.
+//! Either way the agent logs each sub-step's start and end (`"sub-step started"` /
+//! `"sub-step finished"`: number, verb, budget, outcome, duration, counts, note); the app adds
+//! no lines of its own to that story.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant as StdInstant};
+use std::time::Duration;
 
-use quiesce_protocol::agent::{Agent, HandlerError, Report, StepCtx};
+use quiesce_protocol::agent::{Agent, HandlerError, StepCtx};
 pub use quiesce_protocol::wire::{StepReply, SubStep};
 
 use crate::app::{App, SERVICES};
-use crate::report::{Outcome, ReportExt, noted};
 
 /// How long each health check may take.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -30,7 +29,7 @@ pub fn agent(app: &Arc<App>) -> Agent {
         let app = app.clone();
         builder = builder.on(substep, move |ctx: StepCtx| {
             let app = app.clone();
-            async move { run_logged(&app, ctx).await }
+            async move { app.run_substep(ctx.substep(), ctx.deadline()).await }
         });
     }
     let (db, redis, mq) = (app.clone(), app.clone(), app.clone());
@@ -50,56 +49,6 @@ pub fn agent(app: &Arc<App>) -> Agent {
         })
         .status(move || status.status())
         .build()
-}
-
-async fn run_logged(app: &App, ctx: StepCtx) -> Result<Report, HandlerError> {
-    let substep = ctx.substep();
-    let step = substep.step_number();
-    let budget_ms = ctx.remaining().as_millis() as u64;
-    tracing::info!(step, substep = %substep, budget_ms, local = ctx.is_local(), "shutdown step started");
-    let started = StdInstant::now();
-    let (result, note) = noted(app.run_substep(substep, ctx.deadline())).await;
-    log_end(
-        step,
-        substep,
-        started.elapsed().as_millis() as u64,
-        &result,
-        note,
-    );
-    result
-}
-
-/// The app's line at a sub-step's end: the counts (as JSON text: a log field cannot hold a map)
-/// and, when it did not finish cleanly, the outcome and why.
-fn log_end(
-    step: u8,
-    substep: SubStep,
-    duration_ms: u64,
-    result: &Result<Report, HandlerError>,
-    note: Option<String>,
-) {
-    let (outcome, counts, note) = match result {
-        Ok(report) => (
-            report.outcome(),
-            serde_json::to_string(report.counts()).unwrap_or_default(),
-            note.unwrap_or_default(),
-        ),
-        Err(e) => (Outcome::Error, "{}".to_owned(), e.message().to_owned()),
-    };
-    if outcome == Outcome::Ok {
-        tracing::info!(step, substep = %substep, duration_ms, counts, "shutdown step finished");
-    } else {
-        tracing::warn!(
-            step,
-            substep = %substep,
-            duration_ms,
-            counts,
-            outcome = outcome.as_str(),
-            // Not `message`: that name would replace the event's text in JSON logs.
-            note = %note,
-            "shutdown step did not finish cleanly"
-        );
-    }
 }
 
 /// Runs every remaining step in-process within `budget` (SIGTERM without a supervisor, and

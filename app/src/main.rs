@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         match order_service::run(config, termination()).await {
             Ok(summary) => {
                 let code = summary.exit_code();
+                // JSON text, written as a nested array by the JSON log format (telemetry.rs).
                 let steps = serde_json::to_string(&summary.steps).unwrap_or_default();
                 tracing::info!(
                     code,

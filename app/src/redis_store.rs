@@ -150,7 +150,7 @@ impl RedisStore {
         if pong == "PONG" {
             Ok(())
         } else {
-            Err(format!("unexpected PING reply {pong:?}"))
+            Err(format!("unexpected PING reply `{pong}`"))
         }
     }
 

@@ -7,38 +7,14 @@
 //! a stop that reached its deadline ([`deadline_reached`]), reading a count or the
 //! outcome back (tests, logs), and the soft deadline a stop function aims for when it is given
 //! only a bare deadline.
-//!
-//! The protocol's report can be given a note but not read back, and the app's end-of-step log
-//! line carries it: [`noted`] runs a stop function and hands back the note
-//! [`deadline_reached`] set during it (a task-local, scoped to that one call).
-
-use std::cell::RefCell;
-use std::future::Future;
 
 pub use quiesce_protocol::agent::{HandlerError, Report, StepCtx};
 pub use quiesce_protocol::wire::Outcome;
-
-tokio::task_local! {
-    static NOTE: RefCell<Option<String>>;
-}
-
-/// Runs `stop` and returns its result with the note a [`deadline_reached`] inside it
-/// attached to its report (`None` when it finished cleanly).
-pub async fn noted<T>(stop: impl Future<Output = T>) -> (T, Option<String>) {
-    NOTE.scope(RefCell::new(None), async move {
-        let result = stop.await;
-        (result, NOTE.with(|note| note.borrow_mut().take()))
-    })
-    .await
-}
 
 /// Marks `report` as cut short by its (soft) deadline: the stop wrapped up and still reports its
 /// counts, plus `deadline_reached: 1`, with `why` as the note; the agent records it as outcome
 /// `timeout`.
 pub fn deadline_reached(report: Report, why: impl Into<String>) -> Report {
-    let why = why.into();
-    // Outside `noted` (a test calling a stop function directly) there is no one to tell.
-    let _ = NOTE.try_with(|note| *note.borrow_mut() = Some(why.clone()));
     report.count("deadline_reached", 1).timed_out().note(why)
 }
 
@@ -132,14 +108,5 @@ mod tests {
         );
         let err: Result<Report, HandlerError> = Err(HandlerError::msg("broken pipe"));
         assert_eq!((err.outcome(), err.get("acked")), (Outcome::Error, 0));
-    }
-
-    #[tokio::test]
-    async fn noted_hands_back_the_note_set_during_the_stop() {
-        let (late, note) = noted(async { deadline_reached(Report::new(), "2 cancelled") }).await;
-        assert!(late.is_timed_out());
-        assert_eq!(note.as_deref(), Some("2 cancelled"));
-        let (ok, note) = noted(async { Report::new().count("acked", 1) }).await;
-        assert_eq!((ok.outcome(), note), (Outcome::Ok, None));
     }
 }

@@ -17,11 +17,13 @@ use quiesce_protocol::wire::{Outcome, Phase, StepVerb};
 use sqlx::Connection;
 use tonic::Code;
 
+/// The `substep` of every JSON line whose message is `message` (the agent's "sub-step started"
+/// and "sub-step finished"), in log order.
 fn substep_lines(lines: &[String], message: &str) -> Vec<String> {
     lines
         .iter()
-        .filter(|l| l.contains(message))
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == message)
         .map(|v| v["substep"].as_str().unwrap_or_default().to_owned())
         .collect()
 }
@@ -52,8 +54,8 @@ async fn sigterm_runs_every_step_in_order_and_exits_0() {
         let status = service.wait_exit(Duration::from_secs(20)).await;
         let lines = service.lines();
         assert_eq!(status.code(), Some(0), "{}", lines.join("\n"));
-        assert_eq!(substep_lines(&lines, "shutdown step started"), ORDER);
-        assert_eq!(substep_lines(&lines, "shutdown step finished"), ORDER);
+        assert_eq!(substep_lines(&lines, "sub-step started"), ORDER);
+        assert_eq!(substep_lines(&lines, "sub-step finished"), ORDER);
         let last = lines
             .iter()
             .rev()

@@ -1,7 +1,7 @@
 //! Reading the story of a termination back: the termination message (`N  step  outcome  start
 //! took  detail` rows, a `total:` line) and the JSON logs (the supervisor's "step start" /
-//! "step end", the app's "shutdown step started" / "finished" with `duration_ms`), and the
-//! supervisor's overhead computed from them.
+//! "step end", the app process's "sub-step started" / "sub-step finished" with `duration_ms`,
+//! logged by its agent), and the supervisor's overhead computed from them.
 
 use std::time::Duration;
 
@@ -148,9 +148,9 @@ pub struct StepLogs {
     pub supervisor_started: Vec<String>,
     /// Supervisor "step end" lines: (step, outcome, duration_ms, counts as logged).
     pub supervisor_ended: Vec<(String, String, u64, String)>,
-    /// App "shutdown step started": sub-step names in log order.
+    /// The app's agent's "sub-step started": sub-step names in log order.
     pub app_started: Vec<String>,
-    /// App "shutdown step finished" (or "did not finish cleanly"): (sub-step, duration_ms).
+    /// The app's agent's "sub-step finished" (a warning when not clean): (sub-step, duration_ms).
     pub app_finished: Vec<(String, u64)>,
     /// The supervisor's last line: `exiting` with code and reason.
     pub exiting: Option<(i64, String)>,
@@ -207,22 +207,12 @@ pub fn step_logs(lines: &[LogLine]) -> StepLogs {
                     .map(|c| c.to_string())
                     .unwrap_or_default(),
             )),
-            "shutdown step started" => out.app_started.push(s("substep")),
-            "shutdown step finished" | "shutdown step did not finish cleanly" => {
+            "sub-step started" => out.app_started.push(s("substep")),
+            "sub-step finished" => {
                 out.app_finished.push((s("substep"), n("duration_ms")));
                 out.last_app_step_at = Some(l.at);
             }
             "child ended" => out.child_ended_at = Some(l.at),
-            // The app's warning for a step cut at its deadline carries a `message` field of its
-            // own (the step's note), which replaces the event's text in the JSON line: know it
-            // by its fields instead.
-            _ if s("level") == "WARN"
-                && field(&v, "substep").is_some()
-                && field(&v, "duration_ms").is_some() =>
-            {
-                out.app_finished.push((s("substep"), n("duration_ms")));
-                out.last_app_step_at = Some(l.at);
-            }
             "exiting" if field(&v, "code").is_some() => {
                 let code = field(&v, "code")
                     .and_then(serde_json::Value::as_i64)
@@ -270,7 +260,7 @@ total: 5.321s\n";
     }
 
     #[test]
-    fn counts_each_app_step_once_even_when_its_warning_lost_its_text() {
+    fn counts_each_app_step_once_from_its_agents_lines() {
         let at = tokio::time::Instant::now();
         let line = |text: &str| LogLine {
             at,
@@ -278,16 +268,19 @@ total: 5.321s\n";
         };
         let lines = [
             line(
-                r#"{"level":"INFO","message":"shutdown step finished","substep":"stop-cron","duration_ms":3}"#,
+                r#"{"level":"INFO","message":"sub-step started","step":4,"substep":"stop-cron","budget_ms":3000}"#,
             ),
             line(
-                r#"{"level":"INFO","message":"sub-step finished","substep":"stop-cron","duration_ms":3}"#,
+                r#"{"level":"INFO","message":"sub-step finished","step":4,"substep":"stop-cron","duration_ms":3}"#,
             ),
             line(
-                r#"{"level":"WARN","message":"1 handler(s) abandoned","substep":"stop-consumer","duration_ms":4900}"#,
+                r#"{"level":"INFO","message":"step finished","verb":"stop-cron","duration_ms":4}"#,
             ),
             line(
-                r#"{"level":"INFO","message":"sub-step finished","substep":"stop-consumer","duration_ms":4901}"#,
+                r#"{"level":"WARN","message":"sub-step finished","step":5,"substep":"stop-consumer","outcome":"timeout","duration_ms":4900,"note":"1 handler(s) abandoned"}"#,
+            ),
+            line(
+                r#"{"level":"INFO","message":"step finished","verb":"stop-consumer","duration_ms":4901}"#,
             ),
         ];
         let logs = step_logs(&lines);

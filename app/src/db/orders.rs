@@ -59,7 +59,7 @@ macro_rules! select_order {
 fn order_from_row(row: &sqlx::postgres::PgRow) -> Result<Order, sqlx::Error> {
     let status: String = row.try_get("status")?;
     let status = OrderStatus::parse(&status).ok_or_else(|| {
-        sqlx::Error::Decode(format!("unknown order status {status:?} in the database").into())
+        sqlx::Error::Decode(format!("unknown order status `{status}` in the database").into())
     })?;
     let skus: Vec<String> = row.try_get("skus")?;
     let quantities: Vec<i64> = row.try_get("quantities")?;
@@ -329,7 +329,7 @@ pub async fn transition(
             None => Ok(None),
             Some(s) => OrderStatus::parse(&s)
                 .map(|current| Some(Err(current)))
-                .ok_or_else(|| sqlx::Error::Decode(format!("unknown order status {s:?}").into())),
+                .ok_or_else(|| sqlx::Error::Decode(format!("unknown order status `{s}`").into())),
         };
     };
     let head = OrderHead {

@@ -173,7 +173,7 @@ impl Agent {
             {
                 Ok(reply) => replies.push(reply),
                 Err(error) => {
-                    tracing::error!(step = %verb, %error, "local shutdown stopped");
+                    tracing::error!(verb = %verb, %error, "local shutdown stopped");
                     break;
                 }
             }
@@ -207,12 +207,13 @@ impl Agent {
             Claim::Run(publish) => {
                 let done = publish.subscribe();
                 let agent = self.clone();
+                let substep_budgets_ms = budgets
+                    .as_ref()
+                    .map(|b| json(&b.iter().map(|d| millis(*d)).collect::<Vec<_>>()));
                 tracing::info!(
-                    step = %verb,
+                    verb = %verb,
                     budget_ms = millis(deadline.saturating_duration_since(received)),
-                    substep_budgets_ms = ?budgets
-                        .as_ref()
-                        .map(|b| b.iter().map(|d| millis(*d)).collect::<Vec<_>>()),
+                    substep_budgets_ms,
                     local,
                     "step started"
                 );
@@ -227,9 +228,11 @@ impl Agent {
                     )
                     .await;
                     tracing::info!(
-                        step = %verb,
+                        verb = %verb,
                         outcome = %reply.outcome,
                         duration_ms = reply.duration_ms,
+                        counts = %json(&reply.counts),
+                        local,
                         "step finished"
                     );
                     agent.inner.lock().sequence.finish(reply.clone());
@@ -285,14 +288,17 @@ pub(crate) async fn run_verb(
     let mut substeps = Vec::with_capacity(verb.substeps().len());
     for (i, &substep) in verb.substeps().iter().enumerate() {
         let budget = budgets.and_then(|b| b.get(i)).copied();
-        let reply = run_substep(handlers.get(&substep), substep, deadline, budget, local).await;
+        let left = deadline.saturating_duration_since(Instant::now());
         tracing::info!(
-            step = %verb,
+            step = substep.step_number(),
+            verb = %verb,
             substep = %substep,
-            outcome = %reply.outcome,
-            duration_ms = reply.duration_ms,
-            "sub-step finished"
+            budget_ms = millis(budget.map_or(left, |b| b.min(left))),
+            local,
+            "sub-step started"
         );
+        let reply = run_substep(handlers.get(&substep), substep, deadline, budget, local).await;
+        log_substep_end(verb, &reply, local);
         substeps.push(reply);
     }
     let outcome = substeps
@@ -322,6 +328,46 @@ pub(crate) async fn run_verb(
         substeps,
         repeated: false,
     }
+}
+
+/// The one line at a sub-step's end: its number, names, outcome, duration and counts, and the
+/// handler's note or the failure's reason (as `note`: a field named `message` would replace the
+/// line's text). A sub-step that did not finish cleanly is a warning.
+fn log_substep_end(verb: StepVerb, reply: &SubStepReply, local: bool) {
+    let note = reply.message.as_deref().or(reply.note.as_deref());
+    let counts = json(&reply.counts);
+    let substep = reply.name;
+    if reply.outcome == Outcome::Ok {
+        tracing::info!(
+            step = substep.step_number(),
+            verb = %verb,
+            substep = %substep,
+            outcome = %reply.outcome,
+            duration_ms = reply.duration_ms,
+            counts = %counts,
+            note,
+            local,
+            "sub-step finished"
+        );
+    } else {
+        tracing::warn!(
+            step = substep.step_number(),
+            verb = %verb,
+            substep = %substep,
+            outcome = %reply.outcome,
+            duration_ms = reply.duration_ms,
+            counts = %counts,
+            note,
+            local,
+            "sub-step finished"
+        );
+    }
+}
+
+/// `value` as JSON text, for a log field that holds a map or a list: `tracing` fields cannot,
+/// and a subscriber that knows (the order service's JSON lines) writes it back as nested JSON.
+fn json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }
 
 /// Runs one sub-step until the verb's `deadline`, or until its own `budget` from now runs out if

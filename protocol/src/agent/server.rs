@@ -330,7 +330,7 @@ where
                 watching = false;
                 if !matches!(readable, Ok(true)) {
                     // The peer cannot send more requests: free the driver slot.
-                    tracing::info!(step = %verb, "driver disconnected mid-step; the step continues");
+                    tracing::info!(verb = %verb, "driver disconnected mid-step; the step continues");
                     driver.release();
                 }
             }

@@ -210,7 +210,7 @@ fn is_supervisor_step_start(l: &LogLine, step: &str) -> bool {
 
 fn is_app_step_start(l: &LogLine, substep: &str) -> bool {
     l.json().is_some_and(|v| {
-        v.get("message").and_then(|m| m.as_str()) == Some("shutdown step started")
+        v.get("message").and_then(|m| m.as_str()) == Some("sub-step started")
             && v.get("substep").and_then(|s| s.as_str()) == Some(substep)
     })
 }
