@@ -20,7 +20,7 @@ use tokio::time::{Instant, sleep, timeout_at};
 
 use crate::exit::StopResult;
 use crate::lifecycle::Lifecycle;
-use crate::state::{Control, Shared, StepOutcome, StepRecord, ms};
+use crate::state::{Control, Shared, StepRecord, ms};
 use crate::steps::{Extra, STEPS, verbs};
 use crate::stop::{self, StopCtx};
 
@@ -174,7 +174,7 @@ async fn wait_exit(ctx: &StopCtx) -> StopResult {
     ctx.record(
         0,
         Extra::AppExit.name(),
-        StepOutcome::Timeout,
+        Outcome::Timeout,
         began,
         "the app did not exit after its last step".into(),
     );
@@ -359,15 +359,15 @@ async fn record_failure(
         (Some(end), _) if rows.len() > 1 => {
             let (first, last) = (STEPS[rows[0]].number, STEPS[rows[rows.len() - 1]].number);
             (
-                StepOutcome::Unknown,
+                Outcome::Unknown,
                 format!(
                     "app {end} during `{verb_name}` (steps {first}-{last}, one request); which of its sub-steps had finished is not known"
                 ),
             )
         }
-        (Some(end), _) => (StepOutcome::Error, format!("app {end} during this step")),
-        (None, StepFailure::NoReply(_)) => (StepOutcome::Timeout, failure.to_string()),
-        (None, _) => (StepOutcome::Error, failure.to_string()),
+        (Some(end), _) => (Outcome::Error, format!("app {end} during this step")),
+        (None, StepFailure::NoReply(_)) => (Outcome::Timeout, failure.to_string()),
+        (None, _) => (Outcome::Error, failure.to_string()),
     };
     for &i in rows {
         ctx.record(STEPS[i].number, STEPS[i].name, outcome, began, why.clone());
@@ -472,7 +472,7 @@ fn skip_rows(ctx: &StopCtx, rows: impl IntoIterator<Item = usize>, detail: &str)
         ctx.record(
             STEPS[i].number,
             STEPS[i].name,
-            StepOutcome::Skipped,
+            Outcome::Skipped,
             now,
             detail.to_string(),
         );
@@ -489,7 +489,7 @@ fn record_reply(ctx: &StopCtx, rows: &[usize], began: Instant, reply: &StepReply
         // termination message never carry a raw newline or escape sequence from it.
         let (outcome, duration, counts, detail) = match sub {
             Some(s) => (
-                outcome_of(s.outcome),
+                s.outcome,
                 Duration::from_millis(s.duration_ms),
                 s.counts
                     .iter()
@@ -503,7 +503,7 @@ fn record_reply(ctx: &StopCtx, rows: &[usize], began: Instant, reply: &StepReply
                 ),
             ),
             None => (
-                outcome_of(reply.outcome),
+                reply.outcome,
                 Duration::ZERO,
                 Default::default(),
                 "no sub-step report".to_string(),
@@ -521,14 +521,6 @@ fn record_reply(ctx: &StopCtx, rows: &[usize], began: Instant, reply: &StepReply
         tracing::info!(step = %r.name, outcome = r.outcome.as_str(), duration_ms = r.duration_ms, counts = ?r.counts, detail = %r.detail, "step end");
         ctx.shared.record(r);
         offset += duration;
-    }
-}
-
-fn outcome_of(o: Outcome) -> StepOutcome {
-    match o {
-        Outcome::Ok => StepOutcome::Ok,
-        Outcome::Timeout => StepOutcome::Timeout,
-        Outcome::Error => StepOutcome::Error,
     }
 }
 

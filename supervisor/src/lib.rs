@@ -91,7 +91,7 @@ pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
 /// Everything the run needs, in the order it must exist: the child's spec, the termination-log file, the
 /// probe ports and the admin socket (all before the child starts), then the run loop. An error is the exit
 /// code, its line already written ([`fail`]).
-fn run_inner(cfg: Config, mask: nix::sys::signal::SigSet) -> Result<supervisor::Outcome, i32> {
+fn run_inner(cfg: Config, mask: nix::sys::signal::SigSet) -> Result<supervisor::Exit, i32> {
     let spec = spawn_spec(&cfg, mask)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

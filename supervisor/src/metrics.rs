@@ -24,7 +24,7 @@ use prometheus::{
 };
 
 use crate::config::Config;
-use crate::state::{StepOutcome, StepRecord};
+use crate::state::{Outcome, StepRecord};
 use crate::steps::STEPS;
 
 #[derive(Debug)]
@@ -199,7 +199,7 @@ impl Metrics {
         self.step_outcome
             .with_label_values(&[&r.name, r.outcome.as_str()])
             .inc();
-        if r.outcome == StepOutcome::Timeout {
+        if r.outcome == Outcome::Timeout {
             self.steps_timed_out.inc();
         }
     }

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::Path;
 
-use crate::state::{Status, StepOutcome, StepRecord, Trigger};
+use crate::state::{Outcome, Status, StepRecord, Trigger};
 
 /// Kubelet's limit for the termination message.
 pub const LIMIT: usize = 4096;
@@ -131,7 +131,7 @@ fn render_row(out: &mut String, r: &StepRecord, detail_width: usize) {
     }
     let mark = if matches!(
         r.outcome,
-        StepOutcome::Timeout | StepOutcome::Error | StepOutcome::Unknown
+        Outcome::Timeout | Outcome::Error | Outcome::Unknown
     ) {
         " <-"
     } else {
@@ -241,7 +241,7 @@ mod tests {
     use super::*;
     use crate::state::Shared;
 
-    fn record(n: u8, name: &str, outcome: StepOutcome, detail: &str) -> StepRecord {
+    fn record(n: u8, name: &str, outcome: Outcome, detail: &str) -> StepRecord {
         StepRecord {
             number: n,
             name: name.into(),
@@ -256,11 +256,11 @@ mod tests {
     #[test]
     fn names_each_step_and_marks_the_hung_one() {
         let shared = Shared::new(crate::config::Mode::Control);
-        shared.record(record(1, "health-not-serving", StepOutcome::Ok, ""));
+        shared.record(record(1, "health-not-serving", Outcome::Ok, ""));
         shared.record(record(
             5,
             "stop-consumer",
-            StepOutcome::Timeout,
+            Outcome::Timeout,
             "deadline 5s passed",
         ));
         let st = shared.lock();
@@ -287,7 +287,7 @@ mod tests {
             shared.record(record(
                 i as u8 % 9 + 1,
                 "stop-consumer",
-                StepOutcome::Ok,
+                Outcome::Ok,
                 &"x".repeat(300),
             ));
         }
@@ -311,7 +311,7 @@ mod tests {
         // `é` is two bytes, so an odd byte limit falls inside one unless the cut looks for a boundary.
         let shared = Shared::new(crate::config::Mode::Control);
         for n in 1..=9 {
-            let mut r = record(n, "stop-consumer", StepOutcome::Error, "");
+            let mut r = record(n, "stop-consumer", Outcome::Error, "");
             r.counts = (0..40)
                 .map(|i| (format!("{}{i}", "é".repeat(10)), 1))
                 .collect();
@@ -337,7 +337,7 @@ mod tests {
         shared.record(record(
             9,
             "close-db",
-            StepOutcome::Error,
+            Outcome::Error,
             "boom\n 9  close-db             ok  \u{1b}]0;owned\u{7}\u{1b}[2J",
         ));
         let st = shared.lock();

@@ -11,29 +11,8 @@ use serde::Serialize;
 use crate::config::Mode;
 use crate::metrics::Metrics;
 
-/// Outcome of one step, as the termination message spells it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StepOutcome {
-    Ok,
-    Timeout,
-    Error,
-    Skipped,
-    /// The app died during a request that covered several steps: which of them had finished is not known.
-    Unknown,
-}
-
-impl StepOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StepOutcome::Ok => "ok",
-            StepOutcome::Timeout => "timeout",
-            StepOutcome::Error => "error",
-            StepOutcome::Skipped => "skipped",
-            StepOutcome::Unknown => "unknown",
-        }
-    }
-}
+/// A row's outcome: the protocol's vocabulary, end to end.
+pub use quiesce_protocol::wire::Outcome;
 
 /// One line of the shutdown story.
 #[derive(Clone, Debug, Serialize)]
@@ -41,7 +20,7 @@ pub struct StepRecord {
     /// Position in the nine-step table, or 0 for the supervisor's own bookkeeping rows (signal, cleanup).
     pub number: u8,
     pub name: String,
-    pub outcome: StepOutcome,
+    pub outcome: Outcome,
     /// Offset from the start of the shutdown.
     pub started_ms: u64,
     pub duration_ms: u64,

@@ -15,7 +15,7 @@ use crate::config::{Config, ForwardTo};
 use crate::exit::{ChildEnd, StopResult};
 use crate::lifecycle::Transitions;
 use crate::signals::Sig;
-use crate::state::{Shared, StepOutcome, StepRecord, ms};
+use crate::state::{Outcome, Shared, StepRecord, ms};
 use crate::steps::{Extra, STEPS};
 use crate::sys::{Target, send};
 
@@ -89,14 +89,7 @@ impl StopCtx {
             .is_ok()
     }
 
-    pub fn record(
-        &self,
-        number: u8,
-        name: &str,
-        outcome: StepOutcome,
-        began: Instant,
-        detail: String,
-    ) {
+    pub fn record(&self, number: u8, name: &str, outcome: Outcome, began: Instant, detail: String) {
         let r = StepRecord {
             number,
             name: name.to_string(),
@@ -140,17 +133,17 @@ pub async fn step_one(ctx: &StopCtx) {
     let d = humantime::format_duration(delay);
     let (outcome, detail) = if ended && Instant::now() < until {
         (
-            StepOutcome::Skipped,
+            Outcome::Skipped,
             format!("app exited during the {d} preStop delay"),
         )
     } else if early {
         (
-            StepOutcome::Ok,
+            Outcome::Ok,
             format!("readiness NOT_SERVING; kubelet saw it {want} times; {d} delay ended early"),
         )
     } else {
         (
-            StepOutcome::Ok,
+            Outcome::Ok,
             format!("readiness NOT_SERVING; preStop delay {d}"),
         )
     };
@@ -260,7 +253,7 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopResult {
         ctx.record(
             0,
             Extra::StopSignal.name(),
-            StepOutcome::Ok,
+            Outcome::Ok,
             began,
             format!("sent {send} to {target}; app {end}"),
         );
@@ -272,7 +265,7 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopResult {
     ctx.record(
         0,
         Extra::StopSignal.name(),
-        StepOutcome::Timeout,
+        Outcome::Timeout,
         began,
         format!("sent {send} to {target}; still running at the deadline"),
     );
@@ -294,7 +287,7 @@ pub async fn force(ctx: &StopCtx, term_first: bool) {
             ctx.record(
                 0,
                 Extra::Deadline.name(),
-                StepOutcome::Timeout,
+                Outcome::Timeout,
                 began,
                 "overall deadline: SIGTERM to the process group; app exited".into(),
             );
@@ -311,13 +304,7 @@ pub async fn force(ctx: &StopCtx, term_first: bool) {
     // of what is left before the hard end: the leftover sweep and the report get the other half.
     let until = ctx.deadline() + (ctx.hard_end() - ctx.deadline()) / 2;
     let _ = ctx.wait_end_until(until).await;
-    ctx.record(
-        0,
-        Extra::Deadline.name(),
-        StepOutcome::Timeout,
-        began,
-        detail,
-    );
+    ctx.record(0, Extra::Deadline.name(), Outcome::Timeout, began, detail);
 }
 
 /// Sends a signal to the child or its group, as configured.

@@ -24,7 +24,7 @@ use crate::lifecycle::{self, Lifecycle, Transitions};
 use crate::reaper;
 use crate::report;
 use crate::signals::{self, Sig};
-use crate::state::{Shared, StepOutcome, Trigger, ms};
+use crate::state::{Outcome, Shared, Trigger, ms};
 use crate::stop::{self, StopCtx};
 
 /// Requests from outside the loop (admin socket, tests).
@@ -45,9 +45,9 @@ pub struct Watches {
     pub statuses: watch::Receiver<Statuses>,
 }
 
-/// How the supervisor ends.
+/// How the supervisor ends: its exit code and the reason the last log line gives.
 #[derive(Debug)]
-pub struct Outcome {
+pub struct Exit {
     pub code: i32,
     pub reason: String,
 }
@@ -111,7 +111,7 @@ pub async fn run(
     chans: Channels,
     mut events: mpsc::UnboundedReceiver<Event>,
     sink: Option<report::Sink>,
-) -> Result<Outcome, RunError> {
+) -> Result<Exit, RunError> {
     let mut sigs = install_signals()?;
     if std::process::id() != 1 {
         // Orphans of our descendants come to us instead of to the real init, so we can reap them.
@@ -133,7 +133,7 @@ pub async fn run(
                 l.on_stop_done(done.unwrap_or(StopResult { asked_with: None, forced: true }));
             }
             out = async { l.finish.as_mut().expect("guarded").await }, if l.finish.is_some() => {
-                return Ok(out.unwrap_or_else(|e| Outcome { code: code::INTERNAL, reason: format!("internal error: {e}") }));
+                return Ok(out.unwrap_or_else(|e| Exit { code: code::INTERNAL, reason: format!("internal error: {e}") }));
             }
         }
     }
@@ -219,7 +219,7 @@ struct RunLoop {
     /// Its result once it is over (it ends after the child's end, or after the forced kill).
     stopped: Option<StopResult>,
     /// The end of the run (sweep, exit code, report), once the child is gone.
-    finish: Option<JoinHandle<Outcome>>,
+    finish: Option<JoinHandle<Exit>>,
 }
 
 impl RunLoop {
@@ -395,7 +395,7 @@ async fn finish_up(
     end: ChildEnd,
     stop_task: Option<JoinHandle<StopResult>>,
     stopped: Option<StopResult>,
-) -> Outcome {
+) -> Exit {
     let Ending {
         cfg,
         shared,
@@ -450,7 +450,7 @@ async fn finish_up(
         let mut none_left = none_left;
         let _ = tokio::time::timeout_at(until, none_left.wait_for(|v| *v)).await;
     }
-    Outcome { code, reason }
+    Exit { code, reason }
 }
 
 /// Leftover descendants (daemons the app started, orphans): SIGTERM, wait up to `cleanup_timeout` for them
@@ -485,7 +485,7 @@ async fn cleanup(
         .is_ok();
     let (outcome, detail, reap_until) = if ok {
         (
-            StepOutcome::Ok,
+            Outcome::Ok,
             "leftover processes exited after SIGTERM".to_string(),
             None,
         )
@@ -494,7 +494,7 @@ async fn cleanup(
         let waited = std::time::Duration::from_millis(ms(began.elapsed()));
         let reap = Instant::now() + std::time::Duration::from_millis(500);
         (
-            StepOutcome::Timeout,
+            Outcome::Timeout,
             format!(
                 "leftover processes still running after {}: SIGKILL",
                 humantime::format_duration(waited)

@@ -66,8 +66,9 @@ pub enum StepState {
     Done,
 }
 
-/// How a step or sub-step ended. Ordered from best to worst, so a verb's outcome is the `max` of
-/// its sub-steps'.
+/// How a step or sub-step ended: the one outcome vocabulary of the agent, the wire, the supervisor's rows,
+/// its metrics and the termination message. An app answers `ok`, `timeout` or `error` (the other two do not
+/// parse in a reply); ordered from best to worst, so a verb's outcome is the `max` of its sub-steps'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
@@ -77,6 +78,14 @@ pub enum Outcome {
     Timeout,
     /// The handler returned an error (or panicked).
     Error,
+    /// Recorded by the supervisor, never answered by an app: the step did not run (the app had exited
+    /// before it, or step 1's delay was cut short by the app's exit).
+    #[serde(skip_deserializing)]
+    Skipped,
+    /// Recorded by the supervisor, never answered by an app: the app died during a request that covered
+    /// several steps, and which of them had finished is not known.
+    #[serde(skip_deserializing)]
+    Unknown,
 }
 
 impl Outcome {
@@ -86,6 +95,8 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::Timeout => "timeout",
             Outcome::Error => "error",
+            Outcome::Skipped => "skipped",
+            Outcome::Unknown => "unknown",
         }
     }
 }
@@ -246,6 +257,19 @@ mod tests {
     fn outcome_order_is_worst_last() {
         assert!(Outcome::Ok < Outcome::Timeout);
         assert!(Outcome::Timeout < Outcome::Error);
+    }
+
+    #[test]
+    fn the_supervisors_own_outcomes_serialize_but_an_app_cannot_answer_them() {
+        for (o, s) in [(Outcome::Skipped, "skipped"), (Outcome::Unknown, "unknown")] {
+            assert_eq!(serde_json::to_string(&o).unwrap(), format!("\"{s}\""));
+            assert_eq!(o.as_str(), s);
+            assert!(serde_json::from_str::<Outcome>(&format!("\"{s}\"")).is_err());
+        }
+        assert_eq!(
+            serde_json::from_str::<Outcome>("\"timeout\"").unwrap(),
+            Outcome::Timeout
+        );
     }
 
     #[test]
