@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Lint and policy checks for everything that is not Rust code: the proto API, the SQL
 # migrations, the Kubernetes manifests and their agreement with the supervisor config, the
-# Prometheus rules, and the dependency tree's licences and sources.
+# Prometheus rules, the Grafana dashboards, the compose file, and the dependency tree's licences
+# and sources.
 #
 #   .ci/checks.sh                 # every check; exit 1 if any failed
 #   .ci/checks.sh buf-lint k8s-policy
@@ -9,7 +10,7 @@
 #
 # Tools install themselves on first use, quietly, into $QUIESCE_CI_CACHE (default
 # ~/.cache/quiesce-ci), pinned to the versions below, so a warm run takes seconds:
-#   buf (npm @bufbuild/buf), squawk + kubernetes-validate (PyPI, venv keyed on
+#   buf (npm @bufbuild/buf), squawk + kubernetes-validate + jsonschema (PyPI, venv keyed on
 #   .ci/checks-requirements.txt), promtool (Debian package `prometheus`, unpacked, no server started),
 #   cargo-deny (cargo install --locked; only if not already on PATH).
 # kubectl (for `kubectl kustomize`) comes with the machine.
@@ -28,7 +29,7 @@ KUBE_VERSION=1.32.0   # oldest Kubernetes the manifests must be valid for
 cd "$ROOT"
 mkdir -p "$CACHE"
 
-ALL_CHECKS=(buf-lint buf-format buf-breaking migrations manifests k8s-policy prom-rules quiesce-config cargo-deny)
+ALL_CHECKS=(buf-lint buf-format buf-breaking migrations manifests k8s-policy prom-rules dashboards compose quiesce-config cargo-deny)
 
 header() { printf '\n==> %s\n' "$*"; }
 # A check that has nothing to look at ends its subshell with status 77 (reported as skipped, as in automake).
@@ -226,6 +227,38 @@ yaml.safe_dump(doc, open(sys.argv[2], "w"))
 PY
     "$PROMTOOL" check config "$tmp/prometheus.yml"
     rm -rf "$tmp"
+    # The local one (deploy/compose.yaml) has static targets: checked as it is.
+    "$PROMTOOL" check config deploy/prometheus/prometheus.compose.yml
+}
+
+# Every Prometheus query of every dashboard parses: .ci/dashboards.py substitutes Grafana's
+# variables and writes the queries as recording rules for promtool; it also rejects hard-coded
+# datasource uids and unknown variables. That each metric a panel names is exported is
+# tests/tests/dashboards.rs (it runs the binaries).
+check_dashboards() {
+    header "Grafana dashboards: every PromQL query parses (promtool check rules)"
+    shopt -s nullglob
+    local -a boards=(deploy/grafana/dashboards/*.json)
+    shopt -u nullglob
+    (( ${#boards[@]} )) || skip "no deploy/grafana/dashboards/*.json"
+    need_promtool
+    need_venv
+    local tmp
+    tmp=$(mktemp -d)
+    "$VENV/bin/python" .ci/dashboards.py --provisioning deploy/grafana/provisioning \
+        "$tmp/dashboards.rules.yml" "${boards[@]}" || { rm -rf "$tmp"; die "dashboards rejected (above)"; }
+    "$PROMTOOL" check rules "$tmp/dashboards.rules.yml" \
+        || { rm -rf "$tmp"; die "a dashboard query does not parse (the rule's record name is dashboard:<uid>_panel<id>_<refId>)"; }
+    rm -rf "$tmp"
+}
+
+# No Docker engine here: the compose file is validated against the Compose Specification's JSON
+# schema (.ci/compose-spec.json, schema/compose-spec.json of github.com/compose-spec/compose-spec
+# at 170098ba07d9), with pinned image tags and existing bind-mount sources (.ci/compose_check.py).
+check_compose() {
+    header "deploy/compose.yaml against the Compose Specification schema"
+    need_venv
+    "$VENV/bin/python" .ci/compose_check.py deploy/compose.yaml .ci/compose-spec.json
 }
 
 check_quiesce_config() {

@@ -29,6 +29,7 @@
 
 pub mod bins;
 pub mod checks;
+pub mod dashboards;
 pub mod endpoints;
 pub mod faults;
 pub mod kubelet;
