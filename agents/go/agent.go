@@ -78,6 +78,8 @@ type Agent struct {
 	replied       chan struct{} // closed once a driver has the reply to close
 	repliedOnce   sync.Once
 	exit          chan struct{} // closed when the app should exit (see Closed)
+	ready         chan struct{} // closed once Run handles a stop (see Ready)
+	readyOnce     sync.Once
 }
 
 // New returns an agent for the app named name, with no handlers yet.
@@ -89,6 +91,7 @@ func New(name string) *Agent {
 		socketMode:   DefaultSocketMode,
 		replied:      make(chan struct{}),
 		exit:         make(chan struct{}),
+		ready:        make(chan struct{}),
 	}
 	for i := range a.seq {
 		a.seq[i] = &slot{}

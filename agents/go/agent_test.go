@@ -649,9 +649,11 @@ func TestRunWithoutASupervisorStopsOnSIGTERM(t *testing.T) {
 	a.Handle(StopCron, func(ctx context.Context) (Report, error) { return Report{}, nil })
 	done := make(chan error, 1)
 	go func() { done <- a.Run(context.Background(), 5*time.Second) }()
-	// Until Run has subscribed, a SIGTERM would end the test binary; Run subscribes right away,
-	// and the agent's registrations freeze only once it has the signal.
-	time.Sleep(200 * time.Millisecond)
+	select {
+	case <-a.Ready():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not get ready")
+	}
 	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -676,7 +678,7 @@ func TestHealthRunsChecksConcurrentlyUnderTimeouts(t *testing.T) {
 	a := New("order")
 	slow := func(ctx context.Context) error {
 		select {
-		case <-time.After(200 * time.Millisecond):
+		case <-time.After(300 * time.Millisecond):
 			return nil
 		case <-ctx.Done():
 			return ctx.Err()
@@ -694,7 +696,7 @@ func TestHealthRunsChecksConcurrentlyUnderTimeouts(t *testing.T) {
 	c := dial(t, path)
 	started := time.Now()
 	m := wantOK(t, c.ask("health"))
-	if took := time.Since(started); took > 390*time.Millisecond {
+	if took := time.Since(started); took > 550*time.Millisecond {
 		t.Errorf("health took %v: the checks did not run concurrently", took)
 	}
 	if m["healthy"] != true {

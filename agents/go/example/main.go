@@ -37,7 +37,6 @@ func main() {
 	queue := newQueue(16)
 	go queue.produce(50 * time.Millisecond)
 	consumer := startConsumer(queue, 20*time.Millisecond)
-	fmt.Printf("listening on http://%s\n", web.addr())
 
 	// The wiring: one handler per shutdown step, a dependency check, the status components.
 	agent := quiesce.New("example")
@@ -51,6 +50,10 @@ func main() {
 	agent.Status(func() any {
 		return map[string]any{"http": web.state(), "job": job.state(), "consumer": consumer.state()}
 	})
+	go func() {
+		<-agent.Ready() // from here on the agent handles a stop
+		fmt.Printf("listening on http://%s\n", web.addr())
+	}()
 	if err := agent.Run(context.Background(), 25*time.Second); err != nil {
 		log.Fatal(err)
 	}
