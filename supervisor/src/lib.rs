@@ -7,10 +7,10 @@
 //!
 //! | what | owner | how |
 //! |---|---|---|
-//! | the main child's pid | [`supervisor::run`] | spawned once with `std::process::Command`, never waited on by it |
+//! | the main child's pid | [`runloop::supervise`] | spawned once with `std::process::Command`, never waited on by it |
 //! | the lifecycle | [`lifecycle::Transitions`] | `Starting → Running → Stopping → Exited` in one watch; the run loop makes the transitions, everyone else subscribes |
 //! | every exit status | [`reaper`] | `waitpid(-1, WNOHANG)` on SIGCHLD, in the run loop only; the main child's end becomes the lifecycle's `Exited` |
-//! | every catchable signal | [`supervisor::run`] | one `signal-hook-tokio` stream registered *before* the child starts |
+//! | every catchable signal | [`runloop::supervise`] | one `signal-hook-tokio` stream registered *before* the child starts |
 //! | SIGTERM / SIGINT | [`stop`] | start the shutdown once (from the signal's arrival); repeats reach the app only as [`stop::Relay`] allows |
 //! | every signal sent | [`sys::send`] | to a process, the app's group, or everyone (as PID 1) |
 //! | the shutdown deadlines | [`stop::StopCtx`] | start (earliest trigger) + `grace_period - safety_margin`; nothing waits past the window + half the margin |
@@ -21,7 +21,7 @@
 //!
 //! 1. `main` blocked every signal first ([`sys::block_all`]), so a SIGTERM that comes before the handlers
 //!    waits in the kernel instead of being dropped (as PID 1 an unhandled default-action signal is).
-//! 2. The run loop ([`supervisor::run`]) installed the handlers and opened the mask; the handler stamps the
+//! 2. The run loop ([`runloop::supervise`]) installed the handlers and opened the mask; the handler stamps the
 //!    arrival ([`sys::stamp_stop_signals`]) and wakes the loop's signal stream.
 //! 3. The loop counts it ([`state::Shared::signal`], [`stop::Relay`]) and begins the stop: the lifecycle
 //!    goes `Stopping { since: arrival, trigger }` ([`lifecycle::Transitions::begin_stop`], once; a later
@@ -45,9 +45,9 @@
 //! - [`steps`]: the nine-step table; [`stop`]: step 1, the stop signal, the deadline's force;
 //!   [`control`]: control mode, walking the table over the app's control socket.
 //! - [`peer`]: who may answer at the control socket (the app or its descendants, by `SO_PEERCRED`).
-//! - [`admin`]: the admin socket (`prestop`, `ctl`); [`ctl`]: its client in the same binary.
+//! - [`admin`]: the admin socket (`prestop`, `ctl`); [`admin::client`]: its client in the same binary.
 //! - [`health`]: grpc.health.v1 for kubelet on its own thread; [`metrics`]: Prometheus `/metrics`.
-//! - [`supervisor`]: the run loop; [`exit`]: exit codes; [`report`]: the termination message;
+//! - [`runloop`]: the run loop; [`exit`]: exit codes; [`report`]: the termination message;
 //!   [`lifecycle`]: the one state machine; [`state`]: the observable record (steps, counters, health).
 
 pub mod admin;
@@ -55,7 +55,6 @@ pub mod child;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod ctl;
 pub mod exit;
 pub mod health;
 pub mod lifecycle;
@@ -64,11 +63,11 @@ pub mod metrics;
 pub mod peer;
 pub mod reaper;
 pub mod report;
+pub mod runloop;
 pub mod signals;
 pub mod state;
 pub mod steps;
 pub mod stop;
-pub mod supervisor;
 pub mod sys;
 
 use std::sync::Arc;
@@ -91,7 +90,7 @@ pub fn run(cfg: Config, mask: nix::sys::signal::SigSet) -> i32 {
 /// Everything the run needs, in the order it must exist: the child's spec, the termination-log file, the
 /// probe ports and the admin socket (all before the child starts), then the run loop. An error is the exit
 /// code, its line already written ([`fail`]).
-fn run_inner(cfg: Config, mask: nix::sys::signal::SigSet) -> Result<supervisor::Exit, i32> {
+fn run_inner(cfg: Config, mask: nix::sys::signal::SigSet) -> Result<runloop::Exit, i32> {
     let spec = spawn_spec(&cfg, mask)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -105,14 +104,14 @@ fn run_inner(cfg: Config, mask: nix::sys::signal::SigSet) -> Result<supervisor::
     let sink = open_termination_log(&cfg);
     let cfg = Arc::new(cfg);
     let shared = state::Shared::new(cfg.mode());
-    let (chans, watches) = supervisor::channels();
+    let (chans, watches) = runloop::channels();
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     start_probe_thread(&cfg, &shared, &chans, &watches)?;
     let mut own_socket = None;
     let result = rt.block_on(async {
         // Bound before the child starts, so `quiesce prestop` works from the first moment.
         own_socket = start_admin(&cfg, &shared, events_tx, &watches)?;
-        supervisor::run(cfg.clone(), spec, shared, chans, events_rx, sink)
+        runloop::supervise(cfg.clone(), spec, shared, chans, events_rx, sink)
             .await
             .map_err(|e| fail(e.exit_code(), &e.to_string()))
     });
@@ -161,8 +160,8 @@ fn open_termination_log(cfg: &Config) -> Option<report::Sink> {
 fn start_probe_thread(
     cfg: &Config,
     shared: &state::Shared,
-    chans: &supervisor::Channels,
-    watches: &supervisor::Watches,
+    chans: &runloop::Channels,
+    watches: &runloop::Watches,
 ) -> Result<(), i32> {
     let bind = |what: &str, addr: Option<std::net::SocketAddr>| {
         addr.map(|a| health::bind(what, a)).transpose()
@@ -201,8 +200,8 @@ fn start_probe_thread(
 fn start_admin(
     cfg: &Config,
     shared: &state::Shared,
-    events: tokio::sync::mpsc::UnboundedSender<supervisor::Event>,
-    watches: &supervisor::Watches,
+    events: tokio::sync::mpsc::UnboundedSender<runloop::Event>,
+    watches: &runloop::Watches,
 ) -> Result<Option<quiesce_protocol::socket::SocketFile>, i32> {
     let Some(path) = &cfg.admin_socket else {
         return Ok(None);

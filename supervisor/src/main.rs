@@ -43,7 +43,7 @@ fn main() {
             if json {
                 v.to_string()
             } else {
-                quiesce::ctl::render_status(v)
+                quiesce::admin::client::render_status(v)
             }
         }),
         Some(Sub::Ctl {
@@ -96,7 +96,7 @@ fn client(
     timeout: Duration,
     show: impl Fn(&serde_json::Value) -> String,
 ) -> i32 {
-    match quiesce::ctl::call(socket, verb, timeout) {
+    match quiesce::admin::client::call(socket, verb, timeout) {
         Ok(v) => {
             out(&format!("{}\n", show(&v).trim_end()));
             0

@@ -7,8 +7,8 @@ use tokio::sync::watch;
 
 use super::{AppHealth, Inputs, Statuses, compute, reason};
 use crate::config::Config;
+use crate::runloop::Watches;
 use crate::state::Shared;
-use crate::supervisor::Watches;
 
 /// Keeps each service's status, since when and why in the shared status (`quiesce ctl status`).
 fn publish(shared: &Shared, inputs: &Inputs, next: &Statuses) {

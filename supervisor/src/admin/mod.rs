@@ -12,6 +12,8 @@
 //! created. It is created 0600 and peers must be root or the supervisor's own uid (SO_PEERCRED), even when
 //! the file's mode is widened later: another uid gets one `peer_refused` reply and is disconnected.
 
+pub mod client;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,8 +26,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use crate::lifecycle::Lifecycle;
+use crate::runloop::{Event, Watches};
 use crate::state::{Shared, Trigger, ms};
-use crate::supervisor::{Event, Watches};
 
 #[derive(Debug, thiserror::Error)]
 #[error("admin socket {path}: {reason}")]

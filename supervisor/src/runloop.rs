@@ -104,7 +104,7 @@ pub fn channels() -> (Channels, Watches) {
 
 /// Starts the child and supervises it until the end. Signal handlers are installed before the child starts
 /// so no signal sent in between is lost.
-pub async fn run(
+pub async fn supervise(
     cfg: Arc<Config>,
     spec: SpawnSpec,
     shared: Shared,
