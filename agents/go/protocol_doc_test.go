@@ -34,6 +34,11 @@ type docLine struct {
 func docBlocks(t *testing.T) []docBlock {
 	t.Helper()
 	data, err := os.ReadFile(protocolDoc)
+	if errors.Is(err, os.ErrNotExist) {
+		if _, repo := os.Stat("../../protocol/Cargo.toml"); repo != nil {
+			t.Skip("not inside the quiesce repository: no docs/PROTOCOL.md to replay")
+		}
+	}
 	if err != nil {
 		t.Fatalf("the protocol document: %v", err)
 	}
