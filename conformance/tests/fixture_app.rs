@@ -147,3 +147,21 @@ fn usage_errors_exit_2() {
         run.stdout
     );
 }
+
+#[test]
+fn an_app_that_exits_before_its_close_reply_fails_close_reply() {
+    // `crash:0` exits with code 0 in the middle of `close`, before the agent writes the reply.
+    let run = fixture(&["--behave", "close-db=crash:0"], &["--timeout-ms", "3000"]);
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(run.status("close-reply"), "fail");
+    assert_eq!(run.status("short-budgets"), "fail");
+    // The steps before `close` were checked all the same.
+    for id in [
+        "step-replies",
+        "repeat",
+        "status-progress",
+        "reconnect-repeat",
+    ] {
+        assert_eq!(run.status(id), "pass", "{id}: {}", run.stdout);
+    }
+}

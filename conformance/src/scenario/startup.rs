@@ -5,7 +5,7 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::conn::{Conn, short};
@@ -78,7 +78,9 @@ fn observe(
     Ok((hello, shapes::state_of(&status)))
 }
 
-pub fn run(ctx: &mut Ctx) -> Result<(), String> {
+/// Starts the app over a stale socket file; when that fails, records it and starts it once
+/// more on a fresh path, so one broken rule does not hide the others.
+fn start_over_stale(ctx: &mut Ctx) -> Result<(App, Conn, PathBuf), String> {
     let dir = ctx.dir("startup")?;
     let path = dir.join("control.sock");
     stale_socket(&path)?;
@@ -88,8 +90,22 @@ pub fn run(ctx: &mut Ctx) -> Result<(), String> {
         "stale-socket",
         listening.as_ref().map(|_| ()).map_err(Clone::clone),
     );
-    let (mut conn, ready_after) = listening?;
+    let (app, conn, ready_after, path) = match listening {
+        Ok((conn, ready_after)) => (app, conn, ready_after, path),
+        Err(_) => {
+            drop(app);
+            let dir = ctx.dir("startup-fresh")?;
+            let mut app = ctx.spawn(&dir)?;
+            let (conn, ready_after) = app.wait_listening(ctx.opts.timeout, &ctx.shared)?;
+            (app, conn, ready_after, dir.join("control.sock"))
+        }
+    };
     ctx.ready_after = ready_after;
+    Ok((app, conn, path))
+}
+
+pub fn run(ctx: &mut Ctx) -> Result<(), String> {
+    let (app, mut conn, path) = start_over_stale(ctx)?;
     ctx.report.check("socket-mode", socket_mode(&path));
     let (_hello, before) = observe(ctx, &app, &mut conn)?;
     peer::check(ctx, &path);

@@ -127,7 +127,15 @@ pub fn run(ctx: &mut Ctx) -> Result<(), String> {
         let bound =
             Duration::from_millis(u64::try_from(deadline).unwrap_or(u64::MAX)) + ctx.opts.slack;
         let (v, outcome, in_time) =
-            send_step(ctx, &mut driver, verb, &line, bound, &hello.registered)?;
+            match send_step(ctx, &mut driver, verb, &line, bound, &hello.registered) {
+                Ok(sent) => sent,
+                Err(e) if verb == StepVerb::Close => {
+                    ctx.report
+                        .check("close-reply", Err(format!("no reply: {e}")));
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
         tallies[0].add(outcome.as_ref().map(|_| ()).map_err(Clone::clone));
         tallies[1].add(in_time);
         outcomes.push(v["outcome"].as_str().unwrap_or("?").to_owned());
@@ -236,15 +244,20 @@ pub fn run_short(ctx: &mut Ctx) -> Result<(), String> {
         };
         let bound =
             Duration::from_millis(u64::try_from(window).unwrap_or(u64::MAX)) + ctx.opts.slack;
-        let (_, outcome, in_time) =
-            send_step(ctx, &mut driver, verb, &line, bound, &hello.registered)?;
+        let sent = send_step(ctx, &mut driver, verb, &line, bound, &hello.registered);
         let tally = if with_budgets {
             &mut budgets
         } else {
             &mut deadlines
         };
-        tally.add(outcome.map(|_| ()));
-        tally.add(in_time);
+        match sent {
+            Ok((_, outcome, in_time)) => {
+                tally.add(outcome.map(|_| ()));
+                tally.add(in_time);
+            }
+            Err(e) if verb == StepVerb::Close => tally.add(Err(format!("no reply: {e}"))),
+            Err(e) => return Err(e),
+        }
     }
     ctx.report.check("short-deadline", deadlines.result());
     ctx.report.check("short-budgets", budgets.result());
