@@ -35,6 +35,8 @@ pub enum Socket {
     At(PathBuf),
     /// `QUIESCE_CONTROL_SOCKET` unset: the no-supervisor path.
     Unset,
+    /// `QUIESCE_CONTROL_SOCKET` set but empty: the no-supervisor path too.
+    Empty,
 }
 
 /// One started app.
@@ -69,6 +71,10 @@ impl App {
             }
             Socket::Unset => {
                 cmd.env_remove("QUIESCE_CONTROL_SOCKET");
+                None
+            }
+            Socket::Empty => {
+                cmd.env("QUIESCE_CONTROL_SOCKET", "");
                 None
             }
         };

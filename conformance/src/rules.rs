@@ -217,6 +217,12 @@ const TAIL: &[Rule] = &[
         "`status` after each step: phase, next_step, the step done with its recorded outcome",
     ),
     must(
+        "pipelined-after-step",
+        "3",
+        Steps,
+        "a `status` pipelined behind a step verb is answered after the step, showing it done",
+    ),
+    must(
         "repeat",
         "6.3",
         Steps,
@@ -299,6 +305,12 @@ const TAIL: &[Rule] = &[
         "2",
         Standalone,
         "without QUIESCE_CONTROL_SOCKET, SIGTERM runs the steps in-process and the app exits 0",
+    ),
+    should(
+        "empty-variable",
+        "2",
+        Standalone,
+        "with QUIESCE_CONTROL_SOCKET empty, the same: the app runs, and SIGTERM makes it exit 0",
     ),
     must(
         "reply-framing",

@@ -38,8 +38,14 @@ fn the_fixture_app_conforms() {
     assert_eq!(report["conformant"], true);
     assert_eq!(report["summary"]["fail"], 0);
     assert_eq!(run.status("unregistered-note"), "pass");
-    assert_eq!(run.status("sigterm-standalone"), "pass");
-    assert_eq!(run.status("stale-socket"), "pass");
+    for id in [
+        "sigterm-standalone",
+        "empty-variable",
+        "stale-socket",
+        "pipelined-after-step",
+    ] {
+        assert_eq!(run.status(id), "pass", "{id}");
+    }
     // The fixture app exits without removing its socket file (a SHOULD): reported, not failed.
     assert_eq!(
         run.with_status("warn").len(),
@@ -98,6 +104,7 @@ fn an_app_that_ignores_sigterm_has_no_standalone_path() {
     );
     assert_eq!(run.status("sigterm-standalone"), "n-a");
     assert_eq!(run.status("runs-without-socket"), "pass");
+    assert_eq!(run.status("empty-variable"), "n-a");
 }
 
 #[test]

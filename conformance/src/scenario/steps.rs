@@ -16,6 +16,10 @@ use crate::scenario::Ctx;
 use crate::scenario::startup::claim_within;
 use crate::shapes::{self, Progress};
 
+/// The verb the kit pipelines a `status` behind: its reply must come after the step's, and
+/// show the step done.
+const PIPELINED: StepVerb = StepVerb::StopPoller;
+
 /// The supervisor's default budgets for `verb`'s sub-steps (wire::STEPS).
 fn default_budgets(verb: StepVerb) -> Vec<u128> {
     verb.substeps()
@@ -123,7 +127,10 @@ pub fn run(ctx: &mut Ctx) -> Result<(), String> {
     for verb in StepVerb::ALL {
         let budgets = default_budgets(verb);
         let deadline: u128 = budgets.iter().sum();
-        let line = request_line(verb, deadline, Some(&budgets));
+        let mut line = request_line(verb, deadline, Some(&budgets));
+        if verb == PIPELINED {
+            line.push_str("status\n");
+        }
         let bound =
             Duration::from_millis(u64::try_from(deadline).unwrap_or(u64::MAX)) + ctx.opts.slack;
         let (v, outcome, in_time) =
@@ -139,6 +146,13 @@ pub fn run(ctx: &mut Ctx) -> Result<(), String> {
         tallies[0].add(outcome.as_ref().map(|_| ()).map_err(Clone::clone));
         tallies[1].add(in_time);
         outcomes.push(v["outcome"].as_str().unwrap_or("?").to_owned());
+        if verb == PIPELINED {
+            let behind = driver.reply().and_then(|s| {
+                shapes::status(&s, &hello.app, &Progress::after(&outcomes))
+                    .map_err(|e| format!("the `status` sent right behind `{verb}`: {e}"))
+            });
+            ctx.report.check("pipelined-after-step", behind);
+        }
         if verb == StepVerb::Close {
             ctx.report.check("close-reply", Ok(()));
             break;
