@@ -156,20 +156,33 @@ pub fn describe(cfg: &Config) -> String {
         "stop_signal: {}  stop_exit_code: {:?}",
         cfg.stop_signal, cfg.stop_exit_code
     );
+    let port =
+        |a: Option<std::net::SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
     let _ = writeln!(
         out,
-        "health: {}",
-        cfg.health
-            .address
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "off".into())
+        "health: {}  ({})",
+        port(cfg.health.address),
+        cfg.health.why
     );
     let _ = writeln!(
         out,
-        "metrics: {}",
-        cfg.metrics_address
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "off".into())
+        "metrics: {}  ({})",
+        port(cfg.metrics_address),
+        cfg.metrics_why
+    );
+    let ports: Vec<String> = [cfg.health.address, cfg.metrics_address]
+        .into_iter()
+        .flatten()
+        .map(|a| format!("tcp {a}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "ports bound: {}",
+        if ports.is_empty() {
+            "none".to_string()
+        } else {
+            ports.join(", ")
+        }
     );
     let _ = writeln!(out, "shutdown steps:");
     let mut total = Duration::ZERO;

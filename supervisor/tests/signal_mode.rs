@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -593,4 +593,76 @@ fn out_of_descriptors_the_termination_message_is_still_written() {
         msg.contains("stop by SIGTERM"),
         "no termination message: {msg:?}"
     );
+}
+
+/// The TCP sockets `pid` holds open (listening or not), from its descriptors and /proc/net/tcp{,6}.
+fn tcp_sockets_of(pid: u32) -> Vec<String> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(String::from)
+        })
+        .collect();
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() > 9 && inodes.iter().any(|i| i == cols[9]) {
+                found.push(format!("{table} {}", cols[1]));
+            }
+        }
+    }
+    found
+}
+
+/// Starts quiesce over `testbin sleep` with `env` (nothing else configured but the scratch paths), returns
+/// the TCP sockets it holds once the app runs, then stops it.
+fn tcp_sockets_with(env: &[(&str, &str)]) -> Vec<String> {
+    let s = Scratch::new();
+    let mut c = Command::new(common::quiesce_bin());
+    c.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("QUIESCE_ADMIN_SOCKET", s.path("admin.sock"))
+        .env("QUIESCE_TERMINATION_LOG", s.path("termination-log"))
+        .envs(env.iter().copied())
+        .arg("--")
+        .arg(testbin())
+        .arg("sleep");
+    common::die_with_test(&mut c);
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    assert!(
+        wait_until(T, || !common::descendants(pid).is_empty()),
+        "app never started"
+    );
+    let found = tcp_sockets_of(pid);
+    send(pid, libc::SIGTERM);
+    wait_timeout(&mut child, T);
+    found
+}
+
+#[test]
+fn with_no_configuration_it_binds_no_port_and_asked_for_it_binds_exactly_those() {
+    assert_eq!(
+        tcp_sockets_with(&[]),
+        Vec::<String>::new(),
+        "no port unless asked"
+    );
+    // The same look finds the ports once they are asked for (so the empty answer above means something).
+    let asked = tcp_sockets_with(&[
+        ("QUIESCE_HEALTH_ADDRESS", "127.0.0.1:0"),
+        ("QUIESCE_METRICS_ENABLED", "true"),
+        ("QUIESCE_METRICS_ADDRESS", "127.0.0.2:0"),
+    ]);
+    assert_eq!(asked.len(), 2, "{asked:?}");
 }

@@ -207,10 +207,10 @@ impl StepsLayer {
 #[derive(Args, Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct HealthLayer {
-    /// Serve grpc.health.v1 for kubelet's probes. [default: true]
+    /// Serve grpc.health.v1 for kubelet's probes (alone: on 0.0.0.0:50051). [default: off unless an address is set]
     #[arg(long = "health-enabled", id = "health-enabled", env = "QUIESCE_HEALTH_ENABLED", action = clap::ArgAction::Set, value_name = "BOOL")]
     pub enabled: Option<bool>,
-    /// Probe address. [default: 0.0.0.0:50051]
+    /// Probe address; setting it turns health on.
     #[arg(
         long = "health-address",
         id = "health-address",
@@ -265,10 +265,10 @@ pub struct HealthLayer {
 #[derive(Args, Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsLayer {
-    /// Serve Prometheus metrics on /metrics. [default: true]
+    /// Serve Prometheus metrics on /metrics (alone: on 0.0.0.0:9090). [default: off unless an address is set]
     #[arg(long = "metrics-enabled", id = "metrics-enabled", env = "QUIESCE_METRICS_ENABLED", action = clap::ArgAction::Set, value_name = "BOOL")]
     pub enabled: Option<bool>,
-    /// Metrics address. [default: 0.0.0.0:9090]
+    /// Metrics address; setting it turns metrics on.
     #[arg(
         long = "metrics-address",
         id = "metrics-address",

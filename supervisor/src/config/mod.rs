@@ -57,12 +57,15 @@ pub struct Config {
     pub budgets: [Duration; 9],
     pub health: HealthConfig,
     pub metrics_address: Option<SocketAddr>,
+    pub metrics_why: &'static str,
 }
 
 #[derive(Clone, Debug)]
 pub struct HealthConfig {
-    /// `None` when the health server is turned off.
+    /// `None` when the health server is turned off (the default: see [`serve`]).
     pub address: Option<SocketAddr>,
+    /// Why it is on or off, as `check-config` prints it.
+    pub why: &'static str,
     pub poll_interval: Duration,
     pub required: Vec<String>,
     pub liveness_timeout: Duration,
@@ -101,17 +104,46 @@ impl ConfigError {
     }
 }
 
+/// The port rule: like tini, quiesce binds nothing nobody asked for. A server is on when it is enabled
+/// (`enabled = true`, at the default port) or given an address, and `enabled = false` turns it off either
+/// way. Returns the address to bind and the reason, for `check-config`.
+fn serve(
+    what: &'static str,
+    enabled: Option<bool>,
+    address: Option<SocketAddr>,
+    default_port: u16,
+) -> (Option<SocketAddr>, &'static str) {
+    let on =
+        |a: Option<SocketAddr>| Some(a.unwrap_or(SocketAddr::from(([0, 0, 0, 0], default_port))));
+    let health = what == "health";
+    match (enabled, address) {
+        (Some(false), _) if health => (None, "off: health.enabled = false"),
+        (Some(false), _) => (None, "off: metrics.enabled = false"),
+        (Some(true), a) if health => (on(a), "on: health.enabled = true"),
+        (Some(true), a) => (on(a), "on: metrics.enabled = true"),
+        (None, Some(a)) if health => (Some(a), "on: health.address is set"),
+        (None, Some(a)) => (Some(a), "on: metrics.address is set"),
+        (None, None) if health => (
+            None,
+            "off: not asked for; set health.enabled = true or health.address",
+        ),
+        (None, None) => (
+            None,
+            "off: not asked for; set metrics.enabled = true or metrics.address",
+        ),
+    }
+}
+
 fn dur(v: Option<Dur>, default: Duration) -> Duration {
     v.map(|d| d.0).unwrap_or(default)
 }
 
 impl HealthConfig {
     fn with_defaults(l: HealthLayer) -> HealthConfig {
+        let (address, why) = serve("health", l.enabled, l.address, 50051);
         HealthConfig {
-            address: l.enabled.unwrap_or(true).then(|| {
-                l.address
-                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 50051)))
-            }),
+            address,
+            why,
             poll_interval: dur(l.poll_interval, Duration::from_secs(2)),
             required: l
                 .required
@@ -259,11 +291,8 @@ impl Config {
                 Some(sub) => dur(l.steps.get(sub), step.default_budget),
             };
         }
-        let metrics_address = l.metrics.enabled.unwrap_or(true).then(|| {
-            l.metrics
-                .address
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9090)))
-        });
+        let (metrics_address, metrics_why) =
+            serve("metrics", l.metrics.enabled, l.metrics.address, 9090);
         Config {
             command: l.command.unwrap_or_default(),
             grace_period: dur(l.grace_period, Duration::from_secs(30)),
@@ -294,6 +323,7 @@ impl Config {
             budgets,
             health: HealthConfig::with_defaults(l.health),
             metrics_address,
+            metrics_why,
         }
     }
 
@@ -346,15 +376,38 @@ mod tests {
         assert_eq!(c.grace_period, Duration::from_secs(30));
         assert_eq!(c.stop_window(), Duration::from_secs(28));
         assert_eq!(c.stop_signal, Sig::TERM);
-        assert_eq!(
-            c.health.address,
-            Some("0.0.0.0:50051".parse().expect("addr"))
-        );
+        assert_eq!(c.health.address, None, "no port unless asked");
+        assert_eq!(c.metrics_address, None, "no port unless asked");
         assert_eq!(
             c.termination_log.as_deref(),
             Some(Path::new("/dev/termination-log"))
         );
         assert!(c.control_socket.is_none());
+    }
+
+    #[test]
+    fn a_server_is_on_when_enabled_or_given_an_address_and_off_when_disabled() {
+        let at = |a: &str| Some(a.parse::<SocketAddr>().expect("addr"));
+        let health = |toml: &str| parse(toml).expect("valid").health.address;
+        assert_eq!(health("[health]\nenabled = true\n"), at("0.0.0.0:50051"));
+        assert_eq!(
+            health("[health]\naddress = \"127.0.0.1:7\"\n"),
+            at("127.0.0.1:7")
+        );
+        assert_eq!(
+            health("[health]\nenabled = false\naddress = \"127.0.0.1:7\"\n"),
+            None
+        );
+        let metrics = parse("[metrics]\nenabled = true\n").expect("valid");
+        assert_eq!(metrics.metrics_address, at("0.0.0.0:9090"));
+        assert_eq!(metrics.metrics_why, "on: metrics.enabled = true");
+        assert!(
+            parse("")
+                .expect("valid")
+                .health
+                .why
+                .contains("set health.enabled = true")
+        );
     }
 
     #[test]
