@@ -22,6 +22,8 @@ pub enum Scenario {
     Steps,
     /// A process driven through the five steps with short deadlines and budgets.
     Deadlines,
+    /// A process whose driver leaves while `drain` runs.
+    Disconnect,
     /// Processes started with the socket path already taken.
     PathTaken,
     /// A process started without `QUIESCE_CONTROL_SOCKET`, then SIGTERM.
@@ -70,7 +72,7 @@ const fn should(
     }
 }
 
-use Scenario::{Deadlines, PathTaken, Standalone, Startup, Steps, Whole};
+use Scenario::{Deadlines, Disconnect, PathTaken, Standalone, Startup, Steps, Whole};
 
 /// Rules before the bad-input table (section 7).
 const HEAD: &[Rule] = &[
@@ -275,6 +277,18 @@ const TAIL: &[Rule] = &[
         "5.4",
         Deadlines,
         "after `close`, the app exits with 0 also when steps timed out",
+    ),
+    must(
+        "slot-freed-mid-step",
+        "5.1",
+        Disconnect,
+        "the driver's connection closing mid-step frees the slot at once, not at the step's end",
+    ),
+    must(
+        "repeat-while-running",
+        "6.3",
+        Disconnect,
+        "a verb sent again while it runs is waited for and answered with \"repeated\":true",
     ),
     must(
         "non-socket-kept",

@@ -23,10 +23,16 @@ fn fixture(extra: &[&str], kit_args: &[&str]) -> common::Run {
 
 #[test]
 fn the_fixture_app_conforms() {
-    let run = fixture(
-        &["--behave", "stop-poller=none", "--services", "demo.v1.Demo"],
-        &[],
-    );
+    // A slow drain-in-flight lets the kit see the driver leave while `drain` runs.
+    let app = [
+        "--behave",
+        "stop-poller=none",
+        "--behave",
+        "drain-in-flight=finish:800",
+        "--services",
+        "demo.v1.Demo",
+    ];
+    let run = fixture(&app, &[]);
     assert_eq!(
         run.code,
         Some(0),
@@ -43,6 +49,8 @@ fn the_fixture_app_conforms() {
         "empty-variable",
         "stale-socket",
         "pipelined-after-step",
+        "slot-freed-mid-step",
+        "repeat-while-running",
     ] {
         assert_eq!(run.status(id), "pass", "{id}");
     }

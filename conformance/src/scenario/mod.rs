@@ -4,6 +4,7 @@
 //! scenario's unchecked rules with it. Scenarios run one after the other on the main thread
 //! (see [`crate::sys`] for why).
 
+mod disconnect;
 pub mod input;
 mod path_taken;
 mod peer;
@@ -98,10 +99,11 @@ impl Ctx {
 /// Runs every scenario, then the whole-run rules.
 pub fn run_all(ctx: &mut Ctx) {
     type Run = fn(&mut Ctx) -> Result<(), String>;
-    let scenarios: [(Scenario, Run); 5] = [
+    let scenarios: [(Scenario, Run); 6] = [
         (Scenario::Startup, startup::run),
         (Scenario::Steps, steps::run),
         (Scenario::Deadlines, steps::run_short),
+        (Scenario::Disconnect, disconnect::run),
         (Scenario::PathTaken, path_taken::run),
         (Scenario::Standalone, standalone::run),
     ];

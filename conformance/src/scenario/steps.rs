@@ -21,7 +21,7 @@ use crate::shapes::{self, Progress};
 const PIPELINED: StepVerb = StepVerb::StopPoller;
 
 /// The supervisor's default budgets for `verb`'s sub-steps (wire::STEPS).
-fn default_budgets(verb: StepVerb) -> Vec<u128> {
+pub fn default_budgets(verb: StepVerb) -> Vec<u128> {
     verb.substeps()
         .iter()
         .map(|s| {
@@ -33,7 +33,7 @@ fn default_budgets(verb: StepVerb) -> Vec<u128> {
         .collect()
 }
 
-fn request_line(verb: StepVerb, deadline: u128, budgets: Option<&[u128]>) -> String {
+pub fn request_line(verb: StepVerb, deadline: u128, budgets: Option<&[u128]>) -> String {
     match budgets {
         Some(b) => {
             let list: Vec<String> = b.iter().map(u128::to_string).collect();
