@@ -1,20 +1,23 @@
 //! Every metric the Grafana dashboards (`deploy/grafana/dashboards`) name is exported by the
 //! running binaries: one pod (quiesce + order-service, as the other e2e tests start it) serves a
 //! CreateOrder, a GetOrder and a payment message, runs its expiry job, and is then stopped with
-//! SIGTERM; both `/metrics` endpoints are scraped throughout, and every name a panel or variable
-//! selects must have appeared in some scrape. That the queries parse is `.ci/checks.sh
+//! SIGTERM while one more CreateOrder is held in flight; both `/metrics` endpoints are scraped
+//! throughout, and every name a panel or variable selects must have appeared in some scrape. That the queries parse is `.ci/checks.sh
 //! dashboards`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use e2e::dashboards::{exported, scrape, wanted};
+use e2e::faults::{HeldLock, wait_lock_waiters};
 use e2e::pod::{Pod, PodOptions};
 use e2e::sandbox::Sandbox;
 use e2e::{hard_timeout, payments, requests, serial};
 use order_service::proto::GetOrderRequest;
 use order_service::proto::order_service_client::OrderServiceClient;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// How long the test may wait for the machine's e2e lock.
@@ -23,8 +26,11 @@ const WAIT_FOR_LOCK: Duration = Duration::from_secs(240);
 const START_WITHIN: Duration = Duration::from_secs(90);
 /// For the app's series that need an event (the relay's lag, the consumer, the expiry job).
 const EVENTS_WITHIN: Duration = Duration::from_secs(30);
-/// A shutdown without load: the 5 s preStop delay of deploy/k8s/quiesce.toml and nine short steps.
-const STOP_WITHIN: Duration = Duration::from_secs(40);
+/// From SIGTERM until the shutdown's own series are scraped: the 5 s preStop delay of
+/// deploy/k8s/quiesce.toml, then step 1 is recorded (drain-in-flight waits for the held request).
+const SHUTDOWN_SERIES_WITHIN: Duration = Duration::from_secs(10);
+/// The rest of the shutdown once the held request is let go: seven short steps.
+const STOP_WITHIN: Duration = Duration::from_secs(30);
 
 /// Series the shutdown itself creates (a step's duration and outcome, the signal's count): looked
 /// for in the scrapes made while the pod stops, not before.
@@ -46,33 +52,39 @@ const NOT_YET_EXPORTED: &[(&str, &str)] = &[(
 #[derive(Default)]
 struct Seen {
     names: BTreeSet<String>,
-    quiesce_scrapes: usize,
-    app_scrapes: usize,
+    /// Successful scrapes per endpoint: the supervisor's, the app's.
+    scrapes: [usize; 2],
     last_error: Option<String>,
 }
 
 impl Seen {
-    async fn scrape(&mut self, quiesce: SocketAddr, app: SocketAddr) {
-        for (addr, count) in [
-            (quiesce, &mut self.quiesce_scrapes),
-            (app, &mut self.app_scrapes),
-        ] {
-            match scrape(addr).await {
-                Ok(text) => {
-                    *count += 1;
-                    self.names.extend(exported(&text));
-                }
-                Err(e) => self.last_error = Some(format!("{addr}: {e}")),
-            }
-        }
-    }
-
     fn missing<'a>(&self, wanted: impl IntoIterator<Item = &'a String>) -> Vec<&'a String> {
         wanted
             .into_iter()
             .filter(|n| !self.names.contains(*n))
             .collect()
     }
+}
+
+/// Scrapes `addr` every 50 ms into `seen[endpoint]` until aborted. One task per endpoint, so an
+/// endpoint that stops answering (the app's, as it shuts down) never holds up the other's scrapes.
+fn scraper(addr: SocketAddr, endpoint: usize, seen: Arc<Mutex<Seen>>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let r = scrape(addr).await;
+            {
+                let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                match r {
+                    Ok(text) => {
+                        s.scrapes[endpoint] += 1;
+                        s.names.extend(exported(&text));
+                    }
+                    Err(e) => s.last_error = Some(format!("{addr}: {e}")),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
 }
 
 /// The app's `/metrics` address, from its "order-service ready" line.
@@ -135,42 +147,74 @@ async fn run() {
     let app = app_metrics_addr(&mut pod).await;
     drive(grpc, &sandbox).await;
 
-    let mut seen = Seen::default();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let lock = || seen.lock().unwrap_or_else(|e| e.into_inner());
+    let scrapers = [
+        scraper(pod.metrics, 0, seen.clone()),
+        scraper(app, 1, seen.clone()),
+    ];
     let deadline = Instant::now() + EVENTS_WITHIN;
-    loop {
-        seen.scrape(pod.metrics, app).await;
-        if seen.missing(before_stop.iter().copied()).is_empty() || Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    while !lock().missing(before_stop.iter().copied()).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let before = seen.missing(before_stop.iter().copied());
+    let before: Vec<String> = lock()
+        .missing(before_stop.iter().copied())
+        .into_iter()
+        .cloned()
+        .collect();
     assert!(
         before.is_empty(),
-        "not exported while the pod runs (after {EVENTS_WITHIN:?}): {before:?}\nlast scrape error: {:?}\n{}",
-        seen.last_error,
+        "the dashboards name metrics neither /metrics exports while the pod runs (after \
+         {EVENTS_WITHIN:?}; series the shutdown creates belong in AT_SHUTDOWN): {before:?}\n\
+         last scrape error: {:?}\n{}",
+        lock().last_error,
         pod.tail(40)
     );
 
-    // The shutdown: the supervisor keeps serving /metrics until it exits.
-    let quiesce_before = seen.quiesce_scrapes;
+    // The shutdown. Without load the steps after the first take milliseconds and the supervisor
+    // exits with them, too fast to scrape reliably; so one CreateOrder is held in flight (its
+    // idempotency key locked by an open transaction) and drain-in-flight waits for it. Step 1 is
+    // recorded when the preStop delay ends; the lock is released once the scrapes have seen the
+    // series the shutdown creates, or at SHUTDOWN_SERIES_WITHIN.
+    let key = "e2e-dashboards-held".to_owned();
+    let held =
+        HeldLock::idempotency_keys(&sandbox.database_url(), std::slice::from_ref(&key)).await;
+    let mut client = OrderServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect to the app");
+    let in_flight =
+        tokio::spawn(async move { client.create_order(requests::held_order(&key)).await });
+    assert!(
+        wait_lock_waiters(&sandbox.database, 1, Duration::from_secs(10)).await,
+        "the held CreateOrder never waited on its idempotency key"
+    );
+    let supervisor_before = lock().scrapes[0];
     assert!(
         pod.signal_init(nix::sys::signal::Signal::SIGTERM),
         "SIGTERM to the pod's PID 1"
     );
-    let until = Instant::now() + STOP_WITHIN;
-    while Instant::now() < until && pod.wait_exit(Instant::now()).await.is_none() {
-        seen.scrape(pod.metrics, app).await;
+    let all: Vec<&String> = wanted
+        .keys()
+        .filter(|n| !allowed.contains_key(n.as_str()))
+        .collect();
+    let deadline = Instant::now() + SHUTDOWN_SERIES_WITHIN;
+    while !lock().missing(all.iter().copied()).is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let exit = pod.wait_exit(until).await;
+    held.release().await;
+    let exit = pod.wait_exit(Instant::now() + STOP_WITHIN).await;
+    for s in &scrapers {
+        s.abort();
+    }
+    in_flight.abort();
     assert!(
         exit.is_some(),
         "the pod did not stop within {STOP_WITHIN:?}:\n{}",
         pod.tail(40)
     );
+    let seen = lock();
     assert!(
-        seen.quiesce_scrapes > quiesce_before,
+        seen.scrapes[0] > supervisor_before,
         "no scrape of the supervisor succeeded during the shutdown: {:?}",
         seen.last_error
     );
@@ -183,10 +227,13 @@ async fn run() {
         .collect();
     assert!(
         missing.is_empty(),
-        "the dashboards name metrics that neither /metrics exports:\n  {}\n({} supervisor and {} app scrapes)",
+        "the dashboards name metrics that neither /metrics exports:\n  {}\n({} supervisor and {} \
+         app scrapes, {} of the supervisor's after SIGTERM)\n{}",
         missing.join("\n  "),
-        seen.quiesce_scrapes,
-        seen.app_scrapes
+        seen.scrapes[0],
+        seen.scrapes[1],
+        seen.scrapes[0] - supervisor_before,
+        pod.tail(60)
     );
     let stale: Vec<&str> = allowed
         .keys()
@@ -207,5 +254,5 @@ async fn run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboards_name_is_exported() {
     let _one_at_a_time = serial(WAIT_FOR_LOCK);
-    hard_timeout(Duration::from_secs(200), run()).await;
+    hard_timeout(Duration::from_secs(150), run()).await;
 }
