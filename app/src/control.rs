@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quiesce_protocol::agent::{Agent, HandlerError, StepCtx};
-pub use quiesce_protocol::wire::{StepReply, SubStep};
+pub use quiesce_protocol::wire::{STEPS, StepReply, SubStep};
 
 use crate::app::{App, SERVICES};
 

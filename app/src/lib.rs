@@ -49,6 +49,8 @@ pub mod outbox;
 pub mod redis_store;
 pub mod report;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod worker;
 
 /// Generated `order.v1` protobuf types, server and client.

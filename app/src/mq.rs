@@ -9,7 +9,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
@@ -68,40 +71,87 @@ impl Topology {
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(self.dead_letter_exchange.as_str().into()),
         );
-        channel
-            .queue_declare(
-                self.payments_queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                args,
-            )
-            .await?;
-        channel
-            .queue_bind(
-                self.payments_queue.as_str().into(),
-                self.payments_exchange.as_str().into(),
-                "payment.*".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_declare(
-                self.dead_letter_queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                self.dead_letter_queue.as_str().into(),
-                self.dead_letter_exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (payments, dead) = (&self.payments_queue, &self.dead_letter_queue);
+        declare_bound(
+            channel,
+            payments,
+            args,
+            &self.payments_exchange,
+            "payment.*",
+        )
+        .await?;
+        declare_bound(
+            channel,
+            dead,
+            FieldTable::default(),
+            &self.dead_letter_exchange,
+            "",
+        )
+        .await?;
         Ok(())
     }
+
+    /// Declares the durable queue `queue` and binds it to the events exchange with `pattern`
+    /// (a test's or a load run's own view of the events; the exchange must exist).
+    pub async fn bind_events_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        pattern: &str,
+    ) -> Result<(), lapin::Error> {
+        let none = FieldTable::default();
+        declare_bound(channel, queue, none, &self.events_exchange, pattern).await
+    }
+
+    /// Deletes the two queues, the `extra` ones and the three exchanges (a test's or a load
+    /// run's clean-up); returns the queues that were deleted.
+    pub async fn delete(&self, channel: &Channel, extra: &[String]) -> Vec<String> {
+        let mut deleted = Vec::new();
+        let fixed = [&self.payments_queue, &self.dead_letter_queue];
+        for queue in fixed.into_iter().chain(extra) {
+            let options = QueueDeleteOptions::default();
+            if channel
+                .queue_delete(queue.as_str().into(), options)
+                .await
+                .is_ok()
+            {
+                deleted.push(queue.clone());
+            }
+        }
+        for exchange in [
+            &self.events_exchange,
+            &self.payments_exchange,
+            &self.dead_letter_exchange,
+        ] {
+            let options = ExchangeDeleteOptions::default();
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), options)
+                .await;
+        }
+        deleted
+    }
+}
+
+/// Declares the durable `queue` (with `args`) and binds it to `exchange` with `key`.
+async fn declare_bound(
+    channel: &Channel,
+    queue: &str,
+    args: FieldTable,
+    exchange: &str,
+    key: &str,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions::durable(), args)
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// A channel could not be opened.

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    TestEnv, client, confirm_channel, create_request, hard_timeout, insert_pending_orders,
-    publish_payment, queue_depth, scalar, wait_until,
+    client, confirm_channel, create_request, hard_timeout, insert_pending_orders, publish_payment,
+    queue_depth, sandbox, scalar, wait_until,
 };
 use order_service::App;
 use order_service::control::stop_all;
@@ -44,8 +44,8 @@ async fn connection_pids(prefix: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn relay_and_consumer_recover_from_a_dropped_connection() {
-    let env = TestEnv::new().await;
-    hard_timeout(120, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(120), async {
         let app = App::start(env.config()).await.expect("start");
         let amqp = env.amqp().await;
         let channel = amqp.create_channel().await.unwrap();

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    TestEnv, confirm_channel, hard_timeout, insert_pending_orders, publish_payment, queue_depth,
+    confirm_channel, hard_timeout, insert_pending_orders, publish_payment, queue_depth, sandbox,
     scalar, wait_until,
 };
 use lapin::BasicProperties;
@@ -19,8 +19,8 @@ use tokio::time::Instant;
 
 #[tokio::test]
 async fn duplicates_change_nothing_and_poison_is_dead_lettered() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let app = App::start(env.config()).await.expect("start");
         let pool = env.pool().await;
         let ids = insert_pending_orders(&pool, 3).await;
@@ -100,8 +100,8 @@ async fn duplicates_change_nothing_and_poison_is_dead_lettered() {
 #[tokio::test]
 async fn stop_mid_stream_then_restart_applies_every_message_exactly_once() {
     const N: usize = 10_000;
-    let env = TestEnv::new().await;
-    hard_timeout(240, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(240), async {
         let mut config = env.config();
         config.prefetch = 200;
         config.consumer_concurrency = 16;

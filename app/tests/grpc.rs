@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    TestEnv, client, create_request, fetch_metrics, hard_timeout, idempotency_marker, metric_value,
-    orders_with_key, scalar,
+    client, create_request, fetch_metrics, hard_timeout, idempotency_marker, metric_value,
+    orders_with_key, sandbox, scalar,
 };
 use order_service::App;
 use order_service::control::stop_all;
@@ -19,8 +19,8 @@ use tonic::Code;
 
 #[tokio::test]
 async fn create_get_list_cancel_succeed() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let app = App::start(env.config()).await.expect("start");
         let mut c = client(app.grpc_addr()).await;
 
@@ -122,8 +122,8 @@ async fn create_get_list_cancel_succeed() {
 
 #[tokio::test]
 async fn invalid_requests_are_refused_with_the_right_codes() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let app = App::start(env.config()).await.expect("start");
         let mut c = client(app.grpc_addr()).await;
         let item = |sku: &str, quantity, price_cents| LineItem {
@@ -219,8 +219,8 @@ async fn invalid_requests_are_refused_with_the_right_codes() {
 
 #[tokio::test]
 async fn idempotency_key_returns_the_same_order() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let app = App::start(env.config()).await.expect("start");
         let mut c = client(app.grpc_addr()).await;
         let first = c
@@ -305,8 +305,8 @@ async fn idempotency_key_returns_the_same_order() {
 
 #[tokio::test]
 async fn health_checks_report_each_dependency_and_closes_show_down() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let app = App::start(env.config()).await.expect("start");
         let checks = app.health(Duration::from_secs(1)).await;
         let names: Vec<_> = checks.iter().map(|c| c.name).collect();
@@ -341,8 +341,8 @@ async fn health_checks_report_each_dependency_and_closes_show_down() {
 /// the request takes it over; the marker of a live request (with a lease) is still respected.
 #[tokio::test]
 async fn a_pending_marker_without_lease_from_an_older_version_does_not_block_its_key() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let app = App::start(env.config()).await.expect("start");
         let mut c = client(app.grpc_addr()).await;
         let request = create_request("c", "k-legacy");

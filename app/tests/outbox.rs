@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{
-    TestEnv, client, create_request, drain_queue, fetch_metrics, hard_timeout, metric_value,
-    queue_depth, scalar, wait_until,
+    client, create_request, drain_queue, fetch_metrics, hard_timeout, metric_value, queue_depth,
+    sandbox, scalar, wait_until,
 };
 use lapin::options::ExchangeDeleteOptions;
 use order_service::App;
@@ -29,8 +29,8 @@ async fn event_ids(pool: &sqlx::PgPool) -> HashSet<String> {
 
 #[tokio::test]
 async fn committed_events_arrive_on_a_bound_queue() {
-    let env = TestEnv::new().await;
-    hard_timeout(90, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(90), async {
         let app = App::start(env.config()).await.expect("start");
         let amqp = env.amqp().await;
         let channel = amqp.create_channel().await.unwrap();
@@ -104,8 +104,8 @@ async fn committed_events_arrive_on_a_bound_queue() {
 
 #[tokio::test]
 async fn broker_failure_opens_the_breaker_and_nothing_is_lost() {
-    let env = TestEnv::new().await;
-    hard_timeout(90, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(90), async {
         let mut config = env.config();
         config.breaker_failures = 2;
         config.breaker_open_for = Duration::from_millis(500);

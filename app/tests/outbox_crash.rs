@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{
-    ServiceProcess, TestEnv, client, create_request, drain_queue, hard_timeout, queue_depth,
+    ServiceProcess, client, create_request, drain_queue, hard_timeout, queue_depth, sandbox,
     scalar, wait_until,
 };
 use nix::sys::signal::Signal;
@@ -16,8 +16,8 @@ use uuid::Uuid;
 #[tokio::test]
 async fn sigkill_mid_relay_then_restart_publishes_every_committed_event() {
     const BULK: i64 = 6_000;
-    let env = TestEnv::new().await;
-    hard_timeout(180, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(180), async {
         // The topology and a queue catching every event exist before the first relay.
         let amqp = env.amqp().await;
         let channel = amqp.create_channel().await.unwrap();

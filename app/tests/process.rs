@@ -8,12 +8,12 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    ServiceProcess, TestEnv, client, create_request, hard_timeout, idempotency_marker,
-    lock_waiters, orders_with_key, run_to_exit, wait_until,
+    Sandbox, ServiceProcess, client, create_request, hard_timeout, idempotency_marker,
+    lock_waiters, orders_with_key, run_to_exit, sandbox, wait_until,
 };
 use nix::sys::signal::Signal;
 use quiesce_protocol::client::Client;
-use quiesce_protocol::wire::{Outcome, Phase, StepVerb};
+use quiesce_protocol::wire::{Outcome, Phase, StepVerb, SubStep};
 use sqlx::Connection;
 use tonic::Code;
 
@@ -28,21 +28,15 @@ fn substep_lines(lines: &[String], message: &str) -> Vec<String> {
         .collect()
 }
 
-const ORDER: [&str; 8] = [
-    "stop-accepting",
-    "drain-in-flight",
-    "stop-cron",
-    "stop-consumer",
-    "stop-poller",
-    "close-mq",
-    "close-redis",
-    "close-db",
-];
+/// The eight sub-steps' names in order (the protocol's table).
+fn order() -> [&'static str; 8] {
+    SubStep::ALL.map(SubStep::as_str)
+}
 
 #[tokio::test]
 async fn sigterm_runs_every_step_in_order_and_exits_0() {
-    let env = TestEnv::new().await;
-    hard_timeout(90, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(90), async {
         let mut service = ServiceProcess::spawn(&env, &[("APP_SHUTDOWN_BUDGET", "10s")]).await;
         let mut c = client(service.grpc).await;
         for i in 0..3 {
@@ -54,8 +48,8 @@ async fn sigterm_runs_every_step_in_order_and_exits_0() {
         let status = service.wait_exit(Duration::from_secs(20)).await;
         let lines = service.lines();
         assert_eq!(status.code(), Some(0), "{}", lines.join("\n"));
-        assert_eq!(substep_lines(&lines, "sub-step started"), ORDER);
-        assert_eq!(substep_lines(&lines, "sub-step finished"), ORDER);
+        assert_eq!(substep_lines(&lines, "sub-step started"), order());
+        assert_eq!(substep_lines(&lines, "sub-step finished"), order());
         let last = lines
             .iter()
             .rev()
@@ -78,8 +72,8 @@ async fn sigterm_runs_every_step_in_order_and_exits_0() {
 
 #[tokio::test]
 async fn a_driver_runs_the_steps_over_the_control_socket_and_the_process_exits_after_close() {
-    let env = TestEnv::new().await;
-    hard_timeout(90, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(90), async {
         let dir = std::env::temp_dir().join(format!("order-control-{}", env.suffix));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("control.sock");
@@ -124,7 +118,7 @@ async fn a_driver_runs_the_steps_over_the_control_socket_and_the_process_exits_a
                 );
             }
         }
-        assert_eq!(substeps, ORDER);
+        assert_eq!(substeps, order());
         let status = service.wait_exit(Duration::from_secs(10)).await;
         assert_eq!(status.code(), Some(0), "{}", service.lines().join("\n"));
         assert!(!socket.exists(), "the socket file is removed on exit");
@@ -135,8 +129,8 @@ async fn a_driver_runs_the_steps_over_the_control_socket_and_the_process_exits_a
 
 #[tokio::test]
 async fn an_unreachable_dependency_exits_69_naming_it_and_the_fix() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let (code, stderr) = run_to_exit(
             &env,
             &[
@@ -175,8 +169,8 @@ async fn an_unreachable_dependency_exits_69_naming_it_and_the_fix() {
 
 #[tokio::test]
 async fn bad_configuration_exits_78_naming_the_key() {
-    let env = TestEnv::new().await;
-    hard_timeout(30, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(30), async {
         let (code, stderr) =
             run_to_exit(&env, &[("APP_POLL_BATCH", "0")], Duration::from_secs(10)).await;
         assert_eq!(code, Some(78), "{stderr}");
@@ -198,7 +192,7 @@ async fn bad_configuration_exits_78_naming_the_key() {
 
 /// An open transaction holding an uncommitted order with idempotency key `key`: the service's
 /// insert of that key waits on the unique index until it ends.
-async fn hold_key(env: &TestEnv, key: &str) -> sqlx::PgConnection {
+async fn hold_key(env: &Sandbox, key: &str) -> sqlx::PgConnection {
     let mut conn = sqlx::PgConnection::connect(&env.database_url())
         .await
         .unwrap();
@@ -226,8 +220,8 @@ async fn rollback(mut conn: sqlx::PgConnection) {
 /// exactly once as soon as its lease (the request's 3 s `grpc-timeout`) is over.
 #[tokio::test]
 async fn keys_of_a_process_killed_mid_request_resolve_on_a_fresh_process() {
-    let env = TestEnv::new().await;
-    hard_timeout(120, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(120), async {
         let mut first = ServiceProcess::spawn(&env, &[("APP_IDEMPOTENCY_LEASE", "60s")]).await;
         let pool = env.pool().await;
         let (commit_holder, lost_holder) = (

@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{TestEnv, hard_timeout, insert_pending_orders, scalar};
+use std::time::Duration;
+
+use common::{Sandbox, hard_timeout, insert_pending_orders, sandbox, scalar};
 use order_service::db::orders::{self, CancelResult, CreateError};
 use order_service::db::payments::{self, PaymentEffect, PaymentKind};
 use order_service::db::{Db, outbox};
@@ -12,7 +14,7 @@ fn new_order(customer: &str) -> NewOrder {
     NewOrder::validate(customer, [("a".to_owned(), 2, 150), ("b".to_owned(), 1, 5)]).unwrap()
 }
 
-async fn migrated(env: &TestEnv) -> Db {
+async fn migrated(env: &Sandbox) -> Db {
     Db::connect(&env.config())
         .await
         .expect("connect and migrate")
@@ -20,8 +22,8 @@ async fn migrated(env: &TestEnv) -> Db {
 
 #[tokio::test]
 async fn migrations_create_the_schema_and_rerun_cleanly() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let db = migrated(&env).await;
         let pool = db.pool();
         let tables = scalar(
@@ -62,8 +64,8 @@ async fn migrations_create_the_schema_and_rerun_cleanly() {
 
 #[tokio::test]
 async fn missing_database_is_created_at_start() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let mut config = env.config();
         // A second, not yet existing database on the same server.
         let missing = format!("{}_new", env.database);
@@ -89,8 +91,8 @@ async fn missing_database_is_created_at_start() {
 
 #[tokio::test]
 async fn create_writes_order_items_and_event_in_one_transaction() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let db = migrated(&env).await;
         let pool = db.pool();
         let order = orders::create(&mut pool.acquire().await.unwrap(), &new_order("c1"), None)
@@ -145,8 +147,8 @@ async fn create_writes_order_items_and_event_in_one_transaction() {
 
 #[tokio::test]
 async fn claim_skips_rows_locked_by_another_poller_and_mark_sent_hides_them() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let db = migrated(&env).await;
         let pool = db.pool();
         for i in 0..5 {
@@ -176,8 +178,8 @@ async fn claim_skips_rows_locked_by_another_poller_and_mark_sent_hides_them() {
 
 #[tokio::test]
 async fn list_pages_newest_first_and_filters_by_customer() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let db = migrated(&env).await;
         let pool = db.pool();
         let mut created = Vec::new();
@@ -223,8 +225,8 @@ async fn list_pages_newest_first_and_filters_by_customer() {
 
 #[tokio::test]
 async fn cancel_moves_only_pending_orders_and_writes_an_event() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let db = migrated(&env).await;
         let pool = db.pool();
         let order = orders::create(&mut pool.acquire().await.unwrap(), &new_order("c"), None)
@@ -278,8 +280,8 @@ async fn cancel_moves_only_pending_orders_and_writes_an_event() {
 
 #[tokio::test]
 async fn payment_message_applies_once() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let db = migrated(&env).await;
         let pool = db.pool();
         let order = orders::create(&mut pool.acquire().await.unwrap(), &new_order("c"), None)
@@ -353,8 +355,8 @@ async fn payment_message_applies_once() {
 
 #[tokio::test]
 async fn expiry_moves_old_pending_orders_with_events_and_counts_stuck() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let db = migrated(&env).await;
         let pool = db.pool();
         let ids = insert_pending_orders(pool, 3).await;

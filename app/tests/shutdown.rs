@@ -6,9 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    TestEnv, client, confirm_channel, create_request, hard_timeout, idempotency_marker,
-    insert_pending_orders, lock_waiters, orders_with_key, publish_payment, queue_depth, scalar,
-    wait_until,
+    Sandbox, client, confirm_channel, create_request, hard_timeout, idempotency_marker,
+    insert_pending_orders, lock_waiters, orders_with_key, publish_payment, queue_depth, sandbox,
+    scalar, wait_until,
 };
 use order_service::App;
 use order_service::control::{SubStep, stop_all};
@@ -23,7 +23,7 @@ fn secs(n: u64) -> Instant {
     Instant::now() + Duration::from_secs(n)
 }
 
-async fn lock_order(env: &TestEnv, id: &str) -> sqlx::PgConnection {
+async fn lock_order(env: &Sandbox, id: &str) -> sqlx::PgConnection {
     let mut conn = sqlx::PgConnection::connect(&env.database_url())
         .await
         .unwrap();
@@ -42,8 +42,8 @@ async fn release(mut conn: sqlx::PgConnection) {
 
 #[tokio::test]
 async fn stop_accepting_refuses_connections_and_drain_waits_for_in_flight() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let app = App::start(env.config()).await.expect("start");
         let addr = app.grpc_addr();
         let mut c = client(addr).await;
@@ -111,8 +111,8 @@ async fn stop_accepting_refuses_connections_and_drain_waits_for_in_flight() {
 
 #[tokio::test]
 async fn drain_deadline_cancels_what_is_still_running() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let app = App::start(env.config()).await.expect("start");
         let mut c = client(app.grpc_addr()).await;
         let order = c
@@ -173,8 +173,8 @@ async fn drain_deadline_cancels_what_is_still_running() {
 #[tokio::test]
 async fn a_create_cancelled_at_the_drain_deadline_takes_its_db_work_and_its_key_with_it() {
     const KEY: &str = "key-drain";
-    let env = TestEnv::new().await;
-    hard_timeout(90, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(90), async {
         let app = App::start(env.config()).await.expect("start");
         let pool = env.pool().await;
         // The expiry job runs once at start and reads `orders`: let it finish before locking.
@@ -275,8 +275,8 @@ async fn a_create_cancelled_at_the_drain_deadline_takes_its_db_work_and_its_key_
 
 #[tokio::test]
 async fn stop_cron_waits_for_the_running_job() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let mut config = env.config();
         config.cron_interval = Duration::from_millis(100);
         config.expire_after = Duration::from_secs(3600);
@@ -342,8 +342,8 @@ async fn stop_cron_waits_for_the_running_job() {
 
 #[tokio::test]
 async fn stop_consumer_acks_running_handlers_and_requeues_the_prefetched() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let mut config = env.config();
         config.prefetch = 20;
         config.consumer_concurrency = 4;
@@ -413,7 +413,7 @@ async fn stop_consumer_acks_running_handlers_and_requeues_the_prefetched() {
     .await;
 }
 
-async fn start_idle_poller(env: &TestEnv) -> std::sync::Arc<App> {
+async fn start_idle_poller(env: &Sandbox) -> std::sync::Arc<App> {
     let mut config = env.config();
     config.poll_interval = Duration::from_secs(3600);
     config.poll_batch = 100;
@@ -433,7 +433,7 @@ async fn insert_events(pool: &sqlx::PgPool, n: i64) {
 
 /// The test holds a SHARE lock on `outbox`: the poller can claim (ROW SHARE) and publish, but
 /// its `UPDATE ... SET sent_at` waits — a batch stuck in progress.
-async fn share_lock_outbox(env: &TestEnv) -> sqlx::PgConnection {
+async fn share_lock_outbox(env: &Sandbox) -> sqlx::PgConnection {
     let mut conn = sqlx::PgConnection::connect(&env.database_url())
         .await
         .unwrap();
@@ -447,8 +447,8 @@ async fn share_lock_outbox(env: &TestEnv) -> sqlx::PgConnection {
 
 #[tokio::test]
 async fn stop_poller_finishes_the_batch_in_progress() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let app = start_idle_poller(&env).await;
         let pool = env.pool().await;
         wait_until("the poller idle", Duration::from_secs(5), || async {
@@ -497,8 +497,8 @@ async fn stop_poller_finishes_the_batch_in_progress() {
 
 #[tokio::test]
 async fn stop_poller_at_its_deadline_leaves_the_batch_unsent() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let app = start_idle_poller(&env).await;
         let pool = env.pool().await;
         wait_until("the poller idle", Duration::from_secs(5), || async {
@@ -536,8 +536,8 @@ async fn stop_poller_at_its_deadline_leaves_the_batch_unsent() {
 
 #[tokio::test]
 async fn the_whole_sequence_runs_in_order_and_closes_everything() {
-    let env = TestEnv::new().await;
-    hard_timeout(60, async {
+    let env = sandbox().await;
+    hard_timeout(Duration::from_secs(60), async {
         let app = App::start(env.config()).await.expect("start");
         let mut c = client(app.grpc_addr()).await;
         for i in 0..5 {
@@ -563,19 +563,7 @@ async fn the_whole_sequence_runs_in_order_and_closes_everything() {
         );
         let substeps: Vec<&SubStepReply> = results.iter().flat_map(|r| &r.substeps).collect();
         let names: Vec<String> = substeps.iter().map(|s| s.name.to_string()).collect();
-        assert_eq!(
-            names,
-            [
-                "stop-accepting",
-                "drain-in-flight",
-                "stop-cron",
-                "stop-consumer",
-                "stop-poller",
-                "close-mq",
-                "close-redis",
-                "close-db"
-            ]
-        );
+        assert_eq!(names, SubStep::ALL.map(SubStep::as_str));
         assert!(
             results.iter().all(|r| r.outcome == ProtocolOutcome::Ok),
             "{results:#?}"

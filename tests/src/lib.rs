@@ -19,6 +19,7 @@
 //! | zero-loss checks against the database and the broker | [`verify`] |
 //! | termination message and step logs, parsed | [`report`] |
 //! | the one CreateOrder request builder | [`requests`] |
+//! | every log line typed JSON: the check and its offences | [`log_types`] |
 //! | the scenarios (one concept per file: termination, faults, rolling update, set-up, figures) | [`scenario`] |
 //!
 //! # Why a simulator and not a cluster
@@ -34,6 +35,7 @@ pub mod endpoints;
 pub mod faults;
 pub mod kubelet;
 pub mod load;
+pub mod log_types;
 pub mod manifest;
 pub mod payments;
 pub mod pod;
@@ -48,12 +50,7 @@ use std::time::Duration;
 use scenario::Outcome;
 
 /// Runs `f` under a hard timeout: a hang fails the test instead of stalling the run.
-pub async fn hard_timeout<T>(limit: Duration, f: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("end-to-end test exceeded its hard timeout of {limit:?}"),
-    }
-}
+pub use order_service::testing::hard_timeout;
 
 /// Runs `sc` under the hard timeout `limit`, saves its figures as `report` (see
 /// [`scenario::save_report`]) and prints them.
@@ -173,7 +170,7 @@ pub fn assert_no_failed_request(o: &Outcome) {
 /// The supervisor logged the start of the nine steps in order, and the app of its eight
 /// sub-steps (steps 2 to 9) in order.
 pub fn assert_steps_logged_in_order(o: &Outcome) {
-    let wanted: Vec<&str> = report::STEPS.to_vec();
+    let wanted: Vec<&str> = report::steps().to_vec();
     let logged: Vec<&str> = o
         .logs
         .supervisor_started

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -85,31 +85,8 @@ async fn connect() -> Result<(Connection, Channel), String> {
 
 async fn publish(channel: &Channel, exchange: &str, p: &Published) -> Result<(), String> {
     let body = format!("{{\"order_id\":\"{}\",\"amount_cents\":4497}}", p.order_id);
-    let props = BasicProperties::default()
-        .with_message_id(p.message_id.as_str().into())
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2);
-    let confirm = tokio::time::timeout(Duration::from_secs(5), async {
-        channel
-            .basic_publish(
-                exchange.into(),
-                p.routing_key().into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                props,
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|_| "no publisher confirm within 5s".to_owned())??;
-    if confirm.is_ack() {
-        Ok(())
-    } else {
-        Err("the broker nacked the message".into())
-    }
+    let id = Some(p.message_id.as_str());
+    order_service::testing::publish(channel, exchange, p.routing_key(), id, body.as_bytes()).await
 }
 
 /// Publishes `p` until `wanted` copies are confirmed, (re)connecting `conn` as needed; gives

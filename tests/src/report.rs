@@ -7,18 +7,10 @@ use std::time::Duration;
 
 use crate::pod::LogLine;
 
-/// The nine steps in order, as the supervisor names them.
-pub const STEPS: [&str; 9] = [
-    "health-not-serving",
-    "stop-accepting",
-    "drain-in-flight",
-    "stop-cron",
-    "stop-consumer",
-    "stop-poller",
-    "close-mq",
-    "close-redis",
-    "close-db",
-];
+/// The nine steps' names in order, as the supervisor names them (the protocol's step table).
+pub fn steps() -> [&'static str; 9] {
+    order_service::control::STEPS.map(|s| s.name)
+}
 
 /// One row of the termination message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,8 +48,8 @@ impl Message {
     /// Complete: a header, all nine steps numbered 1..9 in order, a total.
     pub fn is_complete(&self) -> Result<(), String> {
         let names: Vec<&str> = self.numbered().iter().map(|r| r.name.as_str()).collect();
-        if names != STEPS {
-            return Err(format!("steps {names:?}, expected {STEPS:?}"));
+        if names != steps() {
+            return Err(format!("steps {names:?}, expected {:?}", steps()));
         }
         for (i, r) in self.numbered().iter().enumerate() {
             if r.number != Some(i as u8 + 1) {

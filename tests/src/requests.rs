@@ -1,25 +1,10 @@
 //! The one place the e2e package builds a CreateOrder request: the load's requests, the order a
 //! stuck payment handler waits on and the calls the PostgreSQL fault holds in flight are all
-//! [`create_order`] with different items.
+//! [`create_order`] (the app's `order_service::testing`, which its own tests use too) with
+//! different items.
 
-use order_service::proto::{CreateOrderRequest, LineItem};
-
-/// A CreateOrder for `customer` with `items` as `(sku, quantity, price_cents)`, under
-/// idempotency key `key` (empty: none).
-pub fn create_order(customer: &str, items: &[(&str, i32, i64)], key: &str) -> CreateOrderRequest {
-    CreateOrderRequest {
-        customer_id: customer.to_owned(),
-        items: items
-            .iter()
-            .map(|&(sku, quantity, price_cents)| LineItem {
-                sku: sku.to_owned(),
-                quantity,
-                price_cents,
-            })
-            .collect(),
-        idempotency_key: key.to_owned(),
-    }
-}
+use order_service::proto::CreateOrderRequest;
+pub use order_service::testing::create_order;
 
 /// The load's `n`-th CreateOrder of run `run`: one of 500 customers, one of 97 SKUs (1–3 of
 /// it at 19.99) plus shipping, its own idempotency key.

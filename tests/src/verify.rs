@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::Connection;
+use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
 use sqlx::PgPool;
 use tokio::time::Instant;
 
@@ -76,7 +76,7 @@ pub async fn queue_depth(queue: &str) -> u32 {
     let channel = conn.create_channel().await.unwrap_or_else(|e| {
         panic!("cannot read the depth of queue `{queue}`: opening a RabbitMQ channel failed: {e}")
     });
-    let depth = queue_depth_on(&channel, queue).await;
+    let depth = order_service::testing::queue_depth(&channel, queue).await;
     let _ = conn.close(200, "depth".into()).await;
     depth
 }
@@ -91,31 +91,10 @@ async fn connect_for_depth(queue: &str, within: Duration) -> Connection {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => panic!(
-                "cannot read the depth of queue `{queue}`: RabbitMQ (E2E_AMQP_URL or the local default) is not reachable after 10 s ({e}); is it running?"
+                "cannot read the depth of queue `{queue}`: RabbitMQ (TEST_AMQP_URL or the local default) is not reachable after 10 s ({e}); is it running?"
             ),
         }
     }
-}
-
-/// Messages ready in `queue` on an open `channel` (passive declare); panics naming the queue
-/// when it does not exist or the broker refuses.
-pub async fn queue_depth_on(channel: &Channel, queue: &str) -> u32 {
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot read the depth of queue `{queue}`: the passive declare failed ({e}); the queue does not exist (was the sandbox's topology declared?) or the broker refused"
-            )
-        })
-        .message_count()
 }
 
 /// Waits (polling, up to `within`) until every confirmed message is processed, then checks

@@ -470,62 +470,26 @@ async fn run_publish(args: &Args, n: usize) -> Result<serde_json::Value, String>
 }
 
 async fn amqp_setup(args: &Args) -> Result<serde_json::Value, String> {
-    use lapin::options::{
-        ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-    };
-    use lapin::types::FieldTable;
     let conn = Connection::connect(&args.amqp_url, ConnectionProperties::default())
         .await
         .map_err(|e| format!("cannot connect to RabbitMQ: {e}"))?;
     let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+    let topology = order_service::mq::Topology::new(&args.mq_prefix);
     let mut out = json!({});
     if let Some(queue) = &args.bind_events_queue {
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
+        let exchange = &topology.events_exchange;
+        topology
+            .bind_events_queue(&channel, queue, "#")
             .await
-            .map_err(|e| format!("declare {queue}: {e}"))?;
-        let exchange = format!("{}.events", args.mq_prefix);
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| format!("bind {queue} to {exchange} (start order-service first): {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "declare {queue} and bind it to {exchange} (start order-service first): {e}"
+                )
+            })?;
         out["bound"] = json!({"queue": queue, "exchange": exchange});
     }
     if let Some(queues) = &args.delete_queues {
-        let p = &args.mq_prefix;
-        let mut deleted = Vec::new();
-        for queue in queues
-            .iter()
-            .cloned()
-            .chain([format!("{p}.payments"), format!("{p}.payments.dead")])
-        {
-            if channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .is_ok()
-            {
-                deleted.push(queue);
-            }
-        }
-        for exchange in [
-            format!("{p}.events"),
-            format!("{p}.payments"),
-            format!("{p}.dlx"),
-        ] {
-            let _ = channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        let deleted = topology.delete(&channel, queues).await;
         out["deleted_queues"] = json!(deleted);
     }
     let _ = conn.close(200, "order-load setup done".into()).await;
