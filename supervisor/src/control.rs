@@ -20,6 +20,7 @@ use tokio::time::{Instant, sleep, timeout_at};
 
 use crate::exit::StopResult;
 use crate::lifecycle::Lifecycle;
+use crate::logging::json_list;
 use crate::state::{Control, Shared, StepRecord, ms};
 use crate::steps::{Extra, STEPS, verbs};
 use crate::stop::{self, StopCtx};
@@ -48,7 +49,7 @@ pub async fn connect(
         match Client::connect(path).await {
             Ok(c) if let Err(why) = listener_is_the_app(&c) => {
                 if why != last_err {
-                    tracing::error!(socket = %path.display(), ?role, reason = %why, "refusing the process listening at the control socket; retrying until the app listens there");
+                    tracing::error!(socket = %path.display(), role = role.as_str(), reason = %why, "refusing the process listening at the control socket; retrying until the app listens there");
                 }
                 last_err = why;
             }
@@ -63,7 +64,7 @@ pub async fn connect(
         sleep(RETRY).await;
     }
     if !last_err.is_empty() {
-        tracing::warn!(socket = %path.display(), ?role, error = %last_err, "control connection not established");
+        tracing::warn!(socket = %path.display(), role = role.as_str(), error = %last_err, "control connection not established");
     }
     None
 }
@@ -90,7 +91,7 @@ pub async fn connect_driver(
     match connect(&path, Role::Driver, until, &life).await {
         Some((client, mut hello)) => {
             bound_services(&mut hello.services);
-            tracing::info!(app = %hello.app, pid = hello.pid, services = ?hello.services, registered = ?hello.registered, "app said hello");
+            tracing::info!(app = %hello.app, pid = hello.pid, services = %json_list(&hello.services), registered = %json_list(&hello.registered), "app said hello");
             *driver.0.lock().await = Some(client);
             shared.lock().control = Control::Connected;
             hello_tx.send_replace(Some(hello));
@@ -518,7 +519,7 @@ fn record_reply(ctx: &StopCtx, rows: &[usize], began: Instant, reply: &StepReply
             counts,
             detail,
         };
-        tracing::info!(step = %r.name, outcome = r.outcome.as_str(), duration_ms = r.duration_ms, counts = ?r.counts, detail = %r.detail, "step end");
+        tracing::info!(step = %r.name, outcome = r.outcome.as_str(), duration_ms = r.duration_ms, counts = %serde_json::to_string(&r.counts).unwrap_or_default(), detail = %r.detail, "step end");
         ctx.shared.record(r);
         offset += duration;
     }

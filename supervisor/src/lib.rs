@@ -174,6 +174,7 @@ fn start_probe_thread(
         (Err(e), _) | (_, Err(e)) => return Err(fail(code::BIND, &e)),
     };
     if metrics_l.is_some() {
+        shared.metrics.budgets(cfg);
         shared.metrics.with_process_metrics();
     }
     if health_l.is_none() && metrics_l.is_none() {

@@ -1,11 +1,20 @@
 //! Logs: JSON lines when stderr is not a terminal (Loki-friendly), human text when it is.
 //!
-//! A plain level filter, not `EnvFilter`: the supervisor logs from one crate, and a regex engine would cost
-//! every pod memory and start-up time for nothing.
+//! The supervisor's own `tracing` subscriber, about a hundred lines: it logs from one crate, without spans,
+//! so `tracing-subscriber`'s layers, filters and formatters would cost every pod code, memory and start-up
+//! time for nothing. A JSON line is one object: `timestamp` (RFC 3339, UTC), `level`, `message`, then the
+//! event's fields in order. Every field keeps its type: integers are numbers, booleans booleans, and a field
+//! logged as JSON text (a list such as the command, the step counts) is nested as that array or object
+//! ([`json_list`]), never a string of escaped JSON or Rust debug output.
 
-use std::io::IsTerminal;
+use std::fmt::{self, Write as _};
+use std::io::{IsTerminal, Write as _};
 
+use serde_json::Value;
+use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Metadata};
 
 use crate::config::LogFormat;
 
@@ -15,41 +24,241 @@ pub fn init(format: LogFormat, level: LevelFilter) {
         LogFormat::Human => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(|| Stderr)
-        .with_target(false);
-    let _ = if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init()
-    } else {
-        builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init()
+    let _ = tracing::subscriber::set_global_default(Lines { json, level });
+}
+
+/// An event at INFO when `loud`, else at DEBUG. In signal mode the stop's narration (its start, the steps,
+/// the child's end) is DEBUG, so a default run logs like tini: a start line and the final `exiting` line,
+/// whose reason tells the story; control mode narrates every step at INFO.
+#[macro_export]
+macro_rules! narrate {
+    ($loud:expr, $($arg:tt)+) => {
+        if $loud {
+            tracing::info!($($arg)+)
+        } else {
+            tracing::debug!($($arg)+)
+        }
     };
 }
 
-/// stderr that never fails: PID 1 must outlive a closed log pipe (a restarting log collector), so a
-/// write error drops the line instead of reaching tracing's `eprintln!`, which would panic.
-struct Stderr;
+/// A list logged as a JSON array: `command = %json_list(&argv)`.
+pub fn json_list<T: serde::Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).unwrap_or_default()
+}
 
-impl std::io::Write for Stderr {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let _ = std::io::stderr().write_all(buf);
-        Ok(buf.len())
+/// The subscriber: every enabled event becomes one line on stderr.
+struct Lines {
+    json: bool,
+    level: LevelFilter,
+}
+
+impl tracing::Subscriber for Lines {
+    fn enabled(&self, meta: &Metadata<'_>) -> bool {
+        *meta.level() <= self.level
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(self.level)
+    }
+
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let level = event.metadata().level().as_str();
+        let line = if self.json {
+            fields.json_line(level)
+        } else {
+            fields.human_line(level)
+        };
+        say(&line);
+    }
+
+    fn enter(&self, _: &Id) {}
+
+    fn exit(&self, _: &Id) {}
+}
+
+/// One event's message and fields, typed.
+#[derive(Default)]
+struct Fields {
+    message: String,
+    fields: Vec<(&'static str, Value)>,
+}
+
+impl Fields {
+    /// `timestamp`, `level` and `message` first, then the fields in the order they were given.
+    fn json_line(self, level: &str) -> String {
+        let head = [
+            ("timestamp", Value::String(timestamp())),
+            ("level", Value::String(level.to_uppercase())),
+            ("message", Value::String(self.message)),
+        ];
+        let mut line = String::from("{");
+        for (i, (k, v)) in head.into_iter().chain(self.fields).enumerate() {
+            if i > 0 {
+                line.push(',');
+            }
+            let _ = write!(line, "{}:{v}", Value::from(k));
+        }
+        line.push('}');
+        line
+    }
+
+    fn human_line(self, level: &str) -> String {
+        let mut out = format!(
+            "{} {:>5} {}",
+            timestamp(),
+            level.to_uppercase(),
+            self.message
+        );
+        for (k, v) in self.fields {
+            match v {
+                Value::String(s) => {
+                    let _ = write!(out, " {k}={s}");
+                }
+                v => {
+                    let _ = write!(out, " {k}={v}");
+                }
+            }
+        }
+        out
+    }
+
+    fn push(&mut self, field: &Field, value: Value) {
+        self.fields.push((field.name(), value));
+    }
+
+    fn text(&mut self, field: &Field, text: String) {
+        if field.name() == "message" {
+            self.message = text;
+            return;
+        }
+        let value = match text.as_bytes().first() {
+            Some(b'[' | b'{') => serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            _ => Value::String(text),
+        };
+        self.push(field, value);
     }
 }
 
-/// One line on stderr for the supervisor's own failures; ignored if stderr is gone (never panics,
-/// unlike `eprintln!`).
+impl Visit for Fields {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.push(field, Value::from(value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.push(field, Value::from(value));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.push(field, Value::from(value));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.push(field, Value::from(value));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.text(field, value.to_owned());
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.push(field, Value::String(value.to_string()));
+    }
+
+    // `%x` fields and the message arrive here, already formatted by their `Display`.
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.text(field, format!("{value:?}"));
+    }
+}
+
+/// Now as RFC 3339 in UTC with microseconds, e.g. `2026-12-02T06:45:44.520482Z`.
+fn timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(now.as_secs(), now.subsec_micros())
+}
+
+fn rfc3339(secs: u64, micros: u32) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// One line on stderr; ignored if stderr is gone (never panics, unlike `eprintln!`): PID 1 must outlive a
+/// closed log pipe, such as a restarting log collector.
 pub fn say(line: &str) {
-    use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
+        assert_eq!(
+            rfc3339(1_796_193_944, 520_482),
+            "2026-12-02T06:45:44.520482Z"
+        );
+    }
+
+    #[test]
+    fn fields_keep_their_types_and_lists_nest() {
+        let line = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        struct Capture(std::sync::Arc<std::sync::Mutex<String>>);
+        impl tracing::Subscriber for Capture {
+            fn enabled(&self, _: &Metadata<'_>) -> bool {
+                true
+            }
+            fn new_span(&self, _: &Attributes<'_>) -> Id {
+                Id::from_u64(1)
+            }
+            fn record(&self, _: &Id, _: &Record<'_>) {}
+            fn record_follows_from(&self, _: &Id, _: &Id) {}
+            fn event(&self, e: &Event<'_>) {
+                let mut f = Fields::default();
+                e.record(&mut f);
+                *self.0.lock().unwrap() = f.json_line("info");
+            }
+            fn enter(&self, _: &Id) {}
+            fn exit(&self, _: &Id) {}
+        }
+        tracing::subscriber::with_default(Capture(line.clone()), || {
+            let argv = ["sh".to_string(), "-c".into(), "exit 0".into()];
+            tracing::info!(pid = 7, ok = true, command = %json_list(&argv), why = "[not json", "child started");
+        });
+        let v: Value = serde_json::from_str(&line.lock().unwrap()).expect("one JSON object");
+        assert_eq!(v["message"], "child started");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["pid"], 7);
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["command"], serde_json::json!(["sh", "-c", "exit 0"]));
+        assert_eq!(v["why"], "[not json");
+    }
 }

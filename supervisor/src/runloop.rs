@@ -163,7 +163,7 @@ fn started(cfg: &Config, shared: &Shared, spec: &SpawnSpec, pid: i32) {
         crate::peer::warn_if_shared_dir(path);
     }
     shared.lock().child_pid = Some(pid);
-    tracing::info!(pid, command = ?spec.argv, "child started");
+    tracing::info!(pid, command = %crate::logging::json_list(&spec.argv), "child started");
 }
 
 /// The tasks that follow the app while it runs: the health tracker, and in control mode the observer poll
@@ -273,7 +273,7 @@ impl RunLoop {
         if let Some(end) = r.main
             && self.chans.life.exited(end)
         {
-            tracing::info!(pid = self.pid, status = %end, "child ended");
+            crate::narrate!(self.loud(), pid = self.pid, status = %end, "child ended");
             self.shared.metrics.child_exit(match end {
                 ChildEnd::Exited(_) => "exited",
                 ChildEnd::Signaled(_) => "signaled",
@@ -313,13 +313,13 @@ impl RunLoop {
         // Read before health flips: only NOT_SERVING answers from now on count for `health.observed_probes`.
         let probes_before = *self.chans.probes.borrow();
         if !self.chans.life.begin_stop(now, trigger.clone()) {
-            tracing::info!(%trigger, "shutdown already under way; not restarting it");
+            crate::narrate!(self.loud(), %trigger, "shutdown already under way; not restarting it");
             if !self.exited() {
                 stop::settle(&self.relay, self.pid, cfg.forward_to);
             }
             return;
         }
-        tracing::info!(%trigger, window_ms = ms(cfg.stop_window()), "shutdown started");
+        crate::narrate!(self.loud(), %trigger, window_ms = ms(cfg.stop_window()), "shutdown started");
         let ctx = StopCtx {
             cfg: cfg.clone(),
             shared: self.shared.clone(),
@@ -354,6 +354,10 @@ impl RunLoop {
                 self.stopped,
             )));
         }
+    }
+
+    fn loud(&self) -> bool {
+        self.cfg.mode() == crate::config::Mode::Control
     }
 
     fn exited(&self) -> bool {
@@ -502,7 +506,11 @@ async fn cleanup(
             Some(hard.map_or(reap, |h| reap.min(h))),
         )
     };
-    tracing::info!(outcome = outcome.as_str(), "leftover cleanup done");
+    crate::narrate!(
+        cfg.mode() == crate::config::Mode::Control || outcome != Outcome::Ok,
+        outcome = outcome.as_str(),
+        "leftover cleanup done"
+    );
     shared.record(crate::state::StepRecord {
         number: 0,
         name: crate::steps::Extra::Cleanup.name().into(),

@@ -65,6 +65,11 @@ impl StopCtx {
         self.deadline() - self.term_grace()
     }
 
+    /// Whether the stop's narration is logged at INFO ([`crate::narrate`]): in control mode.
+    pub fn loud(&self) -> bool {
+        self.cfg.mode() == crate::config::Mode::Control
+    }
+
     /// The main child's end, once the reaper saw it.
     pub fn end(&self) -> Option<ChildEnd> {
         self.life.now().end()
@@ -99,7 +104,7 @@ impl StopCtx {
             counts: Default::default(),
             detail,
         };
-        tracing::info!(step = %r.name, outcome = r.outcome.as_str(), duration_ms = r.duration_ms, detail = %r.detail, "step end");
+        crate::narrate!(self.loud(), step = %r.name, outcome = r.outcome.as_str(), duration_ms = r.duration_ms, detail = %r.detail, "step end");
         self.shared.record(r);
     }
 }
@@ -110,7 +115,12 @@ pub async fn step_one(ctx: &StopCtx) {
     // Health went NOT_SERVING when the stop began (the lifecycle's Stopping); only answers since count.
     let probes_before = ctx.probes_before;
     let delay = ctx.cfg.prestop_delay;
-    tracing::info!(step = STEPS[0].name, delay_ms = ms(delay), "step start");
+    crate::narrate!(
+        ctx.loud(),
+        step = STEPS[0].name,
+        delay_ms = ms(delay),
+        "step start"
+    );
     let until = ctx.start + delay;
     let want = ctx.cfg.health.observed_probes;
     let mut early = false;
@@ -241,7 +251,7 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopResult {
         ForwardTo::Child => format!("pid {}", ctx.pid),
         ForwardTo::Group => format!("process group {}", ctx.pid),
     };
-    tracing::info!(step = Extra::StopSignal.name(), signal = %send, %target, "step start");
+    crate::narrate!(ctx.loud(), step = Extra::StopSignal.name(), signal = %send, %target, "step start");
     deliver(ctx.pid, send, ctx.cfg.forward_to);
     ctx.relay
         .lock()
@@ -314,7 +324,7 @@ pub fn deliver(pid: i32, sig: Sig, to: ForwardTo) {
         ForwardTo::Group => Target::Group(pid),
     };
     if let Err(e) = send(target, sig) {
-        tracing::debug!(?target, signal = %sig, error = %e, "signal not delivered");
+        tracing::debug!(%target, signal = %sig, error = %e, "signal not delivered");
     }
 }
 

@@ -171,6 +171,16 @@ pub enum Target {
     Everyone,
 }
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Process(p) => write!(f, "pid {p}"),
+            Target::Group(g) => write!(f, "process group {g}"),
+            Target::Everyone => f.write_str("every process"),
+        }
+    }
+}
+
 /// The one way the supervisor sends a signal: kill(2) with any number, the realtime range included (which
 /// `nix::Signal` cannot name).
 pub fn send(target: Target, sig: crate::signals::Sig) -> nix::Result<()> {

@@ -116,7 +116,12 @@ fn app_ignoring_sigterm_is_killed_before_the_grace_period() {
 fn second_sigterm_does_not_restart_the_stop() {
     let s = Scratch::new();
     let signals = [libc::SIGTERM, libc::SIGTERM, libc::SIGINT];
-    let (status, buf) = stop_sleeping_app(&s, &["--prestop-delay", "1s"], &signals);
+    // The stop's narration is DEBUG in signal mode.
+    let (status, buf) = stop_sleeping_app(
+        &s,
+        &["--prestop-delay", "1s", "--log-level", "debug"],
+        &signals,
+    );
     assert_eq!(status.code(), Some(0));
     let logs = json_lines(&buf);
     let starts = logs
@@ -665,4 +670,54 @@ fn with_no_configuration_it_binds_no_port_and_asked_for_it_binds_exactly_those()
         ("QUIESCE_METRICS_ADDRESS", "127.0.0.2:0"),
     ]);
     assert_eq!(asked.len(), 2, "{asked:?}");
+}
+
+#[test]
+fn a_default_run_logs_a_start_line_and_the_exiting_line_only() {
+    let s = Scratch::new();
+    let (status, buf) = stop_sleeping_app(&s, &[], &[libc::SIGTERM]);
+    assert_eq!(status.code(), Some(0));
+    let logs = json_lines(&buf);
+    let messages: Vec<&str> = logs.iter().filter_map(|l| l["message"].as_str()).collect();
+    assert_eq!(messages, ["child started", "exiting"], "{logs:?}");
+    assert!(
+        logs[0]["command"].is_array(),
+        "a list is a JSON array: {}",
+        logs[0]
+    );
+    assert!(
+        logs[0]["pid"].is_u64() && logs[1]["code"].is_i64(),
+        "{logs:?}"
+    );
+}
+
+#[test]
+fn one_health_transition_is_one_line_listing_the_services_it_changed() {
+    let s = Scratch::new();
+    let (_, buf) = stop_sleeping_app(
+        &s,
+        &[
+            "--health-enabled",
+            "true",
+            "--health-address",
+            "127.0.0.1:0",
+        ],
+        &[libc::SIGTERM],
+    );
+    let changes: Vec<serde_json::Value> = json_lines(&buf)
+        .into_iter()
+        .filter(|l| l["message"] == "health changed")
+        .collect();
+    let first = &changes[0];
+    assert_eq!(
+        first["serving"],
+        serde_json::json!(["overall", "liveness", "readiness", "startup"]),
+        "{changes:?}"
+    );
+    // The stop: readiness and startup go first, liveness once the app is gone; never one line per service.
+    assert!(changes.len() <= 3, "{changes:?}");
+    assert!(
+        changes.iter().all(|c| c["not_serving"].is_array()),
+        "{changes:?}"
+    );
 }

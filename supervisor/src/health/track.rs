@@ -7,6 +7,7 @@ use tokio::sync::watch;
 
 use super::{AppHealth, Inputs, Statuses, compute, reason};
 use crate::config::Config;
+use crate::logging::json_list;
 use crate::runloop::Watches;
 use crate::state::Shared;
 
@@ -46,6 +47,7 @@ pub async fn track(
 ) {
     let metrics = shared.metrics.clone();
     let control = cfg.mode() == crate::config::Mode::Control;
+    let loud = cfg.health.address.is_some();
     let (mut deps, mut live) = match app {
         Some(a) => (a.deps_ok, a.live_ok),
         None => (watch::channel(true).1, watch::channel(true).1),
@@ -72,13 +74,30 @@ pub async fn track(
             if *cur == next {
                 return false;
             }
+            let (mut up, mut down) = (Vec::new(), Vec::new());
             for (svc, serving) in &next {
                 if cur.get(svc) != Some(serving) {
-                    let name = if svc.is_empty() { "\"\"" } else { svc.as_str() };
-                    tracing::info!(service = name, serving, "health changed");
+                    // The overall service is "" on the wire; the log names it.
+                    let name = if svc.is_empty() {
+                        "overall"
+                    } else {
+                        svc.as_str()
+                    };
+                    if *serving {
+                        up.push(name)
+                    } else {
+                        down.push(name)
+                    }
                 }
                 metrics.health(svc, *serving);
             }
+            // One line per transition, listing what it changed; at INFO only when probes are served.
+            crate::narrate!(
+                loud,
+                serving = %json_list(&up),
+                not_serving = %json_list(&down),
+                "health changed"
+            );
             *cur = next.clone();
             true
         });
