@@ -12,6 +12,7 @@ use common::{
     lock_waiters, orders_with_key, run_to_exit, sandbox, wait_until,
 };
 use nix::sys::signal::Signal;
+use order_service::proto::order_service_client::OrderServiceClient;
 use quiesce_protocol::client::Client;
 use quiesce_protocol::wire::{Outcome, Phase, StepVerb, SubStep};
 use sqlx::Connection;
@@ -222,103 +223,125 @@ async fn rollback(mut conn: sqlx::PgConnection) {
 async fn keys_of_a_process_killed_mid_request_resolve_on_a_fresh_process() {
     let env = sandbox().await;
     hard_timeout(Duration::from_secs(120), async {
-        let mut first = ServiceProcess::spawn(&env, &[("APP_IDEMPOTENCY_LEASE", "60s")]).await;
         let pool = env.pool().await;
-        let (commit_holder, lost_holder) = (
-            hold_key(&env, "k-commit").await,
-            hold_key(&env, "k-lost").await,
-        );
-        let c = client(first.grpc).await;
-        let (mut c1, mut c2) = (c.clone(), c);
-        let calls = [
-            tokio::spawn(async move { c1.create_order(create_request("c", "k-commit")).await }),
-            tokio::spawn(async move {
-                let mut request = tonic::Request::new(create_request("c", "k-lost"));
-                request.set_timeout(Duration::from_secs(3));
-                c2.create_order(request).await
-            }),
-        ];
-        wait_until("both inserts waiting", Duration::from_secs(10), || async {
-            lock_waiters(&pool, None).await == 2
-        })
-        .await;
-        first.signal(Signal::SIGSTOP);
-        rollback(commit_holder).await;
-        wait_until("k-commit committed", Duration::from_secs(10), || async {
-            orders_with_key(&pool, "k-commit").await == 1
-        })
-        .await;
-        first.signal(Signal::SIGKILL);
-        assert_eq!(first.wait_exit(Duration::from_secs(10)).await.code(), None);
-        // PostgreSQL noticed the dead client and aborted its other insert.
-        wait_until(
-            "the orphaned insert aborted",
-            Duration::from_secs(5),
-            || async { lock_waiters(&pool, None).await == 0 },
-        )
-        .await;
-        rollback(lost_holder).await;
-        assert_eq!(orders_with_key(&pool, "k-lost").await, 0);
-        let committed: uuid::Uuid =
-            sqlx::query_scalar("SELECT id FROM orders WHERE idempotency_key = 'k-commit'")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        for call in calls {
-            call.abort();
-        }
-
+        let committed = kill_mid_request(&env, &pool).await;
         let second = ServiceProcess::spawn(&env, &[]).await;
         let mut c = client(second.grpc).await;
-        let (value, pttl) = idempotency_marker(&env, "k-commit").await;
-        assert!(
-            value.as_deref().is_some_and(|v| v.starts_with("pending|")),
-            "the dead request's marker is still there: {value:?}"
-        );
-        assert!(
-            (1..=60_000).contains(&pttl),
-            "the marker is a lease of at most idempotency_lease, not the key's TTL: {pttl} ms"
-        );
-        let replay = c
-            .create_order(create_request("c", "k-commit"))
-            .await
-            .expect("the committed order, not a refusal")
-            .into_inner();
-        assert!(replay.replayed);
-        assert_eq!(replay.order.unwrap().order_id, committed.to_string());
-        let (value, _) = idempotency_marker(&env, "k-commit").await;
-        assert!(
-            value
-                .as_deref()
-                .is_some_and(|v| v.starts_with("done|") && v.ends_with(&committed.to_string())),
-            "Redis repaired to done: {value:?}"
-        );
-
-        let (_, pttl) = idempotency_marker(&env, "k-lost").await;
-        assert!(
-            pttl <= 3_000,
-            "k-lost's lease is its grpc-timeout: {pttl} ms"
-        );
-        let created = retry_until_ok(&mut c, "k-lost", Duration::from_secs(10)).await;
-        assert!(!created.replayed);
-        let again = c
-            .create_order(create_request("c", "k-lost"))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(again.replayed);
-        assert_eq!(again.order, created.order);
+        committed_key_replays(&env, &mut c, committed).await;
+        lost_key_is_created_once(&env, &mut c).await;
         assert_eq!(orders_with_key(&pool, "k-lost").await, 1);
         assert_eq!(orders_with_key(&pool, "k-commit").await, 1);
     })
     .await;
 }
 
+/// A process with two keyed CreateOrders in flight behind held keys, SIGKILLed after
+/// `k-commit` committed and while `k-lost` still waits; returns the committed order's id.
+async fn kill_mid_request(env: &Sandbox, pool: &sqlx::PgPool) -> uuid::Uuid {
+    let mut first = ServiceProcess::spawn(env, &[("APP_IDEMPOTENCY_LEASE", "60s")]).await;
+    let (commit_holder, lost_holder) = (
+        hold_key(env, "k-commit").await,
+        hold_key(env, "k-lost").await,
+    );
+    let c = client(first.grpc).await;
+    let (mut c1, mut c2) = (c.clone(), c);
+    let calls = [
+        tokio::spawn(async move { c1.create_order(create_request("c", "k-commit")).await }),
+        tokio::spawn(async move {
+            let mut request = tonic::Request::new(create_request("c", "k-lost"));
+            request.set_timeout(Duration::from_secs(3));
+            c2.create_order(request).await
+        }),
+    ];
+    wait_until("both inserts waiting", Duration::from_secs(10), || async {
+        lock_waiters(pool, None).await == 2
+    })
+    .await;
+    first.signal(Signal::SIGSTOP);
+    rollback(commit_holder).await;
+    wait_until("k-commit committed", Duration::from_secs(10), || async {
+        orders_with_key(pool, "k-commit").await == 1
+    })
+    .await;
+    first.signal(Signal::SIGKILL);
+    assert_eq!(first.wait_exit(Duration::from_secs(10)).await.code(), None);
+    // PostgreSQL noticed the dead client and aborted its other insert.
+    wait_until(
+        "the orphaned insert aborted",
+        Duration::from_secs(5),
+        || async { lock_waiters(pool, None).await == 0 },
+    )
+    .await;
+    rollback(lost_holder).await;
+    assert_eq!(orders_with_key(pool, "k-lost").await, 0);
+    let committed: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM orders WHERE idempotency_key = 'k-commit'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    for call in calls {
+        call.abort();
+    }
+    committed
+}
+
+/// On the fresh process, `k-commit` (committed by the killed one) still has its pending lease,
+/// and CreateOrder returns the committed order at once and repairs the marker to done.
+async fn committed_key_replays(
+    env: &Sandbox,
+    c: &mut OrderServiceClient<tonic::transport::Channel>,
+    committed: uuid::Uuid,
+) {
+    let (value, pttl) = idempotency_marker(env, "k-commit").await;
+    assert!(
+        value.as_deref().is_some_and(|v| v.starts_with("pending|")),
+        "the dead request's marker is still there: {value:?}"
+    );
+    assert!(
+        (1..=60_000).contains(&pttl),
+        "the marker is a lease of at most idempotency_lease, not the key's TTL: {pttl} ms"
+    );
+    let replay = c
+        .create_order(create_request("c", "k-commit"))
+        .await
+        .expect("the committed order, not a refusal")
+        .into_inner();
+    assert!(replay.replayed);
+    assert_eq!(replay.order.unwrap().order_id, committed.to_string());
+    let (value, _) = idempotency_marker(env, "k-commit").await;
+    assert!(
+        value
+            .as_deref()
+            .is_some_and(|v| v.starts_with("done|") && v.ends_with(&committed.to_string())),
+        "Redis repaired to done: {value:?}"
+    );
+}
+
+/// On the fresh process, `k-lost` (never committed) is created once its short lease ends, and
+/// a repeat replays it.
+async fn lost_key_is_created_once(
+    env: &Sandbox,
+    c: &mut OrderServiceClient<tonic::transport::Channel>,
+) {
+    let (_, pttl) = idempotency_marker(env, "k-lost").await;
+    assert!(
+        pttl <= 3_000,
+        "k-lost's lease is its grpc-timeout: {pttl} ms"
+    );
+    let created = retry_until_ok(c, "k-lost", Duration::from_secs(10)).await;
+    assert!(!created.replayed);
+    let again = c
+        .create_order(create_request("c", "k-lost"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.order, created.order);
+}
+
 /// CreateOrder for `key`, retried on ABORTED (the documented "retry shortly") until `within`.
 async fn retry_until_ok(
-    c: &mut order_service::proto::order_service_client::OrderServiceClient<
-        tonic::transport::Channel,
-    >,
+    c: &mut OrderServiceClient<tonic::transport::Channel>,
     key: &str,
     within: Duration,
 ) -> order_service::proto::CreateOrderResponse {

@@ -219,30 +219,7 @@ async fn a_create_cancelled_at_the_drain_deadline_takes_its_db_work_and_its_key_
         )
         .await;
 
-        for substep in [
-            SubStep::StopCron,
-            SubStep::StopConsumer,
-            SubStep::StopPoller,
-            SubStep::CloseMq,
-            SubStep::CloseRedis,
-        ] {
-            let _ = app.run_substep(substep, secs(5)).await;
-        }
-        let started = Instant::now();
-        let close = app.run_substep(SubStep::CloseDb, secs(5)).await;
-        assert_eq!(close.outcome(), Outcome::Ok, "{close:?}");
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "close-db waited {:?} for the cancelled request's connection",
-            started.elapsed()
-        );
-        assert_eq!(close.get("connections_busy"), 0, "{close:?}");
-        assert_eq!(
-            idempotency_marker(&env, KEY).await.0,
-            None,
-            "the cancelled request released its pending marker"
-        );
-
+        close_db_at_once_and_marker_gone(&app, &env, KEY).await;
         sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
         assert_eq!(
             orders_with_key(&pool, KEY).await,
@@ -250,27 +227,61 @@ async fn a_create_cancelled_at_the_drain_deadline_takes_its_db_work_and_its_key_
             "the cancelled insert rolled back"
         );
         let app = App::start(env.config()).await.expect("a fresh instance");
-        let mut c = client(app.grpc_addr()).await;
-        let first = c
-            .create_order(create_request("c", KEY))
-            .await
-            .expect("the retry");
-        let first = first.into_inner();
-        assert!(
-            !first.replayed,
-            "nothing had been committed: the retry creates it"
-        );
-        let again = c
-            .create_order(create_request("c", KEY))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(again.replayed);
-        assert_eq!(again.order, first.order);
-        assert_eq!(orders_with_key(&pool, KEY).await, 1, "exactly one order");
+        retry_creates_once(&app, &pool, KEY).await;
         stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
+}
+
+/// The remaining sub-steps after a drain that cancelled a request: close-db finishes at once
+/// with no busy connection, and the request's pending marker is gone.
+async fn close_db_at_once_and_marker_gone(app: &App, env: &Sandbox, key: &str) {
+    for substep in [
+        SubStep::StopCron,
+        SubStep::StopConsumer,
+        SubStep::StopPoller,
+        SubStep::CloseMq,
+        SubStep::CloseRedis,
+    ] {
+        let _ = app.run_substep(substep, secs(5)).await;
+    }
+    let started = Instant::now();
+    let close = app.run_substep(SubStep::CloseDb, secs(5)).await;
+    assert_eq!(close.outcome(), Outcome::Ok, "{close:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "close-db waited {:?} for the cancelled request's connection",
+        started.elapsed()
+    );
+    assert_eq!(close.get("connections_busy"), 0, "{close:?}");
+    assert_eq!(
+        idempotency_marker(env, key).await.0,
+        None,
+        "the cancelled request released its pending marker"
+    );
+}
+
+/// A retry of `key` on a fresh instance creates the order (nothing had been committed), and a
+/// repeat replays it: exactly one order.
+async fn retry_creates_once(app: &App, pool: &sqlx::PgPool, key: &str) {
+    let mut c = client(app.grpc_addr()).await;
+    let first = c
+        .create_order(create_request("c", key))
+        .await
+        .expect("the retry");
+    let first = first.into_inner();
+    assert!(
+        !first.replayed,
+        "nothing had been committed: the retry creates it"
+    );
+    let again = c
+        .create_order(create_request("c", key))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.order, first.order);
+    assert_eq!(orders_with_key(pool, key).await, 1, "exactly one order");
 }
 
 #[tokio::test]
