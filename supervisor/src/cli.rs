@@ -72,6 +72,11 @@ pub enum CtlCmd {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// Follow the stop until the supervisor exits, then print its exit code and reason: on a terminal
+        /// the table is redrawn as steps finish, elsewhere one line per change. `--timeout` is then how
+        /// long the supervisor may stay silent.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
     /// Start the shutdown sequence, as SIGTERM would.
     Shutdown(ClientArgs),

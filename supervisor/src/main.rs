@@ -38,7 +38,17 @@ fn main() {
             format!("preStop delay over after {} ms", v["waited_ms"])
         }),
         Some(Sub::Ctl {
-            cmd: CtlCmd::Status { client: c, json },
+            cmd:
+                CtlCmd::Status {
+                    client: c,
+                    watch: true,
+                    ..
+                },
+        }) => watch(&c),
+        Some(Sub::Ctl {
+            cmd: CtlCmd::Status {
+                client: c, json, ..
+            },
         }) => client(&c.admin_socket, "status", c.timeout, |v| {
             if json {
                 v.to_string()
@@ -101,6 +111,19 @@ fn client(
             out(&format!("{}\n", show(&v).trim_end()));
             0
         }
+        Err((code, reason)) => {
+            quiesce::logging::say(&format!("quiesce: {reason}"));
+            code
+        }
+    }
+}
+
+/// `ctl status --watch`: the changes on stdout as they come, a lost supervisor on stderr with its code.
+fn watch(c: &quiesce::cli::ClientArgs) -> i32 {
+    use std::io::IsTerminal as _;
+    let tty = std::io::stdout().is_terminal();
+    match quiesce::admin::client::watch(&c.admin_socket, c.timeout, tty, &mut |t| out(t)) {
+        Ok(()) => 0,
         Err((code, reason)) => {
             quiesce::logging::say(&format!("quiesce: {reason}"));
             code

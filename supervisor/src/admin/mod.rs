@@ -6,6 +6,13 @@
 //! - `status`: phase, child pid, control connection, each shutdown step's outcome and timing.
 //! - `shutdown`: start the shutdown sequence, as SIGTERM would (joins one already running).
 //! - `prestop`: start step 1 (or join it) and reply once the preStop delay has passed.
+//! - `watch`: the `status` reply, then again each time it changes, then the supervisor's exit code and
+//!   reason (`quiesce ctl status --watch`). It is the one verb that answers more than once: the step rows
+//!   are not announced, so the server looks at the record every [`WATCH_POLL`] instead of every client
+//!   polling over its own connection, and only the server sees the exit decided ([`publish_exit`]) in the
+//!   last moments before the process ends. A watch is exempt from the idle timeout while it streams, but it
+//!   holds at most one line in flight (a client that stops reading is dropped after [`IDLE_TIMEOUT`]) and
+//!   at most [`MAX_WATCHERS`] of the connection slots, so watchers never take the slot `prestop` needs.
 //!
 //! The socket file follows `quiesce_protocol::socket`, the rule the app's control socket follows too: a stale
 //! socket is replaced, a live one or any other file refused, and exit removes only the file this supervisor
@@ -16,14 +23,16 @@ pub mod client;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
 
 use quiesce_protocol::socket::{self, Owner, Peer, SocketFile};
 use quiesce_protocol::wire::{ErrorCode, LineReader, Request, WireError, render_reply};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::lifecycle::Lifecycle;
 use crate::runloop::{Event, Watches};
@@ -86,6 +95,36 @@ fn reason(error: socket::BindError) -> String {
 pub const MAX_CONNECTIONS: usize = 16;
 /// A connection that sends no request for this long is closed.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// At most this many `watch` connections at once (out of [`MAX_CONNECTIONS`]).
+pub const MAX_WATCHERS: usize = 4;
+/// How often a watch looks at the record for new step rows.
+pub const WATCH_POLL: Duration = Duration::from_millis(100);
+/// A watch sends a line at least this often, the same state again if nothing changed, so its client can
+/// tell a quiet stop from a supervisor that stopped answering.
+pub const WATCH_KEEPALIVE: Duration = Duration::from_secs(5);
+/// How long [`publish_exit`] waits for the watchers to have the outcome before the supervisor goes on.
+pub const WATCH_FLUSH: Duration = Duration::from_millis(200);
+
+/// The supervisor's exit code and reason, once the end of the run decided them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Final {
+    code: i32,
+    reason: String,
+}
+
+/// Process-wide, like the exit itself: only watch connections subscribe, so its receiver count is the
+/// number of watchers.
+static OUTCOME: LazyLock<watch::Sender<Option<Final>>> = LazyLock::new(|| watch::channel(None).0);
+
+/// Tells every watcher how the supervisor ends, and waits (at most [`WATCH_FLUSH`], not at all without
+/// watchers) until each has written it: the process exits right after, taking the connections along.
+pub async fn publish_exit(code: i32, reason: &str) {
+    OUTCOME.send_replace(Some(Final {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(WATCH_FLUSH, OUTCOME.closed()).await;
+}
 
 /// Serves the admin socket on a thread and runtime of its own, so that no client, however busy, can delay
 /// the run loop, the reaper or the stop's timers.
@@ -193,6 +232,11 @@ async fn connection(
         };
         let reply = match Request::parse(&line) {
             Err(e) => e.render_reply(),
+            Ok(req) if req.verb() == "watch" => match req.check_keys(&[]) {
+                Err(e) => e.render_reply(),
+                // The connection is the watch's from here on, until the supervisor exits.
+                Ok(()) => return stream_watch(&mut reader, &mut wr, &shared, &watches).await,
+            },
             Ok(req) => answer(&req, &shared, &events, &mut watches).await,
         };
         wr.write_all(reply.as_bytes()).await?;
@@ -253,7 +297,72 @@ fn status(shared: &Shared, life: &Lifecycle) -> serde_json::Value {
 fn unknown_verb(verb: &str) -> String {
     WireError::new(
         ErrorCode::UnknownVerb,
-        format!("unknown verb '{verb}': the admin socket understands status, shutdown and prestop"),
+        format!(
+            "unknown verb '{verb}': the admin socket understands status, watch, shutdown and prestop"
+        ),
     )
     .render_reply()
+}
+
+/// The `watch` verb: a `status` line (`"event":"status"`) now and whenever it changes (the stop's elapsed
+/// time aside) or [`WATCH_KEEPALIVE`] passed, then `{"event":"exit","code":…,"reason":…}` once
+/// [`publish_exit`] was called, and the end of the connection. A line from the client ends it too.
+async fn stream_watch<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut LineReader<R>,
+    wr: &mut OwnedWriteHalf,
+    shared: &Shared,
+    watches: &Watches,
+) -> io::Result<()> {
+    // One runtime thread serves every connection: nothing else subscribes between the count and this.
+    if OUTCOME.receiver_count() >= MAX_WATCHERS {
+        let e = WireError::new(
+            ErrorCode::Internal,
+            format!("{MAX_WATCHERS} watches are already running; try again when one ends"),
+        );
+        return wr.write_all(e.render_reply().as_bytes()).await;
+    }
+    let mut outcome = OUTCOME.subscribe();
+    let mut life = watches.lifecycle.clone();
+    let (mut last, mut sent) = (serde_json::Value::Null, Instant::now());
+    // A half-close (`printf 'watch\n' | socat …`) only means the client has nothing more to say.
+    let mut listening = true;
+    loop {
+        let now = life.borrow_and_update().clone();
+        let mut v = status(shared, &now);
+        v["event"] = json!("status");
+        let mut key = v.clone();
+        if let Some(o) = key.as_object_mut() {
+            o.remove("stop_elapsed_ms");
+        }
+        if key != last || sent.elapsed() >= WATCH_KEEPALIVE {
+            send_line(wr, &render_reply(&v)).await?;
+            (last, sent) = (key, Instant::now());
+        }
+        let decided = outcome.borrow_and_update().clone();
+        if let Some(f) = decided {
+            let v = json!({"ok": true, "event": "exit", "code": f.code, "reason": f.reason});
+            return send_line(wr, &render_reply(&v)).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_POLL) => {}
+            Ok(()) = life.changed() => {}
+            Ok(()) = outcome.changed() => {}
+            r = reader.next_line(), if listening => match r {
+                Ok(None) => listening = false,
+                _ => return Ok(()),
+            },
+        }
+    }
+}
+
+/// One line to a watcher, who must read it within [`IDLE_TIMEOUT`]: a stalled client cannot make the
+/// supervisor hold more than this line.
+async fn send_line(wr: &mut OwnedWriteHalf, line: &str) -> io::Result<()> {
+    match tokio::time::timeout(IDLE_TIMEOUT, wr.write_all(line.as_bytes())).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the watcher stopped reading",
+        )),
+    }
 }
