@@ -6,10 +6,14 @@
 #   docker run --rm --stop-timeout 30 -e DATABASE_URL=... -e REDIS_URL=... -e AMQP_URL=... order-service
 #
 # The build is these commands, nothing else (CI runs them outside Docker to keep this file honest):
-#   cargo build --release --locked -p quiesce
+#   scripts/build-static.sh
 #   cargo build --release --locked -p order-service --bin order-service
 # Two invocations on purpose: cargo unifies features across the packages of one invocation, and
 # the supervisor must not pick up the app's tokio/tonic/sqlx features.
+#
+# quiesce is a static binary (static glibc: scripts/build-static.sh), so it needs nothing from the
+# runtime image. This image is distroless/cc because order-service links glibc dynamically; an image
+# that holds only quiesce and a static program can be FROM scratch or gcr.io/distroless/static.
 
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
@@ -17,13 +21,13 @@ WORKDIR /src
 ENV SQLX_OFFLINE=true \
     CARGO_TERM_COLOR=never
 COPY . .
-RUN cargo build --release --locked -p quiesce
+RUN scripts/build-static.sh
 RUN cargo build --release --locked -p order-service --bin order-service
 # Writable socket directory for uid 65532 (the runtime image has no shell to mkdir it).
 RUN install -d -m 0700 -o 65532 -g 65532 /out/run/quiesce
 
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=builder /src/target/release/quiesce /usr/local/bin/quiesce
+COPY --from=builder /src/target/x86_64-unknown-linux-gnu/release/quiesce /usr/local/bin/quiesce
 COPY --from=builder /src/target/release/order-service /usr/local/bin/order-service
 COPY --from=builder --chown=65532:65532 /out/run/quiesce /run/quiesce
 COPY deploy/docker/quiesce.toml /etc/quiesce/quiesce.toml

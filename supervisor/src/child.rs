@@ -6,13 +6,14 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nix::unistd::{Gid, Group, Uid, User};
+use nix::unistd::{Gid, Uid};
 
 use crate::exit::code;
 use crate::sys::{self, ExecPlan};
+use crate::users;
 
 /// Everything needed to start the child.
 #[derive(Clone, Debug)]
@@ -65,30 +66,53 @@ pub fn resolve_ids(
     if user.is_none() && group.is_none() {
         return Ok(None);
     }
+    // `user = "USER:GROUP"`, as `docker run --user` and Dockerfile `USER` spell it.
+    let (user, group) = match user.and_then(|u| u.split_once(':')) {
+        None => (user, group),
+        Some((u, g)) if group.is_none() => (Some(u), Some(g)),
+        Some(_) => {
+            return Err(SpawnError::Privilege(format!(
+                "user '{}' names a group and `group` is set too: give the group once",
+                user.unwrap_or_default()
+            )));
+        }
+    };
     let lookup_user = |u: &str| -> Result<(Uid, Option<Gid>), SpawnError> {
+        let passwd = Path::new(users::PASSWD);
         let found = match u.parse::<u32>() {
-            Ok(n) => User::from_uid(Uid::from_raw(n))
-                .ok()
-                .flatten()
-                .map(|p| (p.uid, Some(p.gid)))
-                .or(Some((Uid::from_raw(n), None))),
-            Err(_) => User::from_name(u)
-                .ok()
-                .flatten()
-                .map(|p| (p.uid, Some(p.gid))),
+            // A number needs no file; the file, when it lists it, gives its primary group.
+            Ok(n) => Ok(Some(
+                users::user_by_id(passwd, n).map_or((Uid::from_raw(n), None), |a| {
+                    (Uid::from_raw(a.uid), Some(Gid::from_raw(a.gid)))
+                }),
+            )),
+            Err(_) => users::user_by_name(passwd, u)
+                .map(|a| a.map(|a| (Uid::from_raw(a.uid), Some(Gid::from_raw(a.gid))))),
         };
-        found.ok_or_else(|| {
-            SpawnError::Privilege(format!(
-                "user '{u}' does not exist in /etc/passwd; use an existing name or a numeric uid"
-            ))
-        })
+        match found {
+            Ok(Some(ids)) => Ok(ids),
+            Ok(None) => Err(SpawnError::Privilege(format!(
+                "user '{u}' does not exist in {}; use an existing name or a numeric uid",
+                users::PASSWD
+            ))),
+            Err(why) => Err(SpawnError::Privilege(format!(
+                "user '{u}': {why}; use a numeric uid, or add the file to the image"
+            ))),
+        }
     };
     let lookup_group = |g: &str| -> Result<Gid, SpawnError> {
-        match g.parse::<u32>() {
-            Ok(n) => Ok(Gid::from_raw(n)),
-            Err(_) => Group::from_name(g).ok().flatten().map(|g| g.gid).ok_or_else(|| {
-                SpawnError::Privilege(format!("group '{g}' does not exist in /etc/group; use an existing name or a numeric gid"))
-            }),
+        if let Ok(n) = g.parse::<u32>() {
+            return Ok(Gid::from_raw(n));
+        }
+        match users::group_by_name(Path::new(users::GROUP), g) {
+            Ok(Some(gid)) => Ok(Gid::from_raw(gid)),
+            Ok(None) => Err(SpawnError::Privilege(format!(
+                "group '{g}' does not exist in {}; use an existing name or a numeric gid",
+                users::GROUP
+            ))),
+            Err(why) => Err(SpawnError::Privilege(format!(
+                "group '{g}': {why}; use a numeric gid, or add the file to the image"
+            ))),
         }
     };
     let (uid, primary) = match user {

@@ -40,7 +40,8 @@
 //! # Layout
 //!
 //! - [`config`], [`cli`]: keys, layers, validation; [`logging`]: tracing setup.
-//! - [`child`]: spawning (argv exec, process group, terminal, ids); [`sys`]: the unsafe bits.
+//! - [`child`]: spawning (argv exec, process group, terminal, ids); [`users`]: names from /etc/passwd and
+//!   /etc/group; [`sys`]: the unsafe bits.
 //! - [`signals`]: names, the forwarded set, rewrites; [`reaper`]: reaping and the leftover sweep.
 //! - [`steps`]: the nine-step table; [`stop`]: step 1, the stop signal, the deadline's force;
 //!   [`control`]: control mode, walking the table over the app's control socket.
@@ -69,6 +70,7 @@ pub mod state;
 pub mod steps;
 pub mod stop;
 pub mod sys;
+pub mod users;
 
 use std::sync::Arc;
 
