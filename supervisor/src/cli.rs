@@ -161,34 +161,7 @@ pub fn describe(cfg: &Config) -> String {
         "stop_signal: {}  stop_exit_code: {:?}",
         cfg.stop_signal, cfg.stop_exit_code
     );
-    let port =
-        |a: Option<std::net::SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
-    let _ = writeln!(
-        out,
-        "health: {}  ({})",
-        port(cfg.health.address),
-        cfg.health.why
-    );
-    let _ = writeln!(
-        out,
-        "metrics: {}  ({})",
-        port(cfg.metrics_address),
-        cfg.metrics_why
-    );
-    let ports: Vec<String> = [cfg.health.address, cfg.metrics_address]
-        .into_iter()
-        .flatten()
-        .map(|a| format!("tcp {a}"))
-        .collect();
-    let _ = writeln!(
-        out,
-        "ports bound: {}",
-        if ports.is_empty() {
-            "none".to_string()
-        } else {
-            ports.join(", ")
-        }
-    );
+    describe_ports(&mut out, cfg);
     let _ = writeln!(out, "shutdown steps:");
     let mut total = Duration::ZERO;
     for (i, s) in crate::steps::STEPS.iter().enumerate() {
@@ -218,6 +191,39 @@ pub fn describe(cfg: &Config) -> String {
         let _ = writeln!(out, "  warning: {w}");
     }
     out
+}
+
+/// Which ports `cfg` binds, and why each server is on or off.
+fn describe_ports(out: &mut String, cfg: &Config) {
+    use std::fmt::Write as _;
+    let port =
+        |a: Option<std::net::SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
+    let _ = writeln!(
+        out,
+        "health: {}  ({})",
+        port(cfg.health.address),
+        cfg.health.why
+    );
+    let _ = writeln!(
+        out,
+        "metrics: {}  ({})",
+        port(cfg.metrics_address),
+        cfg.metrics_why
+    );
+    let ports: Vec<String> = [cfg.health.address, cfg.metrics_address]
+        .into_iter()
+        .flatten()
+        .map(|a| format!("tcp {a}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "ports bound: {}",
+        if ports.is_empty() {
+            "none".to_string()
+        } else {
+            ports.join(", ")
+        }
+    );
 }
 
 /// Says so when the budgets (step 1's preStop delay included) do not fit the stop window. Not an error: at
