@@ -105,7 +105,12 @@ fn run_inner(cfg: Config, mask: nix::sys::signal::SigSet) -> Result<runloop::Exi
         })?;
     let sink = open_termination_log(&cfg);
     let cfg = Arc::new(cfg);
-    let shared = state::Shared::new(cfg.mode());
+    // Metrics are kept only when `/metrics` is served: nobody else reads them.
+    let metrics = match cfg.metrics_address {
+        Some(_) => metrics::Metrics::new(),
+        None => metrics::Metrics::off(),
+    };
+    let shared = state::Shared::with_metrics(cfg.mode(), metrics);
     let (chans, watches) = runloop::channels();
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     start_probe_thread(&cfg, &shared, &chans, &watches)?;

@@ -27,8 +27,57 @@ use crate::config::Config;
 use crate::state::{Outcome, StepRecord};
 use crate::steps::STEPS;
 
+/// The supervisor's metrics, or none at all when `/metrics` is not served: then nothing is registered and
+/// every update is a no-op, so a signal-mode run does not build a registry nobody reads.
 #[derive(Debug)]
-pub struct Metrics {
+pub struct Metrics(Option<Families>);
+
+/// Updates that pass straight to the families when metrics are on.
+macro_rules! delegate {
+    ($($(#[$m:meta])* fn $name:ident(&self $(, $a:ident: $t:ty)*);)*) => {
+        $($(#[$m])* pub fn $name(&self $(, $a: $t)*) {
+            if let Some(f) = &self.0 {
+                f.$name($($a),*)
+            }
+        })*
+    };
+}
+
+impl Metrics {
+    /// Every family registered (`/metrics` is served).
+    pub fn new() -> Metrics {
+        Metrics(Some(Families::new()))
+    }
+
+    /// No metrics: nothing registered, every update a no-op.
+    pub fn off() -> Metrics {
+        Metrics(None)
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        self.0.as_ref().map(Families::render).unwrap_or_default()
+    }
+
+    delegate! {
+        /// Adds the `process_*` family. Only when `/metrics` is served: the collector reads /proc at start-up.
+        fn with_process_metrics(&self);
+        /// Sets `quiesce_step_budget_seconds` for every row of the step table from the resolved config, once
+        /// at start-up (the dashboards and the 80 %-of-budget alert compare the step durations with it).
+        fn budgets(&self, cfg: &Config);
+        fn step(&self, r: &StepRecord);
+        fn health(&self, service: &str, serving: bool);
+        fn child_exit(&self, reason: &str);
+        fn reaped(&self, n: u64);
+        fn signal(&self, name: &str);
+        fn rtt(&self, verb: &str, secs: f64);
+        fn connections(&self, server: &str, delta: f64);
+        fn refused(&self, server: &str, limit: &str);
+        fn timed_out(&self, server: &str);
+    }
+}
+
+#[derive(Debug)]
+struct Families {
     registry: Registry,
     health: GaugeVec,
     step_duration: GaugeVec,
@@ -99,11 +148,11 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
-    pub fn new() -> Metrics {
+impl Families {
+    fn new() -> Families {
         let registry = Registry::new();
         let r = &registry;
-        Metrics {
+        Families {
             health: gauge_vec(
                 r,
                 "quiesce_health_status",
@@ -174,17 +223,14 @@ impl Metrics {
         }
     }
 
-    /// Adds the `process_*` family. Only when `/metrics` is served: the collector reads /proc at start-up.
-    pub fn with_process_metrics(&self) {
+    fn with_process_metrics(&self) {
         let pc = prometheus::process_collector::ProcessCollector::for_self();
         if let Err(e) = self.registry.register(Box::new(pc)) {
             tracing::warn!(error = %e, "process metrics unavailable");
         }
     }
 
-    /// Sets `quiesce_step_budget_seconds` for every row of the step table from the resolved config, once
-    /// at start-up (the dashboards and the 80 %-of-budget alert compare the step durations with it).
-    pub fn budgets(&self, cfg: &Config) {
+    fn budgets(&self, cfg: &Config) {
         for (step, budget) in STEPS.iter().zip(cfg.budgets) {
             self.step_budget
                 .with_label_values(&[step.name])
@@ -192,7 +238,7 @@ impl Metrics {
         }
     }
 
-    pub fn step(&self, r: &StepRecord) {
+    fn step(&self, r: &StepRecord) {
         self.step_duration
             .with_label_values(&[&r.name])
             .set(r.duration_ms as f64 / 1000.0);
@@ -204,43 +250,43 @@ impl Metrics {
         }
     }
 
-    pub fn health(&self, service: &str, serving: bool) {
+    fn health(&self, service: &str, serving: bool) {
         self.health
             .with_label_values(&[service])
             .set(if serving { 1.0 } else { 0.0 });
     }
 
-    pub fn child_exit(&self, reason: &str) {
+    fn child_exit(&self, reason: &str) {
         self.child_exits.with_label_values(&[reason]).inc();
     }
 
-    pub fn reaped(&self, n: u64) {
+    fn reaped(&self, n: u64) {
         self.zombies.inc_by(n);
     }
 
-    pub fn signal(&self, name: &str) {
+    fn signal(&self, name: &str) {
         self.signals.with_label_values(&[name]).inc();
     }
 
-    pub fn rtt(&self, verb: &str, secs: f64) {
+    fn rtt(&self, verb: &str, secs: f64) {
         self.rtt.with_label_values(&[verb]).observe(secs);
     }
 
-    pub fn connections(&self, server: &str, delta: f64) {
+    fn connections(&self, server: &str, delta: f64) {
         self.listener_open.with_label_values(&[server]).add(delta);
     }
 
-    pub fn refused(&self, server: &str, limit: &str) {
+    fn refused(&self, server: &str, limit: &str) {
         self.listener_refused
             .with_label_values(&[server, limit])
             .inc();
     }
 
-    pub fn timed_out(&self, server: &str) {
+    fn timed_out(&self, server: &str) {
         self.listener_timeouts.with_label_values(&[server]).inc();
     }
 
-    pub fn render(&self) -> Vec<u8> {
+    fn render(&self) -> Vec<u8> {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf

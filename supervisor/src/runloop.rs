@@ -449,6 +449,13 @@ async fn finish_up(
             }
         }
     }
+    // `quiesce ctl status --watch` clients get the outcome (at once when nobody watches); never past the
+    // stop's hard end.
+    let publish = crate::admin::publish_exit(code, &reason);
+    match start.map(|s| s + stop::exit_by(&cfg)) {
+        Some(hard) => drop(tokio::time::timeout_at(hard, publish).await),
+        None => publish.await,
+    }
     if let Some(until) = reap_until {
         // The report is out; give SIGKILLed leftovers a moment to be reaped, never past the hard end.
         let mut none_left = none_left;

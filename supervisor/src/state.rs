@@ -105,7 +105,12 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// With every metric registered (tests, and runs that serve `/metrics`).
     pub fn new(mode: Mode) -> Shared {
+        Shared::with_metrics(mode, Metrics::new())
+    }
+
+    pub fn with_metrics(mode: Mode, metrics: Metrics) -> Shared {
         let status = Arc::new(Mutex::new(Status {
             mode,
             child_pid: None,
@@ -122,7 +127,7 @@ impl Shared {
         }));
         Shared {
             status,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(metrics),
         }
     }
 
