@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::{ConfigError, Dur, ForwardTo, Level, LogFormat, StopExitCode};
 use crate::signals::{Rewrite, Sig};
-use quiesce_protocol::wire::SubStep;
+use quiesce_protocol::wire::{STEPS, SubStep};
 
 /// Top-level keys. Flags are `--key-name`, env `QUIESCE_KEY_NAME`.
 #[derive(Args, Deserialize, Debug, Default, Clone)]
@@ -114,92 +114,124 @@ pub struct ControlLayer {
     pub connect_timeout: Option<Dur>,
 }
 
-/// `[steps]`: per-step budgets of the nine-step table.
-#[derive(Args, Deserialize, Debug, Default, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct StepsLayer {
-    #[arg(
-        long = "steps-stop-accepting",
-        id = "steps-stop-accepting",
-        env = "QUIESCE_STEPS_STOP_ACCEPTING",
-        value_name = "DURATION"
-    )]
-    pub stop_accepting: Option<Dur>,
-    #[arg(
-        long = "steps-drain-in-flight",
-        id = "steps-drain-in-flight",
-        env = "QUIESCE_STEPS_DRAIN_IN_FLIGHT",
-        value_name = "DURATION"
-    )]
-    pub drain_in_flight: Option<Dur>,
-    #[arg(
-        long = "steps-stop-cron",
-        id = "steps-stop-cron",
-        env = "QUIESCE_STEPS_STOP_CRON",
-        value_name = "DURATION"
-    )]
-    pub stop_cron: Option<Dur>,
-    #[arg(
-        long = "steps-stop-consumer",
-        id = "steps-stop-consumer",
-        env = "QUIESCE_STEPS_STOP_CONSUMER",
-        value_name = "DURATION"
-    )]
-    pub stop_consumer: Option<Dur>,
-    #[arg(
-        long = "steps-stop-poller",
-        id = "steps-stop-poller",
-        env = "QUIESCE_STEPS_STOP_POLLER",
-        value_name = "DURATION"
-    )]
-    pub stop_poller: Option<Dur>,
-    #[arg(
-        long = "steps-close-mq",
-        id = "steps-close-mq",
-        env = "QUIESCE_STEPS_CLOSE_MQ",
-        value_name = "DURATION"
-    )]
-    pub close_mq: Option<Dur>,
-    #[arg(
-        long = "steps-close-redis",
-        id = "steps-close-redis",
-        env = "QUIESCE_STEPS_CLOSE_REDIS",
-        value_name = "DURATION"
-    )]
-    pub close_redis: Option<Dur>,
-    #[arg(
-        long = "steps-close-db",
-        id = "steps-close-db",
-        env = "QUIESCE_STEPS_CLOSE_DB",
-        value_name = "DURATION"
-    )]
-    pub close_db: Option<Dur>,
+/// `[steps]`: the budgets of steps 2–9, one per row of the step table ([`quiesce_protocol::wire::STEPS`]).
+/// The file keys (`stop_accepting`), flags (`--steps-stop-accepting`) and variables
+/// (`QUIESCE_STEPS_STOP_ACCEPTING`) are derived from the rows' config keys, so a step added to the table is
+/// configurable everywhere at once.
+#[derive(Debug, Default, Clone)]
+pub struct StepsLayer([Option<Dur>; APP_STEPS]);
+
+/// Steps 2–9: the rows with a sub-step.
+const APP_STEPS: usize = STEPS.len() - 1;
+
+/// The app's rows in table order, with their `[steps]` file key.
+fn app_rows() -> impl Iterator<Item = (SubStep, &'static str)> {
+    STEPS[1..]
+        .iter()
+        .zip(KEYS)
+        .filter_map(|(s, k)| Some((s.substep?, k)))
+}
+
+/// The flag (and clap id) of a `[steps]` key: `stop_accepting` → `steps-stop-accepting`.
+fn flag(key: &str) -> String {
+    format!("steps-{}", key.replace('_', "-"))
 }
 
 impl StepsLayer {
     pub(super) fn get(&self, sub: SubStep) -> Option<Dur> {
-        match sub {
-            SubStep::StopAccepting => self.stop_accepting,
-            SubStep::DrainInFlight => self.drain_in_flight,
-            SubStep::StopCron => self.stop_cron,
-            SubStep::StopConsumer => self.stop_consumer,
-            SubStep::StopPoller => self.stop_poller,
-            SubStep::CloseMq => self.close_mq,
-            SubStep::CloseRedis => self.close_redis,
-            SubStep::CloseDb => self.close_db,
-        }
+        app_rows()
+            .position(|(s, _)| s == sub)
+            .and_then(|i| self.0[i])
     }
+
     fn merge(self, lower: StepsLayer) -> StepsLayer {
-        StepsLayer {
-            stop_accepting: self.stop_accepting.or(lower.stop_accepting),
-            drain_in_flight: self.drain_in_flight.or(lower.drain_in_flight),
-            stop_cron: self.stop_cron.or(lower.stop_cron),
-            stop_consumer: self.stop_consumer.or(lower.stop_consumer),
-            stop_poller: self.stop_poller.or(lower.stop_poller),
-            close_mq: self.close_mq.or(lower.close_mq),
-            close_redis: self.close_redis.or(lower.close_redis),
-            close_db: self.close_db.or(lower.close_db),
+        StepsLayer(std::array::from_fn(|i| self.0[i].or(lower.0[i])))
+    }
+}
+
+impl clap::Args for StepsLayer {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        app_rows().fold(cmd, |cmd, (_, key)| {
+            cmd.arg(
+                clap::Arg::new(flag(key))
+                    .long(flag(key))
+                    .env(format!("QUIESCE_STEPS_{}", key.to_uppercase()))
+                    .value_name("DURATION")
+                    .value_parser(|v: &str| v.parse::<Dur>()),
+            )
+        })
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for StepsLayer {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut layer = StepsLayer::default();
+        layer.update_from_arg_matches(m)?;
+        Ok(layer)
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        for (i, (_, key)) in app_rows().enumerate() {
+            if let Some(d) = m.get_one::<Dur>(&flag(key)) {
+                self.0[i] = Some(*d);
+            }
         }
+        Ok(())
+    }
+}
+
+/// The `[steps]` file keys, from the table (`steps.stop_accepting` → `stop_accepting`).
+const KEYS: [&str; APP_STEPS] = {
+    let mut keys = [""; APP_STEPS];
+    let mut i = 0;
+    while i < APP_STEPS {
+        let (_, key) = STEPS[i + 1].config_key.as_bytes().split_at("steps.".len());
+        keys[i] = match std::str::from_utf8(key) {
+            Ok(s) => s,
+            Err(_) => panic!("config keys are ASCII"),
+        };
+        i += 1;
+    }
+    keys
+};
+
+/// A `[steps]` key, as its row index; an unknown key fails while the key is read, so the error points at it.
+struct Key(usize);
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let key = String::deserialize(d)?;
+        KEYS.iter()
+            .position(|k| *k == key)
+            .map(Key)
+            .ok_or_else(|| serde::de::Error::unknown_field(&key, &KEYS))
+    }
+}
+
+impl<'de> Deserialize<'de> for StepsLayer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Table;
+        impl<'de> serde::de::Visitor<'de> for Table {
+            type Value = StepsLayer;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a table of step budgets")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<StepsLayer, A::Error> {
+                let mut layer = StepsLayer::default();
+                while let Some(Key(i)) = map.next_key()? {
+                    layer.0[i] = Some(map.next_value()?);
+                }
+                Ok(layer)
+            }
+        }
+        d.deserialize_map(Table)
     }
 }
 
@@ -406,4 +438,39 @@ pub(super) fn non_empty(p: Option<PathBuf>) -> Option<PathBuf> {
 
 pub(super) fn non_blank(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.trim().is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::FromArgMatches as _;
+
+    #[test]
+    fn every_app_step_is_a_file_key_a_flag_and_a_variable() {
+        for (i, (sub, key)) in app_rows().enumerate() {
+            let secs = i as u64 + 1;
+            let file: StepsLayer =
+                toml::from_str(&format!("{key} = \"{secs}s\"\n")).expect("file key");
+            assert_eq!(
+                file.get(sub),
+                Some(Dur(std::time::Duration::from_secs(secs))),
+                "{key}"
+            );
+            let cmd = StepsLayer::augment_args(clap::Command::new("t"));
+            let m = cmd
+                .try_get_matches_from(["t", &format!("--{}", flag(key)), &format!("{secs}s")])
+                .expect("flag");
+            let flags = StepsLayer::from_arg_matches(&m).expect("matches");
+            assert_eq!(flags.get(sub), file.get(sub), "{key}");
+            let arg = StepsLayer::augment_args(clap::Command::new("t"))
+                .get_arguments()
+                .find(|a| a.get_id() == flag(key).as_str())
+                .map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()));
+            assert_eq!(
+                arg,
+                Some(Some(format!("QUIESCE_STEPS_{}", key.to_uppercase())))
+            );
+        }
+        assert_eq!(app_rows().count(), 8);
+    }
 }
