@@ -17,6 +17,14 @@
 //! | the termination message | [`report`] | its file opened at start-up, written once after the child and its leftovers are gone |
 //! | `unsafe` | [`sys`] | the pre-exec hook, signal masks and dispositions, `kill`, the arrival stamp |
 //!
+//! # The lifecycle ([`lifecycle`]: one state, one watch)
+//!
+//! ```text
+//!   Starting ──spawn──▶ Running ──SIGTERM/SIGINT, preStop, ctl shutdown──▶ Stopping { since, trigger, step_one_done }
+//!                          │                                                    │
+//!                          └──────────── main child reaped ───────────▶ Exited { end, stop } ◀──┘
+//! ```
+//!
 //! # A SIGTERM, from the kernel to the exit code
 //!
 //! 1. `main` blocked every signal first ([`sys::block_all`]), so a SIGTERM that comes before the handlers
