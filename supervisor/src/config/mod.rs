@@ -62,7 +62,7 @@ pub struct Config {
 
 #[derive(Clone, Debug)]
 pub struct HealthConfig {
-    /// `None` when the health server is turned off (the default: see [`serve`]).
+    /// `None` when the health server is turned off (the default: off unless enabled or given an address).
     pub address: Option<SocketAddr>,
     /// Why it is on or off, as `check-config` prints it.
     pub why: &'static str,
