@@ -10,12 +10,11 @@
 //! gets SIGTERM, and SIGKILL at the window's end.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use quiesce_protocol::client::{Client, ClientError};
 use quiesce_protocol::wire::{AgentCommand, HelloReply, Outcome, Role, StepReply, StepVerb};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout_at};
 
 use crate::exit::StopResult;
@@ -30,9 +29,9 @@ const REPLY_SLACK: Duration = Duration::from_millis(250);
 /// Pause between connection attempts while the app starts.
 const RETRY: Duration = Duration::from_millis(50);
 
-/// The driver connection, shared between the connector and the stop sequence.
-#[derive(Clone, Debug, Default)]
-pub struct Driver(Arc<Mutex<Option<Client>>>);
+/// The connector task ([`connect_driver`]): its result, the driver connection, goes to the stop sequence
+/// alone, which takes it when step 1 is over.
+pub type Connector = tokio::task::JoinHandle<Option<Client>>;
 
 /// What the app said in `hello`; `None` until it has.
 pub type HelloWatch = watch::Receiver<Option<HelloReply>>;
@@ -77,24 +76,23 @@ fn listener_is_the_app(c: &Client) -> Result<(), String> {
     crate::peer::check(&cred)
 }
 
-/// Connects the driver at start-up (retrying while the app starts); the stop sequence reconnects by itself
-/// if that connection breaks later.
+/// Connects the driver at start-up (retrying while the app starts) and returns the connection; the stop
+/// sequence reconnects by itself if that connection breaks later.
 pub async fn connect_driver(
     path: PathBuf,
     connect_timeout: Duration,
-    driver: Driver,
     hello_tx: watch::Sender<Option<HelloReply>>,
     shared: Shared,
     life: watch::Receiver<Lifecycle>,
-) {
+) -> Option<Client> {
     let until = Instant::now() + connect_timeout;
     match connect(&path, Role::Driver, until, &life).await {
         Some((client, mut hello)) => {
             bound_services(&mut hello.services);
             tracing::info!(app = %hello.app, pid = hello.pid, services = %json_list(&hello.services), registered = %json_list(&hello.registered), "app said hello");
-            *driver.0.lock().await = Some(client);
             shared.lock().control = Control::Connected;
             hello_tx.send_replace(Some(hello));
+            Some(client)
         }
         None => {
             if life.borrow().end().is_none() {
@@ -105,6 +103,7 @@ pub async fn connect_driver(
                 );
                 shared.lock().control = Control::NeverConnected;
             }
+            None
         }
     }
 }
@@ -136,9 +135,15 @@ fn bound_services(services: &mut Vec<String>) {
 }
 
 /// The control-mode stop: step 1, then each verb in table order, then wait for the app to exit.
-pub async fn sequence(ctx: StopCtx, driver: Driver) -> StopResult {
+pub async fn sequence(ctx: StopCtx, connector: Connector) -> StopResult {
     stop::step_one(&ctx).await;
-    let client = driver.0.lock().await.take();
+    // The connection the connector made, if it made one by now; one still trying is given up.
+    let client = if connector.is_finished() {
+        connector.await.ok().flatten()
+    } else {
+        connector.abort();
+        None
+    };
     if client.is_none() && !ctx.child_ended() {
         // The app never connected: the best we can do is ask it the signal way.
         tracing::warn!(

@@ -17,7 +17,7 @@ use quiesce_protocol::wire::HelloReply;
 
 use crate::child::{self, SpawnError, SpawnSpec};
 use crate::config::Config;
-use crate::control::{self, Driver, HelloWatch};
+use crate::control::{self, Connector, HelloWatch};
 use crate::exit::{self, ChildEnd, StopResult, code};
 use crate::health::{self, AppHealth, Statuses};
 use crate::lifecycle::{self, Lifecycle, Transitions};
@@ -168,7 +168,7 @@ fn started(cfg: &Config, shared: &Shared, spec: &SpawnSpec, pid: i32) {
 
 /// The tasks that follow the app while it runs: the health tracker, and in control mode the observer poll
 /// and the driver's connector (whose connection the stop sequence takes over).
-fn start_watchers(cfg: &Arc<Config>, shared: &Shared, chans: &Channels) -> Option<Driver> {
+fn start_watchers(cfg: &Arc<Config>, shared: &Shared, chans: &Channels) -> Option<Connector> {
     let app_health = cfg.control_socket.as_ref().map(|_| {
         // Not ready until the app's first `health` answer says so.
         let (deps_tx, deps_ok) = watch::channel(false);
@@ -191,16 +191,13 @@ fn start_watchers(cfg: &Arc<Config>, shared: &Shared, chans: &Channels) -> Optio
         shared.clone(),
     ));
     cfg.control_socket.clone().map(|path| {
-        let driver = Driver::default();
         tokio::spawn(control::connect_driver(
             path,
             cfg.control_connect_timeout,
-            driver.clone(),
             chans.hello.clone(),
             shared.clone(),
             chans.life.subscribe(),
-        ));
-        driver
+        ))
     })
 }
 
@@ -210,7 +207,7 @@ struct RunLoop {
     shared: Shared,
     chans: Channels,
     pid: i32,
-    driver: Option<Driver>,
+    driver: Option<Connector>,
     relay: Arc<std::sync::Mutex<stop::Relay>>,
     sink: Arc<std::sync::Mutex<Option<report::Sink>>>,
     none_left: (watch::Sender<bool>, watch::Receiver<bool>),
@@ -228,7 +225,7 @@ impl RunLoop {
         shared: Shared,
         chans: Channels,
         pid: i32,
-        driver: Option<Driver>,
+        driver: Option<Connector>,
         sink: Option<report::Sink>,
     ) -> RunLoop {
         RunLoop {
@@ -331,8 +328,8 @@ impl RunLoop {
             ask_with: stop::ask_signal(cfg, received),
             relay: self.relay.clone(),
         };
-        self.stop_task = Some(match &self.driver {
-            Some(d) => tokio::spawn(control::sequence(ctx, d.clone())),
+        self.stop_task = Some(match self.driver.take() {
+            Some(c) => tokio::spawn(control::sequence(ctx, c)),
             None => tokio::spawn(stop::signal_mode(ctx)),
         });
     }
