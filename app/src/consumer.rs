@@ -10,6 +10,8 @@
 //! - Stopping cancels the subscription (the broker sends nothing more), requeues the
 //!   prefetched messages no handler has started, waits for running handlers to commit and
 //!   ack, then closes the channel (anything still unacked returns to the queue).
+//! - Each message is handled in a consumer span, the child of the producer's `traceparent`
+//!   header when it carries one (traces on).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -28,6 +30,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::config::Config;
@@ -36,6 +39,7 @@ use crate::db::payments::{self, PaymentEffect, PaymentKind};
 use crate::metrics::Metrics;
 use crate::mq::Mq;
 use crate::report::{Report, deadline_reached};
+use crate::traces;
 use crate::worker::{WorkerEnd, WorkerTask};
 
 /// A payment message body. Other fields are ignored.
@@ -261,6 +265,28 @@ impl Worker {
     }
 
     async fn handle(&self, delivery: Delivery) {
+        let span = tracing::info_span!(
+            "payment.process",
+            otel.name = %format_args!("process {}", delivery.routing_key.as_str()),
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation = "process",
+            messaging.destination.name = %delivery.exchange.as_str(),
+            messaging.rabbitmq.destination.routing_key = %delivery.routing_key.as_str(),
+            messaging.message.id = tracing::field::Empty,
+        );
+        if let Some(id) = delivery.properties.message_id() {
+            span.record("messaging.message.id", id.as_str());
+        }
+        // The producer's trace continues here (the payment is the next step of the order's).
+        traces::set_parent(
+            &span,
+            traces::extract_amqp(delivery.properties.headers().as_ref()),
+        );
+        self.dispose(delivery).instrument(span).await;
+    }
+
+    async fn dispose(&self, delivery: Delivery) {
         let disposition = self.process(&delivery).await;
         let outcome = match disposition {
             Disposition::Ack(effect) => {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::db::{Db, orders};
@@ -113,7 +114,18 @@ impl Job {
                 _ = ticks.tick() => {}
             }
             self.shared.running.store(true, Ordering::SeqCst);
-            let result = self.run_once().await;
+            // Each run is its own trace.
+            let span = tracing::info_span!(
+                parent: None,
+                "cron.expire_orders",
+                otel.kind = "internal",
+                expired = tracing::field::Empty,
+            );
+            let result = self.run_once().instrument(span.clone()).await;
+            if let Ok(n) = &result {
+                span.record("expired", n);
+            }
+            let _in_run = span.enter();
             self.shared.running.store(false, Ordering::SeqCst);
             self.shared.runs.fetch_add(1, Ordering::SeqCst);
             let label = match result {

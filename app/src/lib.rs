@@ -30,7 +30,8 @@
 //! | Prometheus metrics / `/metrics` endpoint | `metrics.rs` / `metrics_server.rs` |
 //! | helpers over the protocol's step report (deadline reached, counts, soft deadline) | `report.rs` |
 //! | stopping a worker task: cancel, wait to the soft deadline, abort | `worker.rs` |
-//! | logging | `telemetry.rs` |
+//! | logging (JSON lines with trace ids) | `telemetry.rs` |
+//! | OpenTelemetry traces: OTLP export, W3C context propagation | `traces.rs` |
 
 pub mod app;
 pub mod breaker;
@@ -51,6 +52,7 @@ pub mod report;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod traces;
 pub mod worker;
 
 /// Generated `order.v1` protobuf types, server and client.

@@ -6,6 +6,7 @@
 use std::process::ExitCode;
 
 use order_service::config::Config;
+use order_service::traces::{self, TraceSettings};
 
 fn main() -> ExitCode {
     let config = match Config::load() {
@@ -15,17 +16,37 @@ fn main() -> ExitCode {
             return ExitCode::from(78);
         }
     };
-    order_service::telemetry::init(config.log_format);
+    let trace_settings = match TraceSettings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("order-service: {e}");
+            return ExitCode::from(78);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
+            order_service::telemetry::init(config.log_format);
             tracing::error!(code = 71, reason = %e, "exiting: cannot start the async runtime");
             return ExitCode::from(71);
         }
     };
+    // The OTLP exporter's channel and the export task need the runtime.
+    let traces = trace_settings.map(|s| {
+        let _runtime = runtime.enter();
+        traces::start(&s)
+    });
+    let traces = match traces.transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("order-service: {e}");
+            return ExitCode::from(78);
+        }
+    };
+    order_service::telemetry::init_with_traces(config.log_format, traces);
     runtime.block_on(async {
         match order_service::run(config, termination()).await {
             Ok(summary) => {

@@ -7,6 +7,8 @@
 //!   `circuit_breaker_state{breaker,state}` — the outbox poller
 //! - `mq_consumer_messages_total{outcome}` — the payment consumer
 //! - `saga_stuck_total`, `orders_expired_total`, `cron_runs_total` — the expiry job
+//! - `otel_spans_dropped_total`, `otel_spans_exported_total` — trace export (`traces.rs`;
+//!   process-wide counters, registered in every instance's registry)
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -103,6 +105,12 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let r = Registry::new();
+        for shared in [
+            &crate::traces::SPANS_DROPPED,
+            &crate::traces::SPANS_EXPORTED,
+        ] {
+            must(r.register(Box::new(IntCounter::clone(shared))));
+        }
         Self {
             grpc_started: counter_vec(
                 &r,

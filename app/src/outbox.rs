@@ -8,6 +8,10 @@
 //!
 //! A [`CircuitBreaker`] wraps publishing. Stopping lets the batch in progress finish (publish,
 //! confirm, commit) and claims no new one.
+//!
+//! With traces on, each event's publish is a producer span in the trace of the request that
+//! wrote it (its row stores the `traceparent`), and the message's `traceparent` header names
+//! that span, so the consumer of the event continues the trace.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +23,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::config::Config;
@@ -26,6 +31,7 @@ use crate::db::{Db, outbox};
 use crate::metrics::Metrics;
 use crate::mq::{Mq, MqError};
 use crate::report::{Report, deadline_reached};
+use crate::traces;
 use crate::worker::{WorkerEnd, WorkerTask};
 
 /// How long the poller waits for the broker's confirms of one batch.
@@ -274,8 +280,13 @@ impl Relay {
         let channel = self.channel().await?;
         let exchange = self.mq.topology.events_exchange.as_str();
         let mut confirms = Vec::with_capacity(batch.len());
+        // One producer span per event, in the trace of the change that wrote it; it ends once
+        // the batch is confirmed and marked sent.
+        let mut spans = Vec::with_capacity(batch.len());
         for event in &batch {
+            let span = publish_span(exchange, event);
             let properties = BasicProperties::default()
+                .with_headers(traces::amqp_headers(&span))
                 .with_message_id(event.event_id.to_string().into())
                 .with_type(event.event_type.as_str().into())
                 .with_content_type("application/json".into())
@@ -290,8 +301,10 @@ impl Relay {
                     event.payload.as_bytes(),
                     properties,
                 )
+                .instrument(span.clone())
                 .await?;
             confirms.push(confirm);
+            spans.push(span);
         }
         let confirmed = async {
             for (event, confirm) in batch.iter().zip(confirms) {
@@ -321,6 +334,28 @@ impl Relay {
             .fetch_add(batch.len() as u64, Ordering::SeqCst);
         self.shared.batches_total.fetch_add(1, Ordering::SeqCst);
         self.shared.batch_in_progress.store(0, Ordering::SeqCst);
+        drop(spans);
         Ok(batch.len())
     }
+}
+
+/// The producer span of relaying `event`: the child of the context stored with its row (a root
+/// when there is none).
+fn publish_span(exchange: &str, event: &outbox::OutboxEvent) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "outbox.publish",
+        otel.name = %format_args!("publish {}", event.event_type),
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        messaging.operation = "publish",
+        messaging.destination.name = exchange,
+        messaging.rabbitmq.destination.routing_key = %event.event_type,
+        messaging.message.id = %event.event_id,
+    );
+    traces::set_parent(
+        &span,
+        traces::extract_traceparent(event.traceparent.as_deref()),
+    );
+    span
 }

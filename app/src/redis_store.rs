@@ -156,6 +156,7 @@ impl RedisStore {
 
     /// Claims `key` for a request with `fingerprint` under a lease of `lease` (SET NX PX with
     /// a fresh owner token), or reports who has it.
+    #[tracing::instrument(name = "redis.claim_key", skip_all, fields(otel.kind = "client", db.system = "redis", db.operation = "SET NX"))]
     pub async fn begin(
         &self,
         key: &str,
@@ -198,6 +199,7 @@ impl RedisStore {
     }
 
     /// Records the order created under `key`, for the whole TTL.
+    #[tracing::instrument(name = "redis.complete_key", skip_all, fields(otel.kind = "client", db.system = "redis", db.operation = "SET"))]
     pub async fn complete(
         &self,
         key: &str,
@@ -216,6 +218,7 @@ impl RedisStore {
     }
 
     /// Deletes `key` if it still holds `value`; returns whether it did.
+    #[tracing::instrument(name = "redis.delete_key", skip_all, fields(otel.kind = "client", db.system = "redis", db.operation = "EVAL"))]
     pub async fn delete_if(&self, key: &str, value: &str) -> Result<bool, RedisError> {
         let mut conn = self.conn()?;
         let deleted: i64 = redis::cmd("EVAL")

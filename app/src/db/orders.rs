@@ -129,6 +129,7 @@ pub fn event_payload(event_id: Uuid, event_type: &str, order: &OrderHead) -> ser
 /// statement).
 /// `key` is the idempotency key and request fingerprint, if any. `db` is a request's
 /// connection (as for the other API queries).
+#[tracing::instrument(name = "db.create_order", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "INSERT"))]
 pub async fn create(
     db: &mut PgConnection,
     new: &NewOrder,
@@ -160,8 +161,8 @@ pub async fn create(
              INSERT INTO order_items (order_id, line_no, sku, quantity, price_cents) \
              SELECT $1, t.ord - 1, t.sku, t.quantity, t.price \
              FROM unnest($7::text[], $8::bigint[], $9::bigint[]) WITH ORDINALITY AS t(sku, quantity, price, ord)) \
-         INSERT INTO outbox (event_id, aggregate_id, event_type, payload) \
-         SELECT $10, id, $11, $12 FROM new_order",
+         INSERT INTO outbox (event_id, aggregate_id, event_type, payload, traceparent) \
+         SELECT $10, id, $11, $12, $13 FROM new_order",
     )
     .bind(order.id)
     .bind(&order.customer_id)
@@ -175,6 +176,7 @@ pub async fn create(
     .bind(event_id)
     .bind(events::ORDER_CREATED)
     .bind(sqlx::types::Json(&payload))
+    .bind(crate::traces::current_traceparent())
     .execute(&mut *db)
     .await;
     match inserted {
@@ -191,6 +193,7 @@ fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 /// One order by id.
+#[tracing::instrument(name = "db.get_order", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "SELECT"))]
 pub async fn get(db: &mut PgConnection, id: Uuid) -> Result<Option<Order>, sqlx::Error> {
     sqlx::query(concat!(select_order!(), " WHERE o.id = $1"))
         .bind(id)
@@ -201,6 +204,7 @@ pub async fn get(db: &mut PgConnection, id: Uuid) -> Result<Option<Order>, sqlx:
 }
 
 /// The order holding an idempotency key, with the fingerprint stored alongside.
+#[tracing::instrument(name = "db.find_order_by_key", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "SELECT"))]
 pub async fn find_by_key(
     db: &mut PgConnection,
     key: &str,
@@ -257,6 +261,7 @@ impl Cursor {
 
 /// One page of orders, newest first, optionally of one customer. Returns the orders and the
 /// cursor of the next page (None on the last page).
+#[tracing::instrument(name = "db.list_orders", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "SELECT"))]
 pub async fn list(
     db: &mut PgConnection,
     page_size: u32,
@@ -348,6 +353,7 @@ pub async fn transition(
 
 /// Cancels a pending order (with its `order.cancelled` event). Cancelling a cancelled order
 /// returns it unchanged.
+#[tracing::instrument(name = "db.cancel_order", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "UPDATE"))]
 pub async fn cancel(db: &mut PgConnection, id: Uuid) -> Result<CancelResult, sqlx::Error> {
     let mut tx = db.begin().await?;
     let result = transition(&mut tx, id, OrderStatus::Cancelled, events::ORDER_CANCELLED).await?;
@@ -373,6 +379,7 @@ pub async fn cancel(db: &mut PgConnection, id: Uuid) -> Result<CancelResult, sql
 
 /// Expires up to `limit` orders pending for longer than `older_than_secs`, each with an
 /// `order.expired` event, in one statement (so one transaction). Returns how many.
+#[tracing::instrument(name = "db.expire_orders", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "UPDATE"))]
 pub async fn expire_stale(
     pool: &PgPool,
     older_than_secs: f64,
@@ -401,6 +408,7 @@ pub async fn expire_stale(
 }
 
 /// Orders pending for longer than `older_than_secs` (the `saga_stuck_total` gauge).
+#[tracing::instrument(name = "db.count_stuck_orders", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "SELECT"))]
 pub async fn count_stuck(pool: &PgPool, older_than_secs: f64) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT count(*) FROM orders WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)",

@@ -21,6 +21,8 @@ pub struct OutboxEvent {
     pub payload: String,
     /// When the event committed.
     pub created_at: DateTime<Utc>,
+    /// The W3C trace context of the change that wrote it (traces on), continued by the relay.
+    pub traceparent: Option<String>,
 }
 
 /// Inserts one event inside the caller's transaction; `payload` receives the new event id.
@@ -33,12 +35,13 @@ pub async fn insert_event(
     let event_id = Uuid::new_v4();
     let conn: &mut PgConnection = tx;
     sqlx::query(
-        "INSERT INTO outbox (event_id, aggregate_id, event_type, payload) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO outbox (event_id, aggregate_id, event_type, payload, traceparent) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(event_id)
     .bind(aggregate_id)
     .bind(event_type)
     .bind(sqlx::types::Json(payload(event_id)))
+    .bind(crate::traces::current_traceparent())
     .execute(conn)
     .await?;
     Ok(event_id)
@@ -52,7 +55,7 @@ pub async fn claim_batch(
 ) -> Result<Vec<OutboxEvent>, sqlx::Error> {
     let conn: &mut PgConnection = tx;
     let rows = sqlx::query(
-        "SELECT id, event_id, aggregate_id, event_type, payload::text AS payload, created_at \
+        "SELECT id, event_id, aggregate_id, event_type, payload::text AS payload, created_at, traceparent \
          FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
@@ -67,6 +70,7 @@ pub async fn claim_batch(
                 event_type: r.try_get("event_type")?,
                 payload: r.try_get("payload")?,
                 created_at: r.try_get("created_at")?,
+                traceparent: r.try_get("traceparent")?,
             })
         })
         .collect()

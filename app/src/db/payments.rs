@@ -50,6 +50,7 @@ pub enum PaymentEffect {
 }
 
 /// Applies one payment message in one transaction.
+#[tracing::instrument(name = "db.apply_payment", skip_all, fields(otel.kind = "client", db.system = "postgresql", db.operation = "UPDATE"))]
 pub async fn apply(
     pool: &PgPool,
     message_id: &str,

@@ -1,6 +1,7 @@
 //! A tower layer around every RPC: Prometheus metrics (go-grpc-prometheus names, so the reference design's
 //! alert rules work), the in-flight count that step 3 waits on, and the cancel switch that
-//! step 3 pulls at its deadline (requests still running then answer UNAVAILABLE at once).
+//! step 3 pulls at its deadline (requests still running then answer UNAVAILABLE at once), and
+//! the RPC's server span (continuing the caller's W3C `traceparent`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,6 +13,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
+use tracing::Instrument;
 
 use crate::metrics::Metrics;
 
@@ -210,9 +212,12 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let tracker = self.tracker.clone();
-        let guard = tracker.enter(labels(req.uri().path()));
+        let labels = labels(req.uri().path());
+        let span = server_span(labels, req.headers());
+        let guard = tracker.enter(labels);
         let cancel = tracker.cancel.clone();
-        Box::pin(async move {
+        let record = span.clone();
+        let call = async move {
             // Owned by the future: dropping the future (client reset) records the RPC.
             let mut guard = guard;
             let response = tokio::select! {
@@ -222,19 +227,47 @@ where
                     tracker.cancelled.fetch_add(1, Ordering::SeqCst);
                     guard.code = Some("Unavailable");
                     guard.cancelled = true;
+                    record.record("rpc.grpc.status_code", "Unavailable");
+                    record.record("otel.status_code", "ERROR");
                     return Ok(tonic::Status::unavailable(
                         "the server is shutting down and cancelled this request at its drain deadline; retry on another instance",
                     )
                     .into_http());
                 }
             };
-            guard.code = Some(match &response {
+            let code = match &response {
                 Ok(r) => code_name(r.headers()),
                 Err(_) => "Unknown",
-            });
+            };
+            guard.code = Some(code);
+            record.record("rpc.grpc.status_code", code);
+            if code != "OK" {
+                record.record("otel.status_code", "ERROR");
+            }
             response
-        })
+        };
+        Box::pin(call.instrument(span))
     }
+}
+
+/// The span of one RPC: a server span named `service/method` (bounded like the metric labels),
+/// the child of the caller's `traceparent` when the metadata carries one.
+fn server_span(labels: [&'static str; 3], headers: &http::HeaderMap) -> tracing::Span {
+    let [_, service, method] = labels;
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if crate::traces::installed().is_some() {
+        crate::traces::set_parent(&span, crate::traces::extract_headers(headers));
+    }
+    span
 }
 
 #[cfg(test)]

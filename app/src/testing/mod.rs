@@ -9,12 +9,14 @@
 //! | publishing test messages, reading and emptying queues | [`mq`] |
 //! | CreateOrder requests | [`create_order`], [`create_request`] |
 //! | a hard timeout around a test body | [`hard_timeout`] |
+//! | an in-process OTLP/gRPC trace receiver | [`otlp::Collector`] |
 //!
 //! The app's tests enable the feature through a dev-dependency of the package on itself
 //! (`app/Cargo.toml`); the e2e crate through its dependency on the app. Nothing here is built
 //! into the service's binaries.
 
 pub mod mq;
+pub mod otlp;
 mod sandbox;
 
 use std::future::Future;
