@@ -694,30 +694,52 @@ fn a_default_run_logs_a_start_line_and_the_exiting_line_only() {
 #[test]
 fn one_health_transition_is_one_line_listing_the_services_it_changed() {
     let s = Scratch::new();
-    let (_, buf) = stop_sleeping_app(
-        &s,
-        &[
-            "--health-enabled",
-            "true",
-            "--health-address",
-            "127.0.0.1:0",
-        ],
-        &[libc::SIGTERM],
-    );
-    let changes: Vec<serde_json::Value> = json_lines(&buf)
-        .into_iter()
-        .filter(|l| l["message"] == "health changed")
-        .collect();
-    let first = &changes[0];
+    let mut c = quiesce(&s);
+    c.args([
+        "--health-enabled",
+        "true",
+        "--health-address",
+        "127.0.0.1:0",
+    ])
+    .arg("--")
+    .arg(testbin())
+    .arg("sleep");
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let err = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["message"] == "health changed"
+                && tx.send(v).is_err()
+            {
+                return;
+            }
+        }
+    });
+    // The first transition, before any stop: every service turns serving, in one line.
+    let first = rx.recv_timeout(T).expect("a health line");
     assert_eq!(
         first["serving"],
         serde_json::json!(["overall", "liveness", "readiness", "startup"]),
-        "{changes:?}"
+        "{first}"
     );
+    assert_eq!(first["not_serving"], serde_json::json!([]), "{first}");
+    send(child.id(), libc::SIGTERM);
+    wait_timeout(&mut child, T);
+    // Until the reader has seen stderr's end (the sender then drops).
+    let rest: Vec<serde_json::Value> = std::iter::from_fn(|| rx.recv_timeout(T).ok()).collect();
     // The stop: readiness and startup go first, liveness once the app is gone; never one line per service.
-    assert!(changes.len() <= 3, "{changes:?}");
-    assert!(
-        changes.iter().all(|c| c["not_serving"].is_array()),
-        "{changes:?}"
-    );
+    assert!((1..=2).contains(&rest.len()), "{rest:?}");
+    let down: Vec<&str> = rest
+        .iter()
+        .flat_map(|c| c["not_serving"].as_array().expect("an array").iter())
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(down.len(), 4, "every service went down once: {rest:?}");
 }
