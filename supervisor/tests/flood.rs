@@ -450,14 +450,23 @@ fn watch_streams_past_the_total_are_resource_exhausted() {
             .connect()
             .await
             .expect("channel");
-        let req = HealthCheckRequest {
-            service: "readiness".into(),
+        // The server frees a slot when it sees the stream's reset: retry until it has, within T.
+        let deadline = tokio::time::Instant::now() + T;
+        let mut s = loop {
+            let req = HealthCheckRequest {
+                service: "readiness".into(),
+            };
+            match HealthClient::new(ch.clone()).watch(req).await {
+                Ok(r) => break r.into_inner(),
+                Err(e)
+                    if e.code() == tonic::Code::ResourceExhausted
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("watch after the streams closed: {e:?}"),
+            }
         };
-        let mut s = HealthClient::new(ch)
-            .watch(req)
-            .await
-            .expect("watch")
-            .into_inner();
         tokio::time::timeout(T, s.message()).await.expect("in time")
     });
     assert!(matches!(again, Ok(Some(_))), "{again:?}");
