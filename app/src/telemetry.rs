@@ -15,9 +15,9 @@ use std::fmt;
 use std::io::IsTerminal;
 use std::sync::{Arc, OnceLock};
 
+use quiesce_protocol::log::Fields;
 use serde_json::Value;
 use tracing::dispatcher::WeakDispatch;
-use tracing::field::{Field, Visit};
 use tracing::{Dispatch, Event, Level, Subscriber};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::Writer;
@@ -134,76 +134,7 @@ fn json_line(event: &Event<'_>, ids: Option<(String, String)>) -> String {
     fields
         .0
         .push(("target", Value::String(meta.target().to_owned())));
-    let mut line = String::from("{");
-    for (i, (name, value)) in fields.0.iter().enumerate() {
-        if i > 0 {
-            line.push(',');
-        }
-        line.push_str(&Value::String((*name).to_owned()).to_string());
-        line.push(':');
-        line.push_str(&value.to_string());
-    }
-    line.push('}');
-    line
-}
-
-/// The fields of one event, typed.
-struct Fields(Vec<(&'static str, Value)>);
-
-impl Fields {
-    fn push(&mut self, field: &Field, value: Value) {
-        self.0.push((field.name(), value));
-    }
-
-    fn text(&mut self, field: &Field, text: String) {
-        let value = if field.name() == "message" {
-            Value::String(text)
-        } else {
-            nested(text)
-        };
-        self.push(field, value);
-    }
-}
-
-/// `text` as the JSON object or array it spells, or else as a string.
-fn nested(text: String) -> Value {
-    if (text.starts_with('{') || text.starts_with('['))
-        && let Ok(v @ (Value::Object(_) | Value::Array(_))) = serde_json::from_str(&text)
-    {
-        return v;
-    }
-    Value::String(text)
-}
-
-impl Visit for Fields {
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.push(field, Value::from(value));
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.push(field, Value::from(value));
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.push(field, Value::from(value));
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.push(field, Value::from(value));
-    }
-
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.text(field, value.to_owned());
-    }
-
-    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.push(field, Value::String(value.to_string()));
-    }
-
-    // `%x` (Display) fields and the message arrive here.
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.text(field, format!("{value:?}"));
-    }
+    fields.to_json_object()
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //!   parser and renderer, the typed JSON replies, the stable error codes, and the step table
 //!   (five verbs, eight sub-steps). No I/O policy; the supervisor's admin socket reuses it.
 //! - [`client`]: the async client the supervisor drives an app with.
+//! - [`log`]: the log-line conventions the agent and the supervisor share (JSON text for maps and lists).
 //! - [`socket`]: the Unix socket file a server owns (stale-file rule, mode, SO_PEERCRED peer
 //!   check, remove-only-our-own), shared by the agent's control socket and the supervisor's
 //!   admin socket.
@@ -29,6 +30,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod log;
 pub mod socket;
 pub mod wire;
 

@@ -19,10 +19,10 @@ use tokio::time::{Instant, sleep, timeout_at};
 
 use crate::exit::StopResult;
 use crate::lifecycle::Lifecycle;
-use crate::logging::json_list;
 use crate::state::{Control, Shared, StepRecord, ms};
 use crate::steps::{Extra, STEPS, verbs};
 use crate::stop::{self, StopCtx};
+use quiesce_protocol::log::json_text;
 
 /// Slack for a reply after a step's deadline: the agent cuts handlers at the deadline, then writes.
 const REPLY_SLACK: Duration = Duration::from_millis(250);
@@ -89,7 +89,7 @@ pub async fn connect_driver(
     match connect(&path, Role::Driver, until, &life).await {
         Some((client, mut hello)) => {
             bound_services(&mut hello.services);
-            tracing::info!(app = %hello.app, pid = hello.pid, services = %json_list(&hello.services), registered = %json_list(&hello.registered), "app said hello");
+            tracing::info!(app = %hello.app, pid = hello.pid, services = %json_text(&hello.services), registered = %json_text(&hello.registered), "app said hello");
             shared.lock().control = Control::Connected;
             hello_tx.send_replace(Some(hello));
             Some(client)

@@ -5,13 +5,13 @@
 //! time for nothing. A JSON line is one object: `timestamp` (RFC 3339, UTC), `level`, `message`, then the
 //! event's fields in order. Every field keeps its type: integers are numbers, booleans booleans, and a field
 //! logged as JSON text (a list such as the command, the step counts) is nested as that array or object
-//! ([`json_list`]), never a string of escaped JSON or Rust debug output.
+//! ([`quiesce_protocol::log::json_text`]), never a string of escaped JSON or Rust debug output.
 
-use std::fmt::{self, Write as _};
+use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
 
+use quiesce_protocol::log::Fields;
 use serde_json::Value;
-use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata};
@@ -25,25 +25,6 @@ pub fn init(format: LogFormat, level: LevelFilter) {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
     let _ = tracing::subscriber::set_global_default(Lines { json, level });
-}
-
-/// An event at INFO when `loud`, else at DEBUG. In signal mode the stop's narration (its start, the steps,
-/// the child's end) is DEBUG, so a default run logs like tini: a start line and the final `exiting` line,
-/// whose reason tells the story; control mode narrates every step at INFO.
-#[macro_export]
-macro_rules! narrate {
-    ($loud:expr, $($arg:tt)+) => {
-        if $loud {
-            tracing::info!($($arg)+)
-        } else {
-            tracing::debug!($($arg)+)
-        }
-    };
-}
-
-/// A list logged as a JSON array: `command = %json_list(&argv)`.
-pub fn json_list<T: serde::Serialize>(items: &[T]) -> String {
-    serde_json::to_string(items).unwrap_or_default()
 }
 
 /// The subscriber: every enabled event becomes one line on stderr.
@@ -70,8 +51,7 @@ impl tracing::Subscriber for Lines {
     fn record_follows_from(&self, _: &Id, _: &Id) {}
 
     fn event(&self, event: &Event<'_>) {
-        let mut fields = Fields::default();
-        event.record(&mut fields);
+        let fields = Line::of(event);
         let level = event.metadata().level().as_str();
         let line = if self.json {
             fields.json_line(level)
@@ -86,30 +66,31 @@ impl tracing::Subscriber for Lines {
     fn exit(&self, _: &Id) {}
 }
 
-/// One event's message and fields, typed.
-#[derive(Default)]
-struct Fields {
+/// One event's message and fields, typed ([`quiesce_protocol::log::Fields`]).
+struct Line {
     message: String,
     fields: Vec<(&'static str, Value)>,
 }
 
-impl Fields {
+impl Line {
+    fn of(event: &Event<'_>) -> Line {
+        let mut f = Fields::default();
+        event.record(&mut f);
+        Line {
+            message: f.take_message(),
+            fields: f.0,
+        }
+    }
+
     /// `timestamp`, `level` and `message` first, then the fields in the order they were given.
     fn json_line(self, level: &str) -> String {
-        let head = [
+        let mut all = vec![
             ("timestamp", Value::String(timestamp())),
             ("level", Value::String(level.to_uppercase())),
             ("message", Value::String(self.message)),
         ];
-        let mut line = String::from("{");
-        for (i, (k, v)) in head.into_iter().chain(self.fields).enumerate() {
-            if i > 0 {
-                line.push(',');
-            }
-            let _ = write!(line, "{}:{v}", Value::from(k));
-        }
-        line.push('}');
-        line
+        all.extend(self.fields);
+        Fields(all).to_json_object()
     }
 
     fn human_line(self, level: &str) -> String {
@@ -130,53 +111,6 @@ impl Fields {
             }
         }
         out
-    }
-
-    fn push(&mut self, field: &Field, value: Value) {
-        self.fields.push((field.name(), value));
-    }
-
-    fn text(&mut self, field: &Field, text: String) {
-        if field.name() == "message" {
-            self.message = text;
-            return;
-        }
-        let value = match text.as_bytes().first() {
-            Some(b'[' | b'{') => serde_json::from_str(&text).unwrap_or(Value::String(text)),
-            _ => Value::String(text),
-        };
-        self.push(field, value);
-    }
-}
-
-impl Visit for Fields {
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.push(field, Value::from(value));
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.push(field, Value::from(value));
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.push(field, Value::from(value));
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.push(field, Value::from(value));
-    }
-
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.text(field, value.to_owned());
-    }
-
-    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.push(field, Value::String(value.to_string()));
-    }
-
-    // `%x` fields and the message arrive here, already formatted by their `Display`.
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.text(field, format!("{value:?}"));
     }
 }
 
@@ -242,16 +176,14 @@ mod tests {
             fn record(&self, _: &Id, _: &Record<'_>) {}
             fn record_follows_from(&self, _: &Id, _: &Id) {}
             fn event(&self, e: &Event<'_>) {
-                let mut f = Fields::default();
-                e.record(&mut f);
-                *self.0.lock().unwrap() = f.json_line("info");
+                *self.0.lock().unwrap() = Line::of(e).json_line("info");
             }
             fn enter(&self, _: &Id) {}
             fn exit(&self, _: &Id) {}
         }
         tracing::subscriber::with_default(Capture(line.clone()), || {
             let argv = ["sh".to_string(), "-c".into(), "exit 0".into()];
-            tracing::info!(pid = 7, ok = true, command = %json_list(&argv), why = "[not json", "child started");
+            tracing::info!(pid = 7, ok = true, command = %quiesce_protocol::log::json_text(&argv), why = "[not json", "child started");
         });
         let v: Value = serde_json::from_str(&line.lock().unwrap()).expect("one JSON object");
         assert_eq!(v["message"], "child started");

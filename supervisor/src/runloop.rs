@@ -163,7 +163,7 @@ fn started(cfg: &Config, shared: &Shared, spec: &SpawnSpec, pid: i32) {
         crate::peer::warn_if_shared_dir(path);
     }
     shared.lock().child_pid = Some(pid);
-    tracing::info!(pid, command = %crate::logging::json_list(&spec.argv), "child started");
+    tracing::info!(pid, command = %quiesce_protocol::log::json_text(&spec.argv), "child started");
 }
 
 /// The tasks that follow the app while it runs: the health tracker, and in control mode the observer poll
@@ -270,7 +270,7 @@ impl RunLoop {
         if let Some(end) = r.main
             && self.chans.life.exited(end)
         {
-            crate::narrate!(self.loud(), pid = self.pid, status = %end, "child ended");
+            quiesce_protocol::event_if!(self.cfg.narrates_steps(), info, debug, pid = self.pid, status = %end, "child ended");
             self.shared.metrics.child_exit(match end {
                 ChildEnd::Exited(_) => "exited",
                 ChildEnd::Signaled(_) => "signaled",
@@ -310,13 +310,13 @@ impl RunLoop {
         // Read before health flips: only NOT_SERVING answers from now on count for `health.observed_probes`.
         let probes_before = *self.chans.probes.borrow();
         if !self.chans.life.begin_stop(now, trigger.clone()) {
-            crate::narrate!(self.loud(), %trigger, "shutdown already under way; not restarting it");
+            quiesce_protocol::event_if!(self.cfg.narrates_steps(), info, debug, %trigger, "shutdown already under way; not restarting it");
             if !self.exited() {
                 stop::settle(&self.relay, self.pid, cfg.forward_to);
             }
             return;
         }
-        crate::narrate!(self.loud(), %trigger, window_ms = ms(cfg.stop_window()), "shutdown started");
+        quiesce_protocol::event_if!(self.cfg.narrates_steps(), info, debug, %trigger, window_ms = ms(cfg.stop_window()), "shutdown started");
         let ctx = StopCtx {
             cfg: cfg.clone(),
             shared: self.shared.clone(),
@@ -351,10 +351,6 @@ impl RunLoop {
                 self.stopped,
             )));
         }
-    }
-
-    fn loud(&self) -> bool {
-        self.cfg.mode() == crate::config::Mode::Control
     }
 
     fn exited(&self) -> bool {
@@ -510,8 +506,10 @@ async fn cleanup(
             Some(hard.map_or(reap, |h| reap.min(h))),
         )
     };
-    crate::narrate!(
-        cfg.mode() == crate::config::Mode::Control || outcome != Outcome::Ok,
+    quiesce_protocol::event_if!(
+        cfg.narrates_steps() || outcome != Outcome::Ok,
+        info,
+        debug,
         outcome = outcome.as_str(),
         "leftover cleanup done"
     );

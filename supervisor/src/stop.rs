@@ -65,11 +65,6 @@ impl StopCtx {
         self.deadline() - self.term_grace()
     }
 
-    /// Whether the stop's narration is logged at INFO ([`crate::narrate`]): in control mode.
-    pub fn loud(&self) -> bool {
-        self.cfg.mode() == crate::config::Mode::Control
-    }
-
     /// The main child's end, once the reaper saw it.
     pub fn end(&self) -> Option<ChildEnd> {
         self.life.now().end()
@@ -104,7 +99,7 @@ impl StopCtx {
             counts: Default::default(),
             detail,
         };
-        crate::narrate!(self.loud(), step = %r.name, outcome = r.outcome.as_str(), duration_ms = r.duration_ms, detail = %r.detail, "step end");
+        quiesce_protocol::event_if!(self.cfg.narrates_steps(), info, debug, step = %r.name, outcome = r.outcome.as_str(), duration_ms = r.duration_ms, detail = %r.detail, "step end");
         self.shared.record(r);
     }
 }
@@ -115,8 +110,10 @@ pub async fn step_one(ctx: &StopCtx) {
     // Health went NOT_SERVING when the stop began (the lifecycle's Stopping); only answers since count.
     let probes_before = ctx.probes_before;
     let delay = ctx.cfg.prestop_delay;
-    crate::narrate!(
-        ctx.loud(),
+    quiesce_protocol::event_if!(
+        ctx.cfg.narrates_steps(),
+        info,
+        debug,
         step = STEPS[0].name,
         delay_ms = ms(delay),
         "step start"
@@ -251,7 +248,7 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopResult {
         ForwardTo::Child => format!("pid {}", ctx.pid),
         ForwardTo::Group => format!("process group {}", ctx.pid),
     };
-    crate::narrate!(ctx.loud(), step = Extra::StopSignal.name(), signal = %send, %target, "step start");
+    quiesce_protocol::event_if!(ctx.cfg.narrates_steps(), info, debug, step = Extra::StopSignal.name(), signal = %send, %target, "step start");
     deliver(ctx.pid, send, ctx.cfg.forward_to);
     ctx.relay
         .lock()

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::Agent;
 use super::handler::{StepCtx, StepFn};
+use crate::log::json_text;
 use crate::wire::{
     Counts, Outcome, Phase, StepReply, StepState, StepStatus, StepVerb, SubStep, SubStepReply,
     WireError,
@@ -209,7 +210,7 @@ impl Agent {
                 let agent = self.clone();
                 let substep_budgets_ms = budgets
                     .as_ref()
-                    .map(|b| json(&b.iter().map(|d| millis(*d)).collect::<Vec<_>>()));
+                    .map(|b| json_text(&b.iter().map(|d| millis(*d)).collect::<Vec<_>>()));
                 tracing::info!(
                     verb = %verb,
                     budget_ms = millis(deadline.saturating_duration_since(received)),
@@ -231,7 +232,7 @@ impl Agent {
                         verb = %verb,
                         outcome = %reply.outcome,
                         duration_ms = reply.duration_ms,
-                        counts = %json(&reply.counts),
+                        counts = %json_text(&reply.counts),
                         local,
                         "step finished"
                     );
@@ -335,39 +336,22 @@ pub(crate) async fn run_verb(
 /// line's text). A sub-step that did not finish cleanly is a warning.
 fn log_substep_end(verb: StepVerb, reply: &SubStepReply, local: bool) {
     let note = reply.message.as_deref().or(reply.note.as_deref());
-    let counts = json(&reply.counts);
+    let counts = json_text(&reply.counts);
     let substep = reply.name;
-    if reply.outcome == Outcome::Ok {
-        tracing::info!(
-            step = substep.step_number(),
-            verb = %verb,
-            substep = %substep,
-            outcome = %reply.outcome,
-            duration_ms = reply.duration_ms,
-            counts = %counts,
-            note,
-            local,
-            "sub-step finished"
-        );
-    } else {
-        tracing::warn!(
-            step = substep.step_number(),
-            verb = %verb,
-            substep = %substep,
-            outcome = %reply.outcome,
-            duration_ms = reply.duration_ms,
-            counts = %counts,
-            note,
-            local,
-            "sub-step finished"
-        );
-    }
-}
-
-/// `value` as JSON text, for a log field that holds a map or a list: `tracing` fields cannot,
-/// and a subscriber that knows (the order service's JSON lines) writes it back as nested JSON.
-fn json(value: &impl serde::Serialize) -> String {
-    serde_json::to_string(value).unwrap_or_default()
+    crate::event_if!(
+        reply.outcome == Outcome::Ok,
+        info,
+        warn,
+        step = substep.step_number(),
+        verb = %verb,
+        substep = %substep,
+        outcome = %reply.outcome,
+        duration_ms = reply.duration_ms,
+        counts = %counts,
+        note,
+        local,
+        "sub-step finished"
+    );
 }
 
 /// Runs one sub-step until the verb's `deadline`, or until its own `budget` from now runs out if

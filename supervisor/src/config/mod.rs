@@ -340,6 +340,13 @@ impl Config {
             Mode::Signal
         }
     }
+
+    /// Whether the stop's narration (its start, each step, the child's end) is logged at INFO: in control
+    /// mode. In signal mode it is DEBUG, so a default run logs like tini, a start line and the `exiting`
+    /// line whose reason tells the story.
+    pub fn narrates_steps(&self) -> bool {
+        self.mode() == Mode::Control
+    }
 }
 
 /// Signal mode (a drop-in init: the stop signal, then the deadline) or control mode (the nine steps over the

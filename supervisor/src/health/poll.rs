@@ -123,7 +123,7 @@ async fn poll_health(
         }
     };
     if deps_tx.send_if_modified(|v| std::mem::replace(v, ok) != ok) {
-        tracing::info!(ready = ok, down = %crate::logging::json_list(&down), "dependency health changed");
+        tracing::info!(ready = ok, down = %quiesce_protocol::log::json_text(&down), "dependency health changed");
     } else if new_down {
         // Same answer, other reasons: wake the tracker so `ctl status` says why.
         deps_tx.send_modify(|_| {});

@@ -7,9 +7,9 @@ use tokio::sync::watch;
 
 use super::{AppHealth, Inputs, Statuses, compute, reason};
 use crate::config::Config;
-use crate::logging::json_list;
 use crate::runloop::Watches;
 use crate::state::Shared;
+use quiesce_protocol::log::json_text;
 
 /// Keeps each service's status, since when and why in the shared status (`quiesce ctl status`).
 fn publish(shared: &Shared, inputs: &Inputs, next: &Statuses) {
@@ -92,10 +92,9 @@ pub async fn track(
                 metrics.health(svc, *serving);
             }
             // One line per transition, listing what it changed; at INFO only when probes are served.
-            crate::narrate!(
-                loud,
-                serving = %json_list(&up),
-                not_serving = %json_list(&down),
+            quiesce_protocol::event_if!(loud, info, debug,
+                serving = %json_text(&up),
+                not_serving = %json_text(&down),
                 "health changed"
             );
             *cur = next.clone();
