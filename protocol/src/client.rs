@@ -379,6 +379,7 @@ impl Client {
             verb,
             deadline,
             budgets: None,
+            traceparents: None,
         }
         .to_request();
         self.request(&request, deadline.saturating_add(STEP_REPLY_SLACK))
@@ -401,6 +402,7 @@ impl Client {
             verb,
             deadline,
             budgets: Some(budgets.to_vec()),
+            traceparents: None,
         }
         .to_request();
         self.request(&request, deadline.saturating_add(STEP_REPLY_SLACK))

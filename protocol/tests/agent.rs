@@ -1005,3 +1005,68 @@ async fn closed_waits_for_the_close_reply_not_for_an_observers_reply() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn traceparent_names_each_substeps_parent_and_bad_ones_are_refused() {
+    let dir = SocketDir::new();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut builder = Agent::builder("traced");
+    for substep in SubStep::ALL {
+        let record = Arc::clone(&seen);
+        builder = builder.on(substep, move |ctx: StepCtx| {
+            let record = Arc::clone(&record);
+            async move {
+                let parent = ctx.traceparent().map(|t| t.to_string());
+                record.lock().unwrap().push((ctx.substep(), parent));
+                Ok::<_, HandlerError>(Report::new())
+            }
+        });
+    }
+    let agent = builder.build();
+    let _handle = serve(&agent, &dir).await;
+    let mut c = Conn::open(&dir.path()).await;
+    let hello = c.call("hello role=driver").await;
+    assert_eq!(hello["extensions"], serde_json::json!(["traceparent"]));
+
+    let tp = |span: &str| format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{span}-01");
+    let before = c.call("status").await;
+    for line in [
+        format!(
+            "drain deadline_ms=1000 traceparent={}",
+            tp("00f067aa0ba902b7")
+        ),
+        "drain deadline_ms=1000 traceparent=nope,nope".to_owned(),
+        format!(
+            "drain deadline_ms=1000 traceparent={},{}",
+            tp("00f067aa0ba902b7"),
+            tp("0000000000000000")
+        ),
+    ] {
+        let reply = c.call(&line).await;
+        assert_eq!(error_code(&reply), "bad_argument", "{line}: {reply}");
+        let message = reply["message"].as_str().unwrap();
+        assert!(
+            message.contains("traceparent for drain needs 2 W3C traceparents"),
+            "{message}"
+        );
+    }
+    assert_eq!(c.call("status").await, before, "a refusal changes nothing");
+    assert!(seen.lock().unwrap().is_empty(), "no handler ran");
+
+    let (a, b) = (tp("00f067aa0ba902b7"), tp("00f067aa0ba902b8"));
+    let reply = c
+        .call(&format!("drain deadline_ms=1000 traceparent={a},{b}"))
+        .await;
+    assert_eq!(reply["outcome"], "ok", "{reply}");
+    // Without the argument the handler gets no context.
+    let reply = c.call("stop-cron deadline_ms=1000").await;
+    assert_eq!(reply["outcome"], "ok", "{reply}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            (SubStep::StopAccepting, Some(a)),
+            (SubStep::DrainInFlight, Some(b)),
+            (SubStep::StopCron, None),
+        ]
+    );
+}

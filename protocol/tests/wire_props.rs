@@ -2,7 +2,7 @@
 
 use proptest::prelude::*;
 use quiesce_protocol::wire::{
-    AgentCommand, ErrorCode, LineReader, MAX_LINE, Request, StepVerb, WireError,
+    AgentCommand, ErrorCode, LineReader, MAX_LINE, Request, StepVerb, TraceParent, WireError,
 };
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -105,6 +105,7 @@ proptest! {
         index in 0usize..5,
         ms in 1u64..,
         budgets in proptest::option::of(proptest::collection::vec(1u64.., 3)),
+        traced in proptest::option::of(proptest::collection::vec((1u128.., 1u64..), 3)),
     ) {
         let verb = StepVerb::from_index(index).unwrap();
         let budgets = budgets.map(|b| {
@@ -113,10 +114,17 @@ proptest! {
                 .map(|ms| std::time::Duration::from_millis(*ms))
                 .collect()
         });
+        let traceparents = traced.map(|t| {
+            t[..verb.substeps().len()]
+                .iter()
+                .map(|(trace, span)| TraceParent::sampled(trace.to_be_bytes(), span.to_be_bytes()))
+                .collect()
+        });
         let command = AgentCommand::Step {
             verb,
             deadline: std::time::Duration::from_millis(ms),
             budgets,
+            traceparents,
         };
         let line = command.to_request().render();
         let parsed = Request::parse(line.as_bytes()).unwrap();

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::wire::{Counts, StepVerb, SubStep};
+use crate::wire::{Counts, StepVerb, SubStep, TraceParent};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub(crate) type StepFn =
@@ -138,6 +138,7 @@ pub struct StepCtx {
     pub(crate) soft_deadline: Instant,
     pub(crate) deadline: Instant,
     pub(crate) local: bool,
+    pub(crate) traceparent: Option<TraceParent>,
 }
 
 impl StepCtx {
@@ -154,6 +155,7 @@ impl StepCtx {
             soft_deadline: deadline.checked_sub(margin).unwrap_or(deadline),
             deadline,
             local,
+            traceparent: None,
         }
     }
 
@@ -197,6 +199,14 @@ impl StepCtx {
     /// Whether [`StepCtx::soft_deadline`] has passed.
     pub fn is_cancelled(&self) -> bool {
         Instant::now() >= self.soft_deadline
+    }
+
+    /// The trace context the supervisor sent for this sub-step (the `traceparent` extension,
+    /// PROTOCOL.md §5.5): the supervisor's span for this shutdown step. An app that traces
+    /// makes it the parent of the sub-step's span. `None` when the driver sent none (it does not
+    /// trace, or the sub-step runs locally).
+    pub fn traceparent(&self) -> Option<TraceParent> {
+        self.traceparent
     }
 
     /// `true` when run by [`crate::agent::Agent::run_local`] (no supervisor), `false` when a

@@ -130,6 +130,7 @@ impl Agent {
             steps: StepVerb::ALL.to_vec(),
             registered: self.inner.app.handlers.keys().copied().collect(),
             services: self.inner.app.services.clone(),
+            extensions: vec![crate::wire::TRACEPARENT.to_owned()],
         }
     }
 

@@ -19,7 +19,7 @@ use super::handler::{StepCtx, StepFn};
 use crate::log::json_text;
 use crate::wire::{
     Counts, Outcome, Phase, StepReply, StepState, StepStatus, StepVerb, SubStep, SubStepReply,
-    WireError,
+    TraceParent, WireError,
 };
 
 /// How long a cancelled handler task gets to be dropped before the sequence moves on anyway (a
@@ -169,7 +169,7 @@ impl Agent {
             let share =
                 left.mul_f64(f64::from(LOCAL_WEIGHTS[verb.index()]) / f64::from(weights_left));
             match self
-                .step_at(verb, now, instant_after(now, share), None, true)
+                .step_at(verb, now, instant_after(now, share), None, None, true)
                 .await
             {
                 Ok(reply) => replies.push(reply),
@@ -185,7 +185,7 @@ impl Agent {
     /// Runs one step in-process with a budget from now, enforcing the same order as the socket.
     pub async fn step(&self, verb: StepVerb, budget: Duration) -> Result<StepReply, WireError> {
         let now = Instant::now();
-        self.step_at(verb, now, instant_after(now, budget), None, true)
+        self.step_at(verb, now, instant_after(now, budget), None, None, true)
             .await
     }
 
@@ -195,6 +195,7 @@ impl Agent {
         received: Instant,
         deadline: Instant,
         budgets: Option<Vec<Duration>>,
+        traceparents: Option<Vec<TraceParent>>,
         local: bool,
     ) -> Result<StepReply, WireError> {
         let claim = self.inner.lock().sequence.claim(verb)?;
@@ -225,6 +226,7 @@ impl Agent {
                         received,
                         deadline,
                         budgets.as_deref(),
+                        traceparents.as_deref(),
                         local,
                     )
                     .await;
@@ -284,11 +286,13 @@ pub(crate) async fn run_verb(
     received: Instant,
     deadline: Instant,
     budgets: Option<&[Duration]>,
+    traceparents: Option<&[TraceParent]>,
     local: bool,
 ) -> StepReply {
     let mut substeps = Vec::with_capacity(verb.substeps().len());
     for (i, &substep) in verb.substeps().iter().enumerate() {
         let budget = budgets.and_then(|b| b.get(i)).copied();
+        let parent = traceparents.and_then(|t| t.get(i)).copied();
         let left = deadline.saturating_duration_since(Instant::now());
         tracing::info!(
             step = substep.step_number(),
@@ -298,7 +302,14 @@ pub(crate) async fn run_verb(
             local,
             "sub-step started"
         );
-        let reply = run_substep(handlers.get(&substep), substep, deadline, budget, local).await;
+        let run = SubStepRun {
+            substep,
+            deadline,
+            budget,
+            parent,
+            local,
+        };
+        let reply = run_substep(handlers.get(&substep), run).await;
         log_substep_end(verb, &reply, local);
         substeps.push(reply);
     }
@@ -354,15 +365,29 @@ fn log_substep_end(verb: StepVerb, reply: &SubStepReply, local: bool) {
     );
 }
 
+/// One sub-step's turn, as [`run_substep`] gets it.
+#[derive(Debug, Clone, Copy)]
+struct SubStepRun {
+    substep: SubStep,
+    /// The verb's deadline.
+    deadline: Instant,
+    /// Its own budget from its start (`budgets_ms`), if the driver sent one.
+    budget: Option<Duration>,
+    /// The trace context the driver sent for it (`traceparent`), if any.
+    parent: Option<TraceParent>,
+    local: bool,
+}
+
 /// Runs one sub-step until the verb's `deadline`, or until its own `budget` from now runs out if
 /// that comes first.
-async fn run_substep(
-    handler: Option<&StepFn>,
-    substep: SubStep,
-    deadline: Instant,
-    budget: Option<Duration>,
-    local: bool,
-) -> SubStepReply {
+async fn run_substep(handler: Option<&StepFn>, run: SubStepRun) -> SubStepReply {
+    let SubStepRun {
+        substep,
+        deadline,
+        budget,
+        parent,
+        local,
+    } = run;
     let started = Instant::now();
     let mut reply = SubStepReply {
         name: substep,
@@ -388,7 +413,9 @@ async fn run_substep(
         .map(|b| instant_after(started, b))
         .filter(|own| *own < deadline);
     let cut_at = own.unwrap_or(deadline);
-    let future = handler(StepCtx::new(substep, cut_at, local));
+    let mut ctx = StepCtx::new(substep, cut_at, local);
+    ctx.traceparent = parent;
+    let future = handler(ctx);
     let mut task = tokio::spawn(future);
     match tokio::time::timeout_at(cut_at, &mut task).await {
         Ok(Ok(Ok(report))) => {

@@ -261,6 +261,7 @@ where
             verb,
             deadline,
             budgets,
+            traceparents,
         } => {
             if !driver.held {
                 return (not_driver(verb), Answered::Other);
@@ -270,6 +271,7 @@ where
                 received,
                 instant_after(received, deadline),
                 budgets,
+                traceparents,
                 false,
             );
             match step_watching_peer(step, verb, driver, reader).await {

@@ -10,6 +10,7 @@ use super::error::{ErrorCode, WireError, quote, shown};
 use super::reply::Role;
 use super::request::Request;
 use super::steps::StepVerb;
+use super::trace::{TRACEPARENT, TraceParent};
 
 /// A request the app-side agent serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +37,9 @@ pub enum AgentCommand {
         /// receipt + deadline)`, so a hang in one sub-step cannot eat the time of the next.
         /// `None`: the sub-steps share `deadline`.
         budgets: Option<Vec<Duration>>,
+        /// The `traceparent` extension (PROTOCOL.md §5.5): one W3C trace context per sub-step,
+        /// the parent of that sub-step's span. `None`: no trace context was sent.
+        traceparents: Option<Vec<TraceParent>>,
     },
 }
 
@@ -88,16 +92,21 @@ impl AgentCommand {
             }
             verb => match StepVerb::parse(verb) {
                 Some(step) => {
-                    request.check_keys(&["deadline_ms", "budgets_ms"])?;
+                    request.check_keys(&["deadline_ms", "budgets_ms", TRACEPARENT])?;
                     let ms = parse_deadline(request.required("deadline_ms", "5000")?)?;
                     let budgets = request
                         .get("budgets_ms")
                         .map(|value| parse_budgets(step, value))
                         .transpose()?;
+                    let traceparents = request
+                        .get(TRACEPARENT)
+                        .map(|value| TraceParent::parse_list(step, value))
+                        .transpose()?;
                     Ok(AgentCommand::Step {
                         verb: step,
                         deadline: Duration::from_millis(ms),
                         budgets,
+                        traceparents,
                     })
                 }
                 None => Err(WireError::new(
@@ -124,17 +133,19 @@ impl AgentCommand {
                 verb,
                 deadline,
                 budgets,
+                traceparents,
             } => {
-                let request =
+                let mut request =
                     Request::new(verb.as_str()).with_arg("deadline_ms", deadline.as_millis());
-                match budgets {
-                    None => request,
-                    Some(budgets) => {
-                        let list: Vec<String> =
-                            budgets.iter().map(|b| b.as_millis().to_string()).collect();
-                        request.with_arg("budgets_ms", list.join(","))
-                    }
+                if let Some(budgets) = budgets {
+                    let list: Vec<String> =
+                        budgets.iter().map(|b| b.as_millis().to_string()).collect();
+                    request = request.with_arg("budgets_ms", list.join(","));
                 }
+                if let Some(list) = traceparents {
+                    request = request.with_arg(TRACEPARENT, TraceParent::join(list));
+                }
+                request
             }
         }
     }
@@ -288,6 +299,7 @@ mod tests {
                 verb: StepVerb::StopCron,
                 deadline: Duration::from_millis(250),
                 budgets: None,
+                traceparents: None,
             })
         );
         assert_eq!(cmd("close"), Err(ErrorCode::MissingArgument));
@@ -348,6 +360,7 @@ mod tests {
                 verb: StepVerb::Drain,
                 deadline: ms(5000),
                 budgets: Some(vec![ms(1000), ms(7)]),
+                traceparents: None,
             })
         );
         assert_eq!(
@@ -426,6 +439,8 @@ mod tests {
             "drain deadline_ms=8000 budgets_ms=1000,7000",
             "close deadline_ms=5000 budgets_ms=1,2,3",
             "stop-poller deadline_ms=5000 budgets_ms=18446744073709551615",
+            "drain deadline_ms=8000 budgets_ms=1000,7000 traceparent=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01,00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b8-01",
+            "stop-cron deadline_ms=3000 traceparent=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
         ] {
             let c = cmd(line).unwrap();
             assert_eq!(c.to_request().render(), line);
@@ -442,6 +457,7 @@ mod tests {
                 verb: StepVerb::Drain,
                 deadline: ms(8000),
                 budgets: Some(vec![ms(1000), ms(7000)]),
+                traceparents: None,
             })
         );
         assert_eq!(
@@ -450,7 +466,15 @@ mod tests {
                 verb: StepVerb::Close,
                 deadline: ms(5000),
                 budgets: Some(vec![ms(300), ms(200), ms(100)]),
+                traceparents: None,
             })
+        );
+        assert_eq!(
+            cmd(
+                "close deadline_ms=5000 traceparent=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            ),
+            Err(ErrorCode::BadArgument),
+            "close needs one traceparent per sub-step"
         );
         // A budget larger than the deadline is allowed: the deadline caps it.
         assert_eq!(
@@ -459,6 +483,7 @@ mod tests {
                 verb: StepVerb::StopCron,
                 deadline: ms(100),
                 budgets: Some(vec![ms(900)]),
+                traceparents: None,
             })
         );
     }

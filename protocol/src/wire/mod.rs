@@ -10,6 +10,7 @@ mod line;
 mod reply;
 mod request;
 mod steps;
+mod trace;
 
 pub use command::{AGENT_VERBS, AgentCommand};
 pub use error::{ErrorCode, WireError};
@@ -20,6 +21,7 @@ pub use reply::{
 };
 pub use request::Request;
 pub use steps::{STEPS, Step, StepVerb, SubStep, UnknownName};
+pub use trace::{TRACEPARENT, TraceParent};
 
 use serde::Serialize;
 

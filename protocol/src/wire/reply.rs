@@ -144,6 +144,18 @@ pub struct HelloReply {
     pub registered: Vec<SubStep>,
     /// gRPC service names the app serves, for the supervisor's health server.
     pub services: Vec<String>,
+    /// Optional protocol extensions the app takes (PROTOCOL.md §5.5): `traceparent`. Absent
+    /// (empty) from agents that take none; a supervisor sends an extension's arguments only to
+    /// an app that lists it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extensions: Vec<String>,
+}
+
+impl HelloReply {
+    /// Whether the app listed `extension` (e.g. [`crate::wire::TRACEPARENT`]).
+    pub fn takes(&self, extension: &str) -> bool {
+        self.extensions.iter().any(|e| e == extension)
+    }
 }
 
 /// One step's line in `status`.
