@@ -202,17 +202,9 @@ impl App {
             SubStep::StopPoller => Ok(self.poller.stop(deadline).await),
             SubStep::CloseMq => self.mq.close(deadline).await,
             SubStep::CloseRedis => Ok(self.redis.close(deadline).await),
-            SubStep::CloseDb => {
-                let report = self.db.close(deadline).await;
-                // The last step: send the spans still queued (this stop's included) within
-                // what is left of its budget.
-                if let Some(traces) = crate::traces::installed()
-                    && !traces.flush(deadline).await
-                {
-                    tracing::debug!("spans still queued at the close-db deadline were dropped");
-                }
-                Ok(report)
-            }
+            // The spans still queued are flushed by the caller once this step's span has ended
+            // (`control::traced_substep`).
+            SubStep::CloseDb => Ok(self.db.close(deadline).await),
         }
     }
 

@@ -11,10 +11,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use quiesce_protocol::agent::{Agent, HandlerError, StepCtx};
+use quiesce_protocol::agent::{Agent, HandlerError, Report, StepCtx};
 pub use quiesce_protocol::wire::{STEPS, StepReply, SubStep};
+use tracing::Instrument as _;
 
 use crate::app::{App, SERVICES};
+use crate::traces;
 
 /// How long each health check may take.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -29,7 +31,7 @@ pub fn agent(app: &Arc<App>) -> Agent {
         let app = app.clone();
         builder = builder.on(substep, move |ctx: StepCtx| {
             let app = app.clone();
-            async move { app.run_substep(ctx.substep(), ctx.deadline()).await }
+            async move { traced_substep(&app, &ctx).await }
         });
     }
     let (db, redis, mq) = (app.clone(), app.clone(), app.clone());
@@ -49,6 +51,48 @@ pub fn agent(app: &Arc<App>) -> Agent {
         })
         .status(move || status.status())
         .build()
+}
+
+/// Runs one sub-step inside its own span, a child of the supervisor's span for that shutdown step
+/// when it sent one (the protocol's `traceparent` extension), a trace of its own otherwise. The
+/// spans still queued are flushed after the last one (`close-db`) has ended, so it is exported too.
+async fn traced_substep(app: &App, ctx: &StepCtx) -> Result<Report, HandlerError> {
+    let substep = ctx.substep();
+    let span = tracing::info_span!(
+        parent: None,
+        "substep",
+        otel.name = substep.as_str(),
+        otel.kind = "internal",
+        otel.status_code = tracing::field::Empty,
+        quiesce.step.number = substep.step_number(),
+        quiesce.substep = substep.as_str(),
+        quiesce.verb = ctx.verb().as_str(),
+        quiesce.step.budget_ms = u64::try_from(ctx.remaining().as_millis()).unwrap_or(u64::MAX),
+        quiesce.step.outcome = tracing::field::Empty,
+    );
+    let parent = ctx.traceparent().map(|tp| tp.to_string());
+    traces::set_parent(&span, traces::extract_traceparent(parent.as_deref()));
+    let result = app
+        .run_substep(substep, ctx.deadline())
+        .instrument(span.clone())
+        .await;
+    let outcome = match &result {
+        Ok(report) if report.is_timed_out() => "timeout",
+        Ok(_) => "ok",
+        Err(_) => "error",
+    };
+    span.record("quiesce.step.outcome", outcome);
+    if outcome != "ok" {
+        span.record("otel.status_code", "ERROR");
+    }
+    drop(span);
+    if substep == SubStep::CloseDb
+        && let Some(traces) = traces::installed()
+        && !traces.flush(ctx.deadline()).await
+    {
+        tracing::debug!("spans still queued at the close-db deadline were dropped");
+    }
+    result
 }
 
 /// Runs every remaining step in-process within `budget` (SIGTERM without a supervisor, and

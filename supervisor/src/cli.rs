@@ -132,7 +132,9 @@ impl RunArgs {
         if !self.env.is_empty() {
             top.env = Some(self.env.iter().cloned().collect());
         }
-        Config::resolve(top.merge(file))
+        let mut cfg = Config::resolve(top.merge(file))?;
+        cfg.traces = crate::trace::Traces::from_env();
+        Ok(cfg)
     }
 }
 
@@ -215,6 +217,7 @@ fn describe_ports(out: &mut String, cfg: &Config) {
         .flatten()
         .map(|a| format!("tcp {a}"))
         .collect();
+    let _ = writeln!(out, "traces: {}", cfg.traces);
     let _ = writeln!(
         out,
         "ports bound: {}",

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use quiesce_protocol::client::{Client, ClientError};
-use quiesce_protocol::wire::{AgentCommand, HelloReply, Outcome, Role, StepReply, StepVerb};
+use quiesce_protocol::wire::{
+    AgentCommand, HelloReply, Outcome, Role, StepReply, StepVerb, TRACEPARENT,
+};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout_at};
 
@@ -29,9 +31,9 @@ const REPLY_SLACK: Duration = Duration::from_millis(250);
 /// Pause between connection attempts while the app starts.
 const RETRY: Duration = Duration::from_millis(50);
 
-/// The connector task ([`connect_driver`]): its result, the driver connection, goes to the stop sequence
-/// alone, which takes it when step 1 is over.
-pub type Connector = tokio::task::JoinHandle<Option<Client>>;
+/// The connector task ([`connect_driver`]): its result, the driver connection and the app's hello, goes to
+/// the stop sequence alone, which takes it when step 1 is over.
+pub type Connector = tokio::task::JoinHandle<Option<(Client, HelloReply)>>;
 
 /// What the app said in `hello`; `None` until it has.
 pub type HelloWatch = watch::Receiver<Option<HelloReply>>;
@@ -84,15 +86,15 @@ pub async fn connect_driver(
     hello_tx: watch::Sender<Option<HelloReply>>,
     shared: Shared,
     life: watch::Receiver<Lifecycle>,
-) -> Option<Client> {
+) -> Option<(Client, HelloReply)> {
     let until = Instant::now() + connect_timeout;
     match connect(&path, Role::Driver, until, &life).await {
         Some((client, mut hello)) => {
             bound_services(&mut hello.services);
             tracing::info!(app = %hello.app, pid = hello.pid, services = %json_text(&hello.services), registered = %json_text(&hello.registered), "app said hello");
             shared.lock().control = Control::Connected;
-            hello_tx.send_replace(Some(hello));
-            Some(client)
+            hello_tx.send_replace(Some(hello.clone()));
+            Some((client, hello))
         }
         None => {
             if life.borrow().end().is_none() {
@@ -138,12 +140,16 @@ fn bound_services(services: &mut Vec<String>) {
 pub async fn sequence(ctx: StopCtx, connector: Connector) -> StopResult {
     stop::step_one(&ctx).await;
     // The connection the connector made, if it made one by now; one still trying is given up.
-    let client = if connector.is_finished() {
+    let connected = if connector.is_finished() {
         connector.await.ok().flatten()
     } else {
         connector.abort();
         None
     };
+    let traced = connected
+        .as_ref()
+        .is_some_and(|(_, hello)| takes_traces(&ctx, hello));
+    let client = connected.map(|(c, _)| c);
     if client.is_none() && !ctx.child_ended() {
         // The app never connected: the best we can do is ask it the signal way.
         tracing::warn!(
@@ -160,6 +166,7 @@ pub async fn sequence(ctx: StopCtx, connector: Connector) -> StopResult {
         ctx: &ctx,
         client,
         per_substep: true,
+        traced,
     };
     for (verb, rows) in verbs() {
         walk.verb(verb, &rows).await;
@@ -245,6 +252,15 @@ struct Walk<'a> {
     client: Option<Client>,
     /// Whether the app takes `budgets_ms` (an older agent refuses it once; then plain deadlines).
     per_substep: bool,
+    /// Whether step verbs carry `traceparent=`: this stop is traced and the app's hello announced the
+    /// extension ([`takes_traces`]).
+    traced: bool,
+}
+
+/// Whether step verbs to the app that said `hello` carry the trace context: only when this stop is traced
+/// and the app announced the extension (PROTOCOL.md §5.5), so an agent that does not know it never sees it.
+fn takes_traces(ctx: &StopCtx, hello: &HelloReply) -> bool {
+    ctx.trace.is_some() && hello.takes(TRACEPARENT)
 }
 
 impl Walk<'_> {
@@ -276,14 +292,22 @@ impl Walk<'_> {
                 "step start"
             );
         }
-        let mut result = self.send(verb, &plan, began).await;
+        let mut result = self.send(verb, rows, &plan, began).await;
         if self.per_substep
             && let Err(why @ StepFailure::Refused { message, .. }) = &result
             && message.contains("budgets_ms")
         {
             tracing::warn!(reason = %why, "the app does not take per-sub-step budgets; sending plain deadlines");
             self.per_substep = false;
-            result = self.send(verb, &plan, began).await;
+            result = self.send(verb, rows, &plan, began).await;
+        }
+        if self.traced
+            && let Err(why @ StepFailure::Refused { message, .. }) = &result
+            && message.contains(TRACEPARENT)
+        {
+            tracing::warn!(reason = %why, "the app announced the traceparent extension but refused it; sending steps without trace context");
+            self.traced = false;
+            result = self.send(verb, rows, &plan, began).await;
         }
         if let Err(why @ StepFailure::Connection(_)) = &result
             && !ctx.child_ended()
@@ -293,7 +317,7 @@ impl Walk<'_> {
             // returns the recorded result when the app had finished the step (PROTOCOL.md §6.3).
             tracing::warn!(reason = %why, verb = verb_name, "control connection failed; reconnecting to send the step again");
             self.client = None;
-            self.client = reconnect(ctx).await;
+            self.reconnect().await;
             if self.client.is_some() {
                 let now = Instant::now();
                 let again = Plan {
@@ -301,7 +325,7 @@ impl Walk<'_> {
                     wait_until: plan.wait_until.max(now + MIN_DEADLINE),
                     ..plan.clone()
                 };
-                result = self.send(verb, &again, now).await;
+                result = self.send(verb, rows, &again, now).await;
             }
         }
         tracing::debug!(
@@ -316,7 +340,7 @@ impl Walk<'_> {
                 // A request without its reply leaves the connection out of step: start afresh.
                 self.client = None;
                 if !ctx.child_ended() {
-                    self.client = reconnect(ctx).await;
+                    self.reconnect().await;
                 }
             }
         }
@@ -325,23 +349,33 @@ impl Walk<'_> {
     async fn send(
         &mut self,
         verb: StepVerb,
+        rows: &[usize],
         plan: &Plan,
         began: Instant,
     ) -> Result<StepReply, StepFailure> {
         let Some(c) = self.client.as_mut() else {
             return Err(StepFailure::Connection("control connection lost".into()));
         };
-        let budgets = self.per_substep.then(|| plan.substeps.clone());
-        send_step(
-            self.ctx,
-            c,
+        let req = AgentCommand::Step {
             verb,
-            plan.deadline,
-            budgets,
-            began,
-            plan.wait_until,
-        )
-        .await
+            deadline: plan.deadline,
+            budgets: self.per_substep.then(|| plan.substeps.clone()),
+            traceparents: match &self.ctx.trace {
+                Some(t) if self.traced => Some(t.traceparents(rows)),
+                _ => None,
+            },
+        };
+        send_step(self.ctx, c, &req, plan.deadline, began, plan.wait_until).await
+    }
+
+    /// A fresh driver connection in place of one that failed; what the app says in its new hello decides
+    /// whether steps carry trace context from now on.
+    async fn reconnect(&mut self) {
+        let got = reconnect(self.ctx).await;
+        if let Some((_, hello)) = &got {
+            self.traced = takes_traces(self.ctx, hello);
+        }
+        self.client = got.map(|(c, _)| c);
     }
 }
 
@@ -409,18 +443,12 @@ impl std::fmt::Display for StepFailure {
 async fn send_step(
     ctx: &StopCtx,
     c: &mut Client,
-    verb: StepVerb,
+    command: &AgentCommand,
     budget: Duration,
-    budgets: Option<Vec<Duration>>,
     began: Instant,
     wait_until: Instant,
 ) -> Result<StepReply, StepFailure> {
-    let req = AgentCommand::Step {
-        verb,
-        deadline: budget,
-        budgets,
-    }
-    .to_request();
+    let req = command.to_request();
     // The client's own timeout is set past ours, so a silent app is always our `timeout`.
     let client_wait = wait_until - began + Duration::from_secs(1);
     let mut life = ctx.life.subscribe();
@@ -449,14 +477,12 @@ async fn send_step(
     }
 }
 
-async fn reconnect(ctx: &StopCtx) -> Option<Client> {
+async fn reconnect(ctx: &StopCtx) -> Option<(Client, HelloReply)> {
     let path = ctx.cfg.control_socket.clone()?;
     // Never past the steps' time: a frozen app that accepts but never answers hello must not delay the
     // deadline's signals.
     let until = (Instant::now() + Duration::from_secs(1)).min(ctx.steps_deadline());
-    let got = connect(&path, Role::Driver, until, &ctx.life.subscribe())
-        .await
-        .map(|(c, _)| c);
+    let got = connect(&path, Role::Driver, until, &ctx.life.subscribe()).await;
     ctx.shared.lock().control = if got.is_some() {
         Control::Connected
     } else {

@@ -78,6 +78,7 @@ pub mod state;
 pub mod steps;
 pub mod stop;
 pub mod sys;
+pub mod trace;
 pub mod users;
 
 use std::sync::Arc;
@@ -112,6 +113,9 @@ fn run_inner(cfg: Config, mask: nix::sys::signal::SigSet) -> Result<runloop::Exi
             )
         })?;
     let sink = open_termination_log(&cfg);
+    if let trace::Traces::Unusable(why) = &cfg.traces {
+        tracing::warn!(reason = %why, "the shutdown will not be exported as a trace");
+    }
     let cfg = Arc::new(cfg);
     // Metrics are kept only when `/metrics` is served: nobody else reads them.
     let metrics = match cfg.metrics_address {

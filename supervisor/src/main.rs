@@ -75,7 +75,8 @@ fn config_error(e: &quiesce::config::ConfigError) -> i32 {
 }
 
 /// `check-config`: refuses what the run would refuse (a user/group it cannot resolve or switch to: 123),
-/// prints the plan, and warns (or with `--strict` fails) when the budgets overcommit the window.
+/// prints the plan, and warns (or with `--strict` fails) when the budgets overcommit the window or the
+/// OpenTelemetry variables name an export quiesce cannot do.
 fn check_config(args: &quiesce::cli::CheckArgs) -> i32 {
     let cfg = match args.run.resolve() {
         Ok(cfg) => cfg,
@@ -86,16 +87,27 @@ fn check_config(args: &quiesce::cli::CheckArgs) -> i32 {
         return e.exit_code();
     }
     out(&quiesce::cli::describe(&cfg));
-    match quiesce::cli::budget_warning(&cfg) {
-        Some(w) if args.strict => {
+    let traces = match &cfg.traces {
+        quiesce::trace::Traces::Unusable(why) => Some(format!(
+            "the shutdown will not be exported as a trace: {why}"
+        )),
+        _ => None,
+    };
+    let warnings: Vec<String> = [quiesce::cli::budget_warning(&cfg), traces]
+        .into_iter()
+        .flatten()
+        .collect();
+    for w in &warnings {
+        if args.strict {
             quiesce::logging::say(&format!("quiesce: config error (--strict): {w}"));
-            code::CONFIG
-        }
-        Some(w) => {
+        } else {
             quiesce::logging::say(&format!("quiesce: warning: {w}"));
-            0
         }
-        None => 0,
+    }
+    if args.strict && !warnings.is_empty() {
+        code::CONFIG
+    } else {
+        0
     }
 }
 

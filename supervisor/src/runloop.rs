@@ -26,6 +26,7 @@ use crate::report;
 use crate::signals::{self, Sig};
 use crate::state::{Outcome, Shared, Trigger, ms};
 use crate::stop::{self, StopCtx};
+use crate::trace;
 
 /// Requests from outside the loop (admin socket, tests).
 #[derive(Debug)]
@@ -217,6 +218,8 @@ struct RunLoop {
     stopped: Option<StopResult>,
     /// The end of the run (sweep, exit code, report), once the child is gone.
     finish: Option<JoinHandle<Exit>>,
+    /// The stop's trace ids, when the shutdown is exported as a trace.
+    trace: Option<Arc<trace::Shutdown>>,
 }
 
 impl RunLoop {
@@ -240,6 +243,7 @@ impl RunLoop {
             stop_task: None,
             stopped: None,
             finish: None,
+            trace: None,
         }
     }
 
@@ -316,7 +320,12 @@ impl RunLoop {
             }
             return;
         }
-        quiesce_protocol::event_if!(self.cfg.narrates_steps(), info, debug, %trigger, window_ms = ms(cfg.stop_window()), "shutdown started");
+        self.trace = cfg
+            .traces
+            .settings()
+            .map(|_| Arc::new(trace::Shutdown::begin(now)));
+        let trace_id = self.trace.as_ref().map(|t| t.trace_id_hex());
+        quiesce_protocol::event_if!(self.cfg.narrates_steps(), info, debug, %trigger, window_ms = ms(cfg.stop_window()), trace_id, "shutdown started");
         let ctx = StopCtx {
             cfg: cfg.clone(),
             shared: self.shared.clone(),
@@ -327,6 +336,7 @@ impl RunLoop {
             probes_before,
             ask_with: stop::ask_signal(cfg, received),
             relay: self.relay.clone(),
+            trace: self.trace.clone(),
         };
         self.stop_task = Some(match self.driver.take() {
             Some(c) => tokio::spawn(control::sequence(ctx, c)),
@@ -364,6 +374,7 @@ impl RunLoop {
             stop: self.chans.life.now().stop().cloned(),
             none_left: self.none_left.1.clone(),
             sink: self.sink.clone(),
+            trace: self.trace.clone(),
         }
     }
 }
@@ -385,6 +396,7 @@ struct Ending {
     stop: Option<lifecycle::Stop>,
     none_left: watch::Receiver<bool>,
     sink: Arc<std::sync::Mutex<Option<report::Sink>>>,
+    trace: Option<Arc<trace::Shutdown>>,
 }
 
 async fn finish_up(
@@ -399,6 +411,7 @@ async fn finish_up(
         stop: begun,
         none_left,
         sink,
+        trace,
     } = e;
     let stop = match stop_task {
         Some(t) => t.await.ok(),
@@ -442,10 +455,22 @@ async fn finish_up(
             }
         }
     }
+    let hard_end = start.map(|s| s + stop::exit_by(&cfg));
+    if let (Some(t), Some(settings), Some(until)) = (&trace, cfg.traces.settings(), hard_end) {
+        // The shutdown as a trace, from the rows just reported; bounded, and never past the hard end.
+        let attributes = shutdown_attributes(&cfg, trigger.as_ref());
+        let spans = t.spans(
+            &shared.lock().steps,
+            &cfg.budgets,
+            attributes,
+            (code, &reason),
+        );
+        trace::export(settings, spans, &t.trace_id_hex(), until).await;
+    }
     // `quiesce ctl status --watch` clients get the outcome (at once when nobody watches); never past the
     // stop's hard end.
     let publish = crate::admin::publish_exit(code, &reason);
-    match start.map(|s| s + stop::exit_by(&cfg)) {
+    match hard_end {
         Some(hard) => drop(tokio::time::timeout_at(hard, publish).await),
         None => publish.await,
     }
@@ -455,6 +480,22 @@ async fn finish_up(
         let _ = tokio::time::timeout_at(until, none_left.wait_for(|v| *v)).await;
     }
     Exit { code, reason }
+}
+
+/// The shutdown span's own attributes: what started it and the window it had.
+fn shutdown_attributes(cfg: &Config, trigger: Option<&Trigger>) -> Vec<trace::otlp::KeyValue> {
+    use trace::otlp::KeyValue;
+    let mut out = vec![
+        KeyValue::text("quiesce.mode", cfg.mode().to_string()),
+        KeyValue::int(
+            "quiesce.window_ms",
+            i64::try_from(ms(cfg.stop_window())).unwrap_or(i64::MAX),
+        ),
+    ];
+    if let Some(t) = trigger {
+        out.push(KeyValue::text("quiesce.trigger", t.to_string()));
+    }
+    out
 }
 
 /// Leftover descendants (daemons the app started, orphans): SIGTERM, wait up to `cleanup_timeout` for them

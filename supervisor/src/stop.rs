@@ -37,6 +37,8 @@ pub struct StopCtx {
     pub ask_with: Sig,
     /// Stop signals received and passed on, shared with the run loop.
     pub relay: Arc<Mutex<Relay>>,
+    /// This stop's trace ids, when traces are exported ([`crate::trace`]): the step verbs carry them.
+    pub trace: Option<Arc<crate::trace::Shutdown>>,
 }
 
 impl StopCtx {

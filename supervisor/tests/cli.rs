@@ -450,3 +450,60 @@ fn a_closed_stdout_is_not_a_crash() {
     let status = wait_timeout(&mut child, std::time::Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+#[test]
+fn check_config_says_where_the_shutdown_trace_goes_and_names_an_unusable_variable() {
+    let s = Scratch::new();
+    let check = ["check-config", "--prestop-delay", "5s"];
+    let r = run(&s, &check, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("traces: off (no OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "{}",
+        r.stdout
+    );
+    let r = run(
+        &s,
+        &check,
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")],
+    );
+    assert!(
+        r.stdout.contains(
+            "traces: the shutdown, over OTLP/gRPC to collector:4317 (OTEL_EXPORTER_OTLP_ENDPOINT)"
+        ),
+        "{}",
+        r.stdout
+    );
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+    // Turned off by the standard switch, whatever the endpoint.
+    let r = run(
+        &s,
+        &check,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ("OTEL_SDK_DISABLED", "true"),
+        ],
+    );
+    assert!(r.stdout.contains("traces: off"), "{}", r.stdout);
+    // A value quiesce cannot use: a warning naming it and the fix; --strict fails; a run goes on.
+    let https = [("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317")];
+    let r = run(&s, &check, &https);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("warning: the shutdown will not be exported as a trace: OTEL_EXPORTER_OTLP_ENDPOINT=https://collector:4317: quiesce links no TLS"),
+        "{}",
+        r.stderr
+    );
+    let mut strict = check.to_vec();
+    strict.push("--strict");
+    assert_eq!(run(&s, &strict, &https).code, 121);
+    let r = run(&s, &["--", "true"], &https);
+    assert_eq!(r.code, 0, "the app still runs: {}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("the shutdown will not be exported as a trace"),
+        "{}",
+        r.stderr
+    );
+}

@@ -49,6 +49,10 @@ pub struct ReceivedSpan {
     pub attributes: Vec<(String, String)>,
     /// The resource's `service.name`.
     pub service_name: Option<String>,
+    /// Start and end, in nanoseconds since the Unix epoch.
+    pub start_unix_nano: u64,
+    /// See `start_unix_nano`.
+    pub end_unix_nano: u64,
 }
 
 impl ReceivedSpan {
@@ -127,6 +131,8 @@ impl TraceService for Receiver {
                             .collect(),
                         attributes: span.attributes.iter().filter_map(text).collect(),
                         service_name: service_name.clone(),
+                        start_unix_nano: span.start_time_unix_nano,
+                        end_unix_nano: span.end_time_unix_nano,
                     });
                 }
             }

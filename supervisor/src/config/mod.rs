@@ -58,6 +58,9 @@ pub struct Config {
     pub health: HealthConfig,
     pub metrics_address: Option<SocketAddr>,
     pub metrics_why: &'static str,
+    /// Whether the shutdown is exported as a trace: from the OpenTelemetry variables of the environment
+    /// (set by `cli`, [`crate::trace::Traces::from_env`]), off until then.
+    pub traces: crate::trace::Traces,
 }
 
 #[derive(Clone, Debug)]
@@ -324,6 +327,7 @@ impl Config {
             health: HealthConfig::with_defaults(l.health),
             metrics_address,
             metrics_why,
+            traces: crate::trace::Traces::Off,
         }
     }
 
