@@ -283,7 +283,7 @@ impl Walk<'_> {
             return;
         }
         let plan = plan(&ctx.cfg.budgets, rows, began, end);
-        for &i in rows {
+        for (j, &i) in rows.iter().enumerate() {
             tracing::info!(
                 step = STEPS[i].name,
                 number = STEPS[i].number,
@@ -291,6 +291,8 @@ impl Walk<'_> {
                 budget_ms = ms(plan.deadline),
                 "step start"
             );
+            let budget = plan.substeps.get(j).copied().unwrap_or(plan.deadline);
+            ctx.started(STEPS[i].number, STEPS[i].name, began, budget);
         }
         let mut result = self.send(verb, rows, &plan, began).await;
         if self.per_substep

@@ -31,6 +31,18 @@ pub struct StepRecord {
     pub detail: String,
 }
 
+/// A step that has started and is not recorded yet: what `quiesce ctl status --watch` shows while it runs.
+/// The rows of one control verb (`drain`: 2-3, `close`: 7-9) start together, since they are one request.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunningStep {
+    pub number: u8,
+    pub name: String,
+    /// Offset from the start of the shutdown.
+    pub started_ms: u64,
+    /// The time it was given.
+    pub budget_ms: u64,
+}
+
 /// Why the shutdown began.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase", tag = "kind", content = "detail")]
@@ -84,6 +96,9 @@ pub struct Status {
     pub mode: Mode,
     pub child_pid: Option<i32>,
     pub steps: Vec<StepRecord>,
+    /// Steps started and not yet recorded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub running: Vec<RunningStep>,
     pub control: Control,
     pub zombies_reaped: u64,
     pub signals_received: BTreeMap<String, u64>,
@@ -115,6 +130,7 @@ impl Shared {
             mode,
             child_pid: None,
             steps: Vec::new(),
+            running: Vec::new(),
             control: match mode {
                 Mode::Control => Control::Connecting,
                 Mode::Signal => Control::Off,
@@ -136,10 +152,17 @@ impl Shared {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends a step to the shutdown story (and its metrics).
+    /// A step began (it stays listed as running until [`Shared::record`] records it).
+    pub fn started(&self, step: RunningStep) {
+        self.lock().running.push(step);
+    }
+
+    /// Appends a step to the shutdown story (and its metrics); it is no longer running.
     pub fn record(&self, r: StepRecord) {
         self.metrics.step(&r);
-        self.lock().steps.push(r);
+        let mut st = self.lock();
+        st.running.retain(|s| s.name != r.name);
+        st.steps.push(r);
     }
 
     pub fn reaped(&self, n: u64) {

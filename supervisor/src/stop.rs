@@ -15,7 +15,7 @@ use crate::config::{Config, ForwardTo};
 use crate::exit::{ChildEnd, StopResult};
 use crate::lifecycle::Transitions;
 use crate::signals::Sig;
-use crate::state::{Outcome, Shared, StepRecord, ms};
+use crate::state::{Outcome, RunningStep, Shared, StepRecord, ms};
 use crate::steps::{Extra, STEPS};
 use crate::sys::{Target, send};
 
@@ -91,6 +91,16 @@ impl StopCtx {
             .is_ok()
     }
 
+    /// Step `number` `name` began at `began` with `budget`: listed as running until it is recorded.
+    pub fn started(&self, number: u8, name: &str, began: Instant, budget: Duration) {
+        self.shared.started(RunningStep {
+            number,
+            name: name.to_string(),
+            started_ms: ms(began.saturating_duration_since(self.start)),
+            budget_ms: ms(budget),
+        });
+    }
+
     pub fn record(&self, number: u8, name: &str, outcome: Outcome, began: Instant, detail: String) {
         let r = StepRecord {
             number,
@@ -120,6 +130,7 @@ pub async fn step_one(ctx: &StopCtx) {
         delay_ms = ms(delay),
         "step start"
     );
+    ctx.started(STEPS[0].number, STEPS[0].name, began, delay);
     let until = ctx.start + delay;
     let want = ctx.cfg.health.observed_probes;
     let mut early = false;
@@ -251,6 +262,12 @@ pub async fn ask_with_signal(ctx: &StopCtx, send: Sig) -> StopResult {
         ForwardTo::Group => format!("process group {}", ctx.pid),
     };
     quiesce_protocol::event_if!(ctx.cfg.narrates_steps(), info, debug, step = Extra::StopSignal.name(), signal = %send, %target, "step start");
+    ctx.started(
+        0,
+        Extra::StopSignal.name(),
+        began,
+        ctx.deadline().saturating_duration_since(began),
+    );
     deliver(ctx.pid, send, ctx.cfg.forward_to);
     ctx.relay
         .lock()

@@ -139,8 +139,25 @@ fn watch_follows_a_stop_row_by_row_to_the_supervisors_outcome() {
         stopping < rows[0] && rows.windows(2).all(|w| w[0] < w[1]) && rows[8] < exiting,
         "out of order: {lines:#?}"
     );
-    // Streamed, not printed at the end: step 1's row was shown while the 800 ms drain still ran.
     let shown = |i: usize| lines[i].0;
+    // A step is shown when it starts, before its row (one that starts and ends between two reads of the
+    // status, 100 ms apart, shows only its row): the 800 ms drain (steps 2 and 3, one verb) while it runs.
+    for n in 1..=9 {
+        let prefix = format!("step {n} {}: running, budget ", names[n - 1]);
+        if let Some(at) = lines.iter().position(|(_, l)| l.starts_with(&prefix)) {
+            assert!(
+                at < rows[n - 1],
+                "step {n}'s start after its end: {lines:#?}"
+            );
+        }
+    }
+    let drain = position(&lines, "step 3 drain-in-flight: running, budget ");
+    assert!(position(&lines, "step 2 stop-accepting: running, budget ") < drain);
+    assert!(
+        shown(rows[2]).duration_since(shown(drain)) >= Duration::from_millis(500),
+        "the drain's start was not shown while it ran: {lines:#?}"
+    );
+    // Streamed, not printed at the end: step 1's row was shown while the 800 ms drain still ran.
     assert!(
         shown(rows[2]).duration_since(shown(rows[0])) >= Duration::from_millis(500),
         "the rows came together: {lines:#?}"
@@ -177,6 +194,16 @@ fn watch_ends_with_the_last_state_when_the_supervisor_is_killed_mid_stop() {
     assert!(ctl(&s, "shutdown").status.success());
     // Killed while the drain runs: after the row of step 1, before those of steps 2 and 3 (one verb).
     while !w.line().1.starts_with("step 1 health-not-serving: ok") {}
+    let (_, running) = w.line();
+    assert!(
+        running.starts_with("step 2 stop-accepting: running"),
+        "{running}"
+    );
+    let (_, running) = w.line();
+    assert!(
+        running.starts_with("step 3 drain-in-flight: running"),
+        "{running}"
+    );
     let killed = Instant::now();
     send(sup.id(), libc::SIGKILL);
     let (status, lines, err) = w.end();

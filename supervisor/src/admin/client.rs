@@ -134,11 +134,17 @@ pub fn render_status(v: &Value) -> String {
     }
     let _ = writeln!(out, "reaped:     {} processes", s("zombies_reaped"));
     render_health(&mut out, v);
-    let steps = v
+    let mut steps = v
         .get("steps")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
+    // Steps under way, as rows whose outcome is `running` and whose time is their budget.
+    steps.extend(running(v).iter().map(|r| {
+        serde_json::json!({"number": r.get("number"), "name": r.get("name"), "outcome": "running",
+            "started_ms": r.get("started_ms"), "duration_ms": "-",
+            "detail": format!("budget {} ms", text(r, "budget_ms"))})
+    }));
     if steps.is_empty() {
         let _ = writeln!(out, "steps:      none run yet");
     } else {
@@ -329,6 +335,20 @@ fn changes(prev: Option<&Value>, now: &Value) -> Vec<String> {
     }
     let seen = prev.map_or(0, |p| steps(p).len());
     lines.extend(steps(now).iter().skip(seen).map(step_line));
+    let was_running = |name: &str| {
+        prev.is_some_and(|p| {
+            running(p)
+                .iter()
+                .chain(steps(p))
+                .any(|r| text(r, "name") == name)
+        })
+    };
+    lines.extend(
+        running(now)
+            .iter()
+            .filter(|r| !was_running(&text(r, "name")))
+            .map(running_line),
+    );
     if changed && exiting {
         lines.push(format!("phase {phase}{why}"));
     }
@@ -363,6 +383,22 @@ fn step_line(st: &Value) -> String {
     )
 }
 
+/// `step 3 drain-in-flight: running, budget 7000 ms (started at 5003 ms)`.
+fn running_line(r: &Value) -> String {
+    let n = r.get("number").and_then(Value::as_u64).unwrap_or(0);
+    let name = text(r, "name");
+    let what = if n == 0 {
+        name
+    } else {
+        format!("step {n} {name}")
+    };
+    format!(
+        "{what}: running, budget {} ms (started at {} ms)",
+        text(r, "budget_ms"),
+        text(r, "started_ms")
+    )
+}
+
 /// `exit code 0 - stop by SIGTERM: app exited with code 0`, as the termination message's first line says it.
 fn final_line(v: &Value) -> String {
     format!(
@@ -374,6 +410,12 @@ fn final_line(v: &Value) -> String {
 
 fn steps(v: &Value) -> &[Value] {
     v.get("steps")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+fn running(v: &Value) -> &[Value] {
+    v.get("running")
         .and_then(Value::as_array)
         .map_or(&[], Vec::as_slice)
 }
@@ -435,6 +477,25 @@ mod tests {
                 r"step 1 health-not-serving: ok, took 5 ms (started at 0 ms) requests=3; x\u{1b}[2J",
             ]
         );
+        let mut draining = one.clone();
+        draining["running"] = json!([
+            {"number": 2, "name": "stop-accepting", "started_ms": 10, "budget_ms": 1000},
+            {"number": 3, "name": "drain-in-flight", "started_ms": 10, "budget_ms": 7000},
+        ]);
+        assert_eq!(
+            changes(Some(&one), &draining),
+            [
+                "step 2 stop-accepting: running, budget 1000 ms (started at 10 ms)",
+                "step 3 drain-in-flight: running, budget 7000 ms (started at 10 ms)",
+            ]
+        );
+        assert!(changes(Some(&draining), &draining).is_empty(), "shown once");
+        let table = render_status(&draining);
+        assert!(
+            table.contains(" 3  drain-in-flight      running"),
+            "{table}"
+        );
+        assert!(table.contains("budget 7000 ms"), "{table}");
         let end = changes(Some(&one), &state("exiting", 3));
         assert_eq!(end.len(), 3, "{end:?}");
         assert!(end[0].starts_with("step 2 stop-accepting: ok"), "{end:?}");
