@@ -294,23 +294,7 @@ impl Walk<'_> {
             let budget = plan.substeps.get(j).copied().unwrap_or(plan.deadline);
             ctx.started(STEPS[i].number, STEPS[i].name, began, budget);
         }
-        let mut result = self.send(verb, rows, &plan, began).await;
-        if self.per_substep
-            && let Err(why @ StepFailure::Refused { message, .. }) = &result
-            && message.contains("budgets_ms")
-        {
-            tracing::warn!(reason = %why, "the app does not take per-sub-step budgets; sending plain deadlines");
-            self.per_substep = false;
-            result = self.send(verb, rows, &plan, began).await;
-        }
-        if self.traced
-            && let Err(why @ StepFailure::Refused { message, .. }) = &result
-            && message.contains(TRACEPARENT)
-        {
-            tracing::warn!(reason = %why, "the app announced the traceparent extension but refused it; sending steps without trace context");
-            self.traced = false;
-            result = self.send(verb, rows, &plan, began).await;
-        }
+        let mut result = self.send_or_simplify(verb, rows, &plan, began).await;
         if let Err(why @ StepFailure::Connection(_)) = &result
             && !ctx.child_ended()
         {
@@ -346,6 +330,35 @@ impl Walk<'_> {
                 }
             }
         }
+    }
+
+    /// Sends the verb; an app that refuses an optional argument by name (`budgets_ms` from an older agent,
+    /// a `traceparent` it announced but does not take) gets the verb once more without it, and never again.
+    async fn send_or_simplify(
+        &mut self,
+        verb: StepVerb,
+        rows: &[usize],
+        plan: &Plan,
+        began: Instant,
+    ) -> Result<StepReply, StepFailure> {
+        let mut result = self.send(verb, rows, plan, began).await;
+        if self.per_substep
+            && let Err(why @ StepFailure::Refused { message, .. }) = &result
+            && message.contains("budgets_ms")
+        {
+            tracing::warn!(reason = %why, "the app does not take per-sub-step budgets; sending plain deadlines");
+            self.per_substep = false;
+            result = self.send(verb, rows, plan, began).await;
+        }
+        if self.traced
+            && let Err(why @ StepFailure::Refused { message, .. }) = &result
+            && message.contains(TRACEPARENT)
+        {
+            tracing::warn!(reason = %why, "the app announced the traceparent extension but refused it; sending steps without trace context");
+            self.traced = false;
+            result = self.send(verb, rows, plan, began).await;
+        }
+        result
     }
 
     async fn send(

@@ -456,16 +456,8 @@ async fn finish_up(
         }
     }
     let hard_end = start.map(|s| s + stop::exit_by(&cfg));
-    if let (Some(t), Some(settings), Some(until)) = (&trace, cfg.traces.settings(), hard_end) {
-        // The shutdown as a trace, from the rows just reported; bounded, and never past the hard end.
-        let attributes = shutdown_attributes(&cfg, trigger.as_ref());
-        let spans = t.spans(
-            &shared.lock().steps,
-            &cfg.budgets,
-            attributes,
-            (code, &reason),
-        );
-        trace::export(settings, spans, &t.trace_id_hex(), until).await;
+    if let (Some(t), Some(until)) = (&trace, hard_end) {
+        export_trace(&cfg, &shared, t, trigger.as_ref(), (code, &reason), until).await;
     }
     // `quiesce ctl status --watch` clients get the outcome (at once when nobody watches); never past the
     // stop's hard end.
@@ -480,6 +472,23 @@ async fn finish_up(
         let _ = tokio::time::timeout_at(until, none_left.wait_for(|v| *v)).await;
     }
     Exit { code, reason }
+}
+
+/// The shutdown as a trace, from the rows just reported; bounded, and never past `until` (the hard end).
+async fn export_trace(
+    cfg: &Config,
+    shared: &Shared,
+    t: &trace::Shutdown,
+    trigger: Option<&Trigger>,
+    ended: (i32, &str),
+    until: Instant,
+) {
+    let Some(settings) = cfg.traces.settings() else {
+        return;
+    };
+    let attributes = shutdown_attributes(cfg, trigger);
+    let spans = t.spans(&shared.lock().steps, &cfg.budgets, attributes, ended);
+    trace::export(settings, spans, &t.trace_id_hex(), until).await;
 }
 
 /// The shutdown span's own attributes: what started it and the window it had.
