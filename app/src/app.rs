@@ -89,6 +89,7 @@ impl App {
             "connecting to dependencies"
         );
         let db = Db::connect(&config).await?;
+        metrics.register_pool(db.pool().clone(), config.db_max_connections);
         let redis = RedisStore::connect(&config).await?;
         let mq = Mq::connect(&config).await?;
 

@@ -9,6 +9,8 @@
 //! - `saga_stuck_total`, `orders_expired_total`, `cron_runs_total` — the expiry job
 //! - `otel_spans_dropped_total`, `otel_spans_exported_total` — trace export (`traces.rs`;
 //!   process-wide counters, registered in every instance's registry)
+//! - `db_pool_connections{state}`, `db_pool_max_connections` — the database pool, read from the
+//!   pool at each scrape ([`Metrics::register_pool`])
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -186,6 +188,28 @@ impl Metrics {
         }
     }
 
+    /// Exports the pool's connections (`db_pool_connections{state="idle"|"in_use"}`) and its
+    /// size limit (`db_pool_max_connections`), read from the pool when scraped, so they never go
+    /// stale and cost nothing between scrapes.
+    pub fn register_pool(&self, pool: sqlx::PgPool, max_connections: u32) {
+        let collector = PoolCollector {
+            connections: must(IntGaugeVec::new(
+                Opts::new(
+                    "db_pool_connections",
+                    "Database pool connections, by state (idle, in_use).",
+                ),
+                &["state"],
+            )),
+            max: must(IntGauge::new(
+                "db_pool_max_connections",
+                "The database pool's size limit (db_max_connections).",
+            )),
+            pool,
+        };
+        collector.max.set(i64::from(max_connections));
+        must(self.registry.register(Box::new(collector)));
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -194,6 +218,33 @@ impl Metrics {
             tracing::warn!(error = %e, "cannot encode metrics");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The pool's state as gauges, refreshed by each scrape ([`Metrics::register_pool`]).
+struct PoolCollector {
+    pool: sqlx::PgPool,
+    connections: IntGaugeVec,
+    max: IntGauge,
+}
+
+impl Collector for PoolCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut out = self.connections.desc();
+        out.extend(self.max.desc());
+        out
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let open = i64::from(self.pool.size());
+        let idle = i64::try_from(self.pool.num_idle()).unwrap_or(i64::MAX);
+        self.connections.with_label_values(&["idle"]).set(idle);
+        self.connections
+            .with_label_values(&["in_use"])
+            .set((open - idle).max(0));
+        let mut out = self.connections.collect();
+        out.extend(self.max.collect());
+        out
     }
 }
 

@@ -212,6 +212,25 @@ async fn invalid_requests_are_refused_with_the_right_codes() {
         assert!(metrics.contains("grpc_server_started_total{grpc_method=\"CreateOrder\""));
         assert!(metrics.contains("grpc_server_handling_seconds_bucket{grpc_method=\"GetOrder\""));
         assert!(metrics.contains("circuit_breaker_state{breaker=\"outbox_publisher\",state=\"closed\"} 1"));
+        // The pool, read at the scrape: its limit, and the connections it holds, by state.
+        assert_eq!(
+            metric_value(&metrics, "db_pool_max_connections "),
+            Some(f64::from(app.config().db_max_connections)),
+            "{metrics}"
+        );
+        let pool = |state: &str| {
+            metric_value(&metrics, &format!("db_pool_connections{{state=\"{state}\"}} "))
+                .unwrap_or_else(|| panic!("no db_pool_connections{{state={state}}}: {metrics}"))
+        };
+        assert!(pool("idle") + pool("in_use") >= 1.0, "{metrics}");
+        // Checked out now: the next scrape says so.
+        let held = app.db().pool().acquire().await.expect("a connection");
+        let again = fetch_metrics(app.metrics_addr().unwrap()).await;
+        assert!(
+            metric_value(&again, "db_pool_connections{state=\"in_use\"} ").unwrap_or(0.0) >= 1.0,
+            "{again}"
+        );
+        drop(held);
         stop_all(&app, Duration::from_secs(10)).await;
     })
     .await;
