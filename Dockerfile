@@ -14,6 +14,8 @@
 # quiesce is a static binary (static glibc: scripts/build-static.sh), so it needs nothing from the
 # runtime image. This image is distroless/cc because order-service links glibc dynamically; an image
 # that holds only quiesce and a static program can be FROM scratch or gcr.io/distroless/static.
+# There is one quiesce build, with no cargo features to choose: the shutdown-trace exporter is in it
+# and idle until OTEL_EXPORTER_OTLP_ENDPOINT is set (its cost: docs/BENCHMARKS.md).
 
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
