@@ -217,6 +217,7 @@ func (a *Agent) hello(driver bool) []byte {
 	return render(helloReply{
 		OK: true, Protocol: ProtocolVersion, App: a.name, PID: os.Getpid(), Role: role,
 		Steps: Verbs[:], Registered: a.registered(), Services: append([]string{}, a.services...),
+		Extensions: extensions,
 	})
 }
 

@@ -20,6 +20,10 @@
 // replied. Without a supervisor (QUIESCE_CONTROL_SOCKET unset), Run runs the same steps in
 // order on SIGTERM.
 //
+// The agent takes the optional traceparent extension: a supervisor that traces sends each
+// sub-step the W3C trace context of its step's span, and TraceParent returns it from the
+// handler's context.
+//
 // The protocol itself is described in docs/PROTOCOL.md in the quiesce repository; this
 // package follows it and its tests replay every example given there.
 package quiesce

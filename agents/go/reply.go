@@ -64,6 +64,7 @@ type helloReply struct {
 	Steps      []Verb    `json:"steps"`
 	Registered []SubStep `json:"registered"`
 	Services   []string  `json:"services"`
+	Extensions []string  `json:"extensions,omitempty"`
 }
 
 type stepStatus struct {

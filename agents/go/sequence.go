@@ -98,15 +98,15 @@ func (a *Agent) claim(verb Verb) (*slot, bool, *Refusal) {
 
 // startStep claims verb and, when it is this caller's to run, runs it on its own goroutine, so
 // the connection that sent it cannot cancel it. The reply is ready once the slot's done channel
-// is closed; read it with result.
-func (a *Agent) startStep(verb Verb, received, deadline time.Time, budgets []time.Duration, local bool) (*slot, bool, *Refusal) {
+// is closed; read it with result. traceparents, when not nil, has one entry per sub-step.
+func (a *Agent) startStep(verb Verb, received, deadline time.Time, budgets []time.Duration, traceparents []string, local bool) (*slot, bool, *Refusal) {
 	s, run, refusal := a.claim(verb)
 	if refusal != nil || !run {
 		return s, !run, refusal
 	}
 	a.logf("quiesce: step %s started (budget %d ms, local %t)", verb, millis(deadline.Sub(received)), local)
 	go func() {
-		reply := a.runVerb(verb, received, deadline, budgets, local)
+		reply := a.runVerb(verb, received, deadline, budgets, traceparents, local)
 		a.logf("quiesce: step %s finished: %s in %d ms, counts %s", verb, reply.Outcome, reply.DurationMS, countsText(reply.Counts))
 		a.mu.Lock()
 		s.reply = reply
@@ -137,7 +137,7 @@ func (a *Agent) Step(verb Verb, budget time.Duration) (StepResult, error) {
 		return StepResult{}, refuse(CodeUnknownVerb, "unknown step verb %s", quote(string(verb)))
 	}
 	now := time.Now()
-	s, repeated, refusal := a.startStep(verb, now, now.Add(capWait(budget)), nil, true)
+	s, repeated, refusal := a.startStep(verb, now, now.Add(capWait(budget)), nil, nil, true)
 	if refusal != nil {
 		return StepResult{}, refusal
 	}
@@ -164,7 +164,7 @@ func (a *Agent) RunLocal(total time.Duration) []StepResult {
 			sum += w
 		}
 		share := time.Duration(float64(left) * float64(localWeights[i]) / float64(sum))
-		s, repeated, refusal := a.startStep(verb, now, now.Add(share), nil, true)
+		s, repeated, refusal := a.startStep(verb, now, now.Add(share), nil, nil, true)
 		if refusal != nil {
 			a.logf("quiesce: local shutdown stopped at %s: %s", verb, refusal.Message)
 			break
@@ -184,8 +184,9 @@ func capWait(d time.Duration) time.Duration {
 
 // runVerb runs every sub-step of verb in order under the verb's deadline and builds its reply.
 // With budgets (one per sub-step, validated by the parser), sub-step i is cut at
-// min(its start + budgets[i], deadline).
-func (a *Agent) runVerb(verb Verb, received, deadline time.Time, budgets []time.Duration, local bool) StepResult {
+// min(its start + budgets[i], deadline). With traceparents (likewise one per sub-step), sub-step
+// i's handler finds traceparents[i] in its context (see TraceParent).
+func (a *Agent) runVerb(verb Verb, received, deadline time.Time, budgets []time.Duration, traceparents []string, local bool) StepResult {
 	a.mu.Lock()
 	handlers := make(map[SubStep]Handler, len(a.handlers))
 	for k, v := range a.handlers {
@@ -199,7 +200,11 @@ func (a *Agent) runVerb(verb Verb, received, deadline time.Time, budgets []time.
 		if i < len(budgets) {
 			budget = budgets[i]
 		}
-		r := runSubStep(handlers[sub], sub, deadline, budget, local)
+		var parent string
+		if i < len(traceparents) {
+			parent = traceparents[i]
+		}
+		r := runSubStep(handlers[sub], subStepRun{sub, deadline, budget, parent, local})
 		if r.Outcome == OutcomeOK {
 			note := ""
 			if r.Note != "" {
@@ -234,9 +239,10 @@ const wrapUpMax = 100 * time.Millisecond
 type stepKey struct{}
 
 type stepInfo struct {
-	substep SubStep
-	hard    time.Time
-	local   bool
+	substep     SubStep
+	hard        time.Time
+	local       bool
+	traceparent string // "" when the driver sent none
 }
 
 // HardDeadline returns the time at which the agent cuts the sub-step whose handler got ctx: the
@@ -266,9 +272,19 @@ type handlerResult struct {
 	err    error
 }
 
+// subStepRun is one sub-step's turn, as runSubStep gets it.
+type subStepRun struct {
+	sub      SubStep
+	deadline time.Time     // the verb's
+	budget   time.Duration // its own from its start (budgets_ms), 0 without
+	parent   string        // the driver's traceparent for it, "" without
+	local    bool
+}
+
 // runSubStep runs one sub-step until the verb's deadline, or until its own budget from now
 // runs out if that comes first.
-func runSubStep(h Handler, sub SubStep, deadline time.Time, budget time.Duration, local bool) SubStepResult {
+func runSubStep(h Handler, run subStepRun) SubStepResult {
+	sub, deadline, budget := run.sub, run.deadline, run.budget
 	started := time.Now()
 	r := SubStepResult{Name: sub, Outcome: OutcomeOK, Counts: map[string]uint64{}}
 	if h == nil {
@@ -294,7 +310,7 @@ func runSubStep(h Handler, sub SubStep, deadline time.Time, budget time.Duration
 	if margin > wrapUpMax {
 		margin = wrapUpMax
 	}
-	base := context.WithValue(context.Background(), stepKey{}, stepInfo{sub, cut, local})
+	base := context.WithValue(context.Background(), stepKey{}, stepInfo{sub, cut, run.local, run.parent})
 	ctx, cancel := context.WithDeadline(base, cut.Add(-margin))
 	defer cancel()
 	results := make(chan handlerResult, 1)

@@ -401,7 +401,7 @@ func (cn *conn) answer(it item) ([]byte, bool) {
 	if !cn.held {
 		return refuse(CodeNotDriver, "`%s` is a step verb and this connection is not the driver: send `hello role=driver` first", cmd.step).render(), false
 	}
-	s, repeated, refusal := a.startStep(cmd.step, received, received.Add(cmd.deadline), cmd.budgets, false)
+	s, repeated, refusal := a.startStep(cmd.step, received, received.Add(cmd.deadline), cmd.budgets, cmd.traceparents, false)
 	if refusal != nil {
 		return refusal.render(), false
 	}

@@ -215,6 +215,8 @@ type command struct {
 	step     Verb            // step verbs
 	deadline time.Duration   // step verbs
 	budgets  []time.Duration // step verbs, nil without budgets_ms
+	// step verbs: one W3C traceparent per sub-step, nil without traceparent= (PROTOCOL.md §5.5)
+	traceparents []string
 }
 
 // validate checks a parsed request against the agent's verbs and their arguments (section 3.1,
@@ -253,7 +255,7 @@ func validate(req *request) (*command, *Refusal) {
 		return nil, refuse(CodeUnknownVerb, "unknown verb %s: this agent serves %s",
 			quote(req.verb), strings.Join(agentVerbs, ", "))
 	}
-	if r := checkKeys(req, "deadline_ms", "budgets_ms"); r != nil {
+	if r := checkKeys(req, "deadline_ms", "budgets_ms", ExtensionTraceParent); r != nil {
 		return nil, r
 	}
 	value, ok := req.get("deadline_ms")
@@ -269,6 +271,11 @@ func validate(req *request) (*command, *Refusal) {
 	cmd.deadline = millisDuration(ms)
 	if value, ok := req.get("budgets_ms"); ok {
 		if cmd.budgets, r = parseBudgets(step, value); r != nil {
+			return nil, r
+		}
+	}
+	if value, ok := req.get(ExtensionTraceParent); ok {
+		if cmd.traceparents, r = parseTraceParents(step, value); r != nil {
 			return nil, r
 		}
 	}
