@@ -251,7 +251,7 @@ async fn signal_mode_exports_its_stop_too() {
 }
 
 #[tokio::test]
-async fn a_collector_that_is_down_or_silent_costs_one_line_and_a_bounded_wait() {
+async fn a_collector_that_is_down_silent_or_not_otlp_costs_one_line_and_a_bounded_wait() {
     hard_timeout(Duration::from_secs(60), async {
         // Down: nothing listens.
         let closed = format!("http://127.0.0.1:{}", e2e::pod::free_port());
@@ -261,6 +261,20 @@ async fn a_collector_that_is_down_or_silent_costs_one_line_and_a_bounded_wait() 
             stderr.contains("shutdown trace not exported") && stderr.contains("cannot connect"),
             "{stderr}"
         );
+        // Garbage: something that is not an HTTP/2 server answers with noise, and a lot of it.
+        let noisy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let endpoint = format!("http://{}", noisy.local_addr().expect("addr"));
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            if let Ok((mut peer, _)) = noisy.accept() {
+                let noise = vec![0xffu8; 64 * 1024];
+                while peer.write_all(&noise).is_ok() {}
+            }
+        });
+        let (code, _, stderr) =
+            signal_mode_stop(&[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)]).await;
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(stderr.contains("shutdown trace not exported"), "{stderr}");
         // Silent: the connection is accepted by the kernel, and nobody ever answers.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let endpoint = format!("http://{}", silent.local_addr().expect("addr"));

@@ -144,6 +144,9 @@ pub struct Endpoint {
     pub authority: String,
 }
 
+/// The most of a collector's answer that is read (an `ExportTraceServiceResponse` is a few bytes).
+const MAX_ANSWER: usize = 64 * 1024;
+
 /// The gRPC method a collector serves traces on.
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
@@ -200,8 +203,8 @@ async fn call(
     }
     // A trailers-only answer carries grpc-status in the headers; otherwise it comes last.
     let mut status = grpc_status(response.headers());
-    let collected = response
-        .into_body()
+    // A collector's answer is a few bytes; one that sends more is not read into PID 1's memory.
+    let collected = http_body_util::Limited::new(response.into_body(), MAX_ANSWER)
         .collect()
         .await
         .map_err(|e| format!("reading the collector's answer failed: {e}"))?;
