@@ -101,6 +101,12 @@ const HEAD: &[Rule] = &[
         "`hello`'s pid is a process of the group the kit started",
     ),
     must(
+        "hello-extensions",
+        "5.5",
+        Startup,
+        "`hello`'s `extensions`, when present, is a JSON array of strings (absent: the app takes no extension)",
+    ),
+    must(
         "status-initial",
         "5.2",
         Startup,
@@ -189,6 +195,18 @@ const TAIL: &[Rule] = &[
         "bad `budgets_ms` from the driver is `bad_argument`, and nothing changes",
     ),
     must(
+        "traceparent-count",
+        "5.5",
+        Startup,
+        "an app listing `traceparent`: a wrong count of traceparents is `bad_argument`, and nothing changes",
+    ),
+    must(
+        "traceparent-malformed",
+        "5.5",
+        Startup,
+        "an app listing `traceparent`: a malformed traceparent is `bad_argument`, and nothing changes",
+    ),
+    must(
         "step-replies",
         "5.4",
         Steps,
@@ -199,6 +217,12 @@ const TAIL: &[Rule] = &[
         "5.4",
         Steps,
         "a sub-step without a handler completes `ok` with a `note`",
+    ),
+    must(
+        "traceparent-accepted",
+        "5.5",
+        Steps,
+        "an app listing `traceparent` accepts every step verb with one valid traceparent per sub-step, and runs it",
     ),
     must(
         "step-deadline",

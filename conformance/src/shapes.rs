@@ -70,6 +70,25 @@ pub struct Hello {
     pub app: String,
     pub pid: u64,
     pub registered: Vec<String>,
+    /// The optional extensions it takes (section 5.5); empty when `extensions` is absent or not
+    /// an array of strings (the rule `hello-extensions` reports that).
+    pub extensions: Vec<String>,
+}
+
+impl Hello {
+    /// Whether the app listed `extension`, e.g. `traceparent`.
+    pub fn takes(&self, extension: &str) -> bool {
+        self.extensions.iter().any(|e| e == extension)
+    }
+}
+
+/// `hello`'s optional `extensions` (sections 5.1, 5.5): `None` when absent, else its strings;
+/// an error when it is present but not an array of strings.
+pub fn extensions(v: &Value) -> Checked<Option<Vec<String>>> {
+    match v.get("extensions") {
+        None => Ok(None),
+        Some(_) => strings(v, "extensions").map(Some),
+    }
 }
 
 /// A `hello` reply with `role`.
@@ -107,6 +126,7 @@ pub fn hello(v: &Value, role: &str) -> Checked<Hello> {
         app: app.to_owned(),
         pid,
         registered,
+        extensions: extensions(v).ok().flatten().unwrap_or_default(),
     })
 }
 

@@ -51,6 +51,11 @@ fn the_fixture_app_conforms() {
         "pipelined-after-step",
         "slot-freed-mid-step",
         "repeat-while-running",
+        // The agent takes the traceparent extension (PROTOCOL.md §5.5).
+        "hello-extensions",
+        "traceparent-count",
+        "traceparent-malformed",
+        "traceparent-accepted",
     ] {
         assert_eq!(run.status(id), "pass", "{id}");
     }

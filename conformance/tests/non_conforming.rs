@@ -96,4 +96,14 @@ fn a_non_conforming_app_fails_the_rules_it_breaks() {
     // What it gets right still passes, and the no-supervisor path it lacks is not a failure.
     assert_eq!(run.status("stale-socket"), "pass");
     assert_eq!(run.status("sigterm-standalone"), "n-a");
+    // It lists no extensions: the traceparent rules do not apply, even where its scenario broke
+    // off early.
+    for id in [
+        "hello-extensions",
+        "traceparent-count",
+        "traceparent-malformed",
+        "traceparent-accepted",
+    ] {
+        assert_eq!(run.status(id), "n-a", "{id}: {}", run.stdout);
+    }
 }

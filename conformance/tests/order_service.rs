@@ -166,6 +166,10 @@ fn the_order_service_conforms() {
         "exit-after-close",
         "socket-removed",
         "path-taken-exits",
+        "hello-extensions",
+        "traceparent-count",
+        "traceparent-malformed",
+        "traceparent-accepted",
     ] {
         assert_eq!(run.status(id), "pass", "{id}");
     }

@@ -8,8 +8,11 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use quiesce_protocol::wire::{StepVerb, TRACEPARENT};
+
 use crate::conn::{Conn, short};
 use crate::process::App;
+use crate::scenario::steps::traceparents;
 use crate::scenario::{Ctx, input, peer};
 use crate::shapes::{self, Hello, Progress};
 
@@ -48,7 +51,16 @@ fn observe(
     app: &App,
     conn: &mut Conn,
 ) -> Result<(Hello, serde_json::Value), String> {
-    let hello = shapes::hello(&conn.request("hello\n")?, "observer");
+    let reply = conn.request("hello\n")?;
+    match shapes::extensions(&reply) {
+        Ok(Some(_)) => ctx.report.check("hello-extensions", Ok(())),
+        Ok(None) => ctx.report.not_applicable(
+            "hello-extensions",
+            "`hello` has no `extensions`: the app takes no optional extension".to_owned(),
+        ),
+        Err(e) => ctx.report.check("hello-extensions", Err(e)),
+    }
+    let hello = shapes::hello(&reply, "observer");
     ctx.report.check(
         "hello-observer",
         hello.as_ref().map(|_| ()).map_err(Clone::clone),
@@ -107,7 +119,16 @@ fn start_over_stale(ctx: &mut Ctx) -> Result<(App, Conn, PathBuf), String> {
 pub fn run(ctx: &mut Ctx) -> Result<(), String> {
     let (app, mut conn, path) = start_over_stale(ctx)?;
     ctx.report.check("socket-mode", socket_mode(&path));
-    let (_hello, before) = observe(ctx, &app, &mut conn)?;
+    let (hello, before) = observe(ctx, &app, &mut conn)?;
+    let tracing = hello.takes(TRACEPARENT);
+    if !tracing {
+        for id in ["traceparent-count", "traceparent-malformed"] {
+            ctx.report.not_applicable(
+                id,
+                "`hello` does not list `traceparent` in `extensions`".to_owned(),
+            );
+        }
+    }
     peer::check(ctx, &path);
     input::run_framing(ctx, &app)?;
     let survived = input::run_cases(ctx, &app);
@@ -123,6 +144,17 @@ pub fn run(ctx: &mut Ctx) -> Result<(), String> {
     );
     ctx.report
         .check("bad-budgets", bad_budgets(&mut driver, &mut conn, &before));
+    if tracing {
+        let (count, malformed) = bad_traceparents();
+        ctx.report.check(
+            "traceparent-count",
+            refused_all(&mut driver, &mut conn, &before, &count),
+        );
+        ctx.report.check(
+            "traceparent-malformed",
+            refused_all(&mut driver, &mut conn, &before, &malformed),
+        );
+    }
     drop(driver);
     Ok(())
 }
@@ -224,15 +256,63 @@ fn bad_budgets(
     observer: &mut Conn,
     before: &serde_json::Value,
 ) -> Result<(), String> {
-    let lines: [&[u8]; 5] = [
-        b"drain deadline_ms=5000 budgets_ms=1000\n",
-        b"drain deadline_ms=5000 budgets_ms=1000,2000,3000\n",
-        b"drain deadline_ms=5000 budgets_ms=1s,4s\n",
-        b"close deadline_ms=5000 budgets_ms=1000,0,1000\n",
-        b"drain deadline_ms=5000 budgets_ms=1000,\n",
+    let lines = [
+        "drain deadline_ms=5000 budgets_ms=1000\n",
+        "drain deadline_ms=5000 budgets_ms=1000,2000,3000\n",
+        "drain deadline_ms=5000 budgets_ms=1s,4s\n",
+        "close deadline_ms=5000 budgets_ms=1000,0,1000\n",
+        "drain deadline_ms=5000 budgets_ms=1000,\n",
+    ]
+    .map(str::to_owned);
+    refused_all(driver, observer, before, &lines)
+}
+
+/// Step verbs whose `traceparent=` is wrong (section 5.5): the wrong count of valid ones, then
+/// the right count with one malformed. `close` and `stop-cron` are not their turn, but the
+/// arguments are checked before the order (section 3.1), so they too are `bad_argument`.
+fn bad_traceparents() -> (Vec<String>, Vec<String>) {
+    let valid = |verb: StepVerb| {
+        traceparents(verb)
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    };
+    let drain = valid(StepVerb::Drain);
+    let one = drain[0].clone();
+    let line = |verb: &str, list: &[String]| {
+        format!("{verb} deadline_ms=5000 {TRACEPARENT}={}\n", list.join(","))
+    };
+    let count = vec![
+        line("drain", std::slice::from_ref(&one)),
+        line("drain", &[drain.clone(), vec![one.clone()]].concat()),
+        line("close", &drain),
+        line("stop-cron", &drain),
     ];
+    let parts: Vec<&str> = one.split('-').collect();
+    let (trace, span, flags) = (parts[1], parts[2], parts[3]);
+    let malformed = [
+        one.to_uppercase(),
+        format!("01-{trace}-{span}-{flags}"),
+        format!("00-{}-{span}-{flags}", "0".repeat(32)),
+        format!("00-{trace}-{}-{flags}", "0".repeat(16)),
+        format!("00-{trace}-{span}-1"),
+        format!("{one}-01"),
+        "nope".to_owned(),
+        String::new(),
+    ]
+    .map(|bad| line("drain", &[drain[0].clone(), bad]));
+    (count, malformed.to_vec())
+}
+
+/// Each of `lines` from the driver is `bad_argument`, and `status` is still `before`.
+fn refused_all(
+    driver: &mut Conn,
+    observer: &mut Conn,
+    before: &serde_json::Value,
+    lines: &[String],
+) -> Result<(), String> {
     for line in lines {
-        driver.refused(line, "bad_argument")?;
+        driver.refused(line.as_bytes(), "bad_argument")?;
     }
     unchanged(before, &shapes::state_of(&observer.request("status\n")?))
 }

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use quiesce_protocol::wire::{STEPS, StepVerb};
+use quiesce_protocol::wire::{STEPS, StepVerb, TRACEPARENT, TraceParent};
 use serde_json::Value;
 
 use crate::conn::{Conn, short};
@@ -44,6 +44,22 @@ pub fn request_line(verb: StepVerb, deadline: u128, budgets: Option<&[u128]>) ->
         }
         None => format!("{verb} deadline_ms={deadline}\n"),
     }
+}
+
+/// One valid W3C traceparent per sub-step of `verb` (section 5.5), sampled, as a supervisor that
+/// traces sends them: one trace id, a span id per shutdown step.
+pub fn traceparents(verb: StepVerb) -> Vec<TraceParent> {
+    const TRACE_ID: [u8; 16] = *b"quiesce-conform\x01";
+    verb.substeps()
+        .iter()
+        .map(|s| TraceParent::sampled(TRACE_ID, [0x5c, 0, 0, 0, 0, 0, 0, s.step_number()]))
+        .collect()
+}
+
+/// `line` (a step verb's request, ending in `\n`) with `traceparent=` for `verb` added.
+fn traced(line: &str, verb: StepVerb) -> String {
+    let list = TraceParent::join(&traceparents(verb));
+    format!("{} {TRACEPARENT}={list}\n", line.trim_end())
 }
 
 /// One step verb's reply: the reply, its shape check (the outcome), and its timing check.
@@ -121,28 +137,72 @@ impl Tally {
 pub fn run(ctx: &mut Ctx) -> Result<(), String> {
     let (mut app, mut observer) = ctx.start("steps")?;
     let hello = shapes::hello(&observer.request("hello\n")?, "observer")?;
+    // An app that lists the extension gets `traceparent=` on every verb, as from a supervisor
+    // that traces (section 5.5); the deadlines scenario sends none.
+    let tracing = hello.takes(TRACEPARENT);
+    if !tracing {
+        ctx.report.not_applicable(
+            "traceparent-accepted",
+            "`hello` does not list `traceparent` in `extensions`".to_owned(),
+        );
+    }
     let mut driver = claim_within(ctx, &app, ctx.opts.timeout)?;
+    let mut accepted = Tally::default();
     let mut tallies: [Tally; 4] = Default::default();
     let mut outcomes = Vec::new();
     for verb in StepVerb::ALL {
         let budgets = default_budgets(verb);
         let deadline: u128 = budgets.iter().sum();
-        let mut line = request_line(verb, deadline, Some(&budgets));
-        if verb == PIPELINED {
-            line.push_str("status\n");
-        }
         let bound =
             Duration::from_millis(u64::try_from(deadline).unwrap_or(u64::MAX)) + ctx.opts.slack;
-        let (v, outcome, in_time) =
-            match send_step(ctx, &mut driver, verb, &line, bound, &hello.registered) {
-                Ok(sent) => sent,
-                Err(e) if verb == StepVerb::Close => {
-                    ctx.report
-                        .check("close-reply", Err(format!("no reply: {e}")));
-                    break;
-                }
-                Err(e) => return Err(e),
-            };
+        let plain = request_line(verb, deadline, Some(&budgets));
+        let first = match tracing {
+            true => traced(&plain, verb),
+            false => plain.clone(),
+        };
+        let pipelined = |line: &str| match verb == PIPELINED {
+            true => format!("{line}status\n"),
+            false => line.to_owned(),
+        };
+        let mut sent = send_step(
+            ctx,
+            &mut driver,
+            verb,
+            &pipelined(&first),
+            bound,
+            &hello.registered,
+        );
+        if tracing
+            && let Ok((v, _, _)) = &sent
+            && v["ok"] != true
+        {
+            accepted.add(Err(format!(
+                "`{}` was refused: {}",
+                first.trim_end(),
+                short(v)
+            )));
+            // The other rules are checked on the verb sent again without it.
+            if verb == PIPELINED {
+                driver.reply()?;
+            }
+            sent = send_step(
+                ctx,
+                &mut driver,
+                verb,
+                &pipelined(&plain),
+                bound,
+                &hello.registered,
+            );
+        }
+        let (v, outcome, in_time) = match sent {
+            Ok(sent) => sent,
+            Err(e) if verb == StepVerb::Close => {
+                ctx.report
+                    .check("close-reply", Err(format!("no reply: {e}")));
+                break;
+            }
+            Err(e) => return Err(e),
+        };
         tallies[0].add(outcome.as_ref().map(|_| ()).map_err(Clone::clone));
         tallies[1].add(in_time);
         outcomes.push(v["outcome"].as_str().unwrap_or("?").to_owned());
@@ -172,6 +232,9 @@ pub fn run(ctx: &mut Ctx) -> Result<(), String> {
         .zip(&tallies)
     {
         ctx.report.check(id, tally.result());
+    }
+    if tracing {
+        ctx.report.check("traceparent-accepted", accepted.result());
     }
     let unregistered = shapes::substeps()
         .iter()
