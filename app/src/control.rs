@@ -67,7 +67,7 @@ async fn traced_substep(app: &App, ctx: &StepCtx) -> Result<Report, HandlerError
         quiesce.step.number = substep.step_number(),
         quiesce.substep = substep.as_str(),
         quiesce.verb = ctx.verb().as_str(),
-        quiesce.step.budget_ms = u64::try_from(ctx.remaining().as_millis()).unwrap_or(u64::MAX),
+        quiesce.substep.budget_ms = u64::try_from(ctx.remaining().as_millis()).unwrap_or(u64::MAX),
         quiesce.step.outcome = tracing::field::Empty,
     );
     let parent = ctx.traceparent().map(|tp| tp.to_string());

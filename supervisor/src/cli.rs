@@ -133,7 +133,7 @@ impl RunArgs {
             top.env = Some(self.env.iter().cloned().collect());
         }
         let mut cfg = Config::resolve(top.merge(file))?;
-        cfg.traces = crate::trace::Traces::from_env();
+        cfg.traces = crate::trace::Traces::from_env(&cfg.env);
         Ok(cfg)
     }
 }
@@ -164,6 +164,7 @@ pub fn describe(cfg: &Config) -> String {
         cfg.stop_signal, cfg.stop_exit_code
     );
     describe_ports(&mut out, cfg);
+    let _ = writeln!(out, "traces: {}", cfg.traces);
     let _ = writeln!(out, "shutdown steps:");
     let mut total = Duration::ZERO;
     for (i, s) in crate::steps::STEPS.iter().enumerate() {
@@ -217,7 +218,6 @@ fn describe_ports(out: &mut String, cfg: &Config) {
         .flatten()
         .map(|a| format!("tcp {a}"))
         .collect();
-    let _ = writeln!(out, "traces: {}", cfg.traces);
     let _ = writeln!(
         out,
         "ports bound: {}",

@@ -91,7 +91,7 @@ pub async fn connect_driver(
     match connect(&path, Role::Driver, until, &life).await {
         Some((client, mut hello)) => {
             bound_services(&mut hello.services);
-            tracing::info!(app = %hello.app, pid = hello.pid, services = %json_text(&hello.services), registered = %json_text(&hello.registered), "app said hello");
+            tracing::info!(app = %hello.app, pid = hello.pid, services = %json_text(&hello.services), registered = %json_text(&hello.registered), extensions = %json_text(&hello.extensions), "app said hello");
             shared.lock().control = Control::Connected;
             hello_tx.send_replace(Some(hello.clone()));
             Some((client, hello))
@@ -167,6 +167,7 @@ pub async fn sequence(ctx: StopCtx, connector: Connector) -> StopResult {
         client,
         per_substep: true,
         traced,
+        trace_refused: false,
     };
     for (verb, rows) in verbs() {
         walk.verb(verb, &rows).await;
@@ -253,8 +254,10 @@ struct Walk<'a> {
     /// Whether the app takes `budgets_ms` (an older agent refuses it once; then plain deadlines).
     per_substep: bool,
     /// Whether step verbs carry `traceparent=`: this stop is traced and the app's hello announced the
-    /// extension ([`takes_traces`]).
+    /// extension ([`takes_traces`]), and the app has not refused it.
     traced: bool,
+    /// The app refused `traceparent=` once: never sent again, whatever a later hello says.
+    trace_refused: bool,
 }
 
 /// Whether step verbs to the app that said `hello` carry the trace context: only when this stop is traced
@@ -332,8 +335,10 @@ impl Walk<'_> {
         }
     }
 
-    /// Sends the verb; an app that refuses an optional argument by name (`budgets_ms` from an older agent,
-    /// a `traceparent` it announced but does not take) gets the verb once more without it, and never again.
+    /// Sends the verb; an app that refuses an optional argument by name (a `traceparent` it announced but
+    /// does not take, `budgets_ms` from an older agent) gets the verb once more without it, and that
+    /// argument is never sent again. The trace context is dropped first: its refusal may list `budgets_ms`
+    /// among the arguments the app takes.
     async fn send_or_simplify(
         &mut self,
         verb: StepVerb,
@@ -341,24 +346,21 @@ impl Walk<'_> {
         plan: &Plan,
         began: Instant,
     ) -> Result<StepReply, StepFailure> {
-        let mut result = self.send(verb, rows, plan, began).await;
-        if self.per_substep
-            && let Err(why @ StepFailure::Refused { message, .. }) = &result
-            && message.contains("budgets_ms")
-        {
-            tracing::warn!(reason = %why, "the app does not take per-sub-step budgets; sending plain deadlines");
-            self.per_substep = false;
-            result = self.send(verb, rows, plan, began).await;
+        loop {
+            let result = self.send(verb, rows, plan, began).await;
+            let Err(why @ StepFailure::Refused { message, .. }) = &result else {
+                return result;
+            };
+            if self.traced && message.contains(TRACEPARENT) {
+                tracing::warn!(reason = %why, "the app announced the traceparent extension but refused it; sending steps without trace context");
+                (self.traced, self.trace_refused) = (false, true);
+            } else if self.per_substep && message.contains("budgets_ms") {
+                tracing::warn!(reason = %why, "the app does not take per-sub-step budgets; sending plain deadlines");
+                self.per_substep = false;
+            } else {
+                return result;
+            }
         }
-        if self.traced
-            && let Err(why @ StepFailure::Refused { message, .. }) = &result
-            && message.contains(TRACEPARENT)
-        {
-            tracing::warn!(reason = %why, "the app announced the traceparent extension but refused it; sending steps without trace context");
-            self.traced = false;
-            result = self.send(verb, rows, plan, began).await;
-        }
-        result
     }
 
     async fn send(
@@ -388,7 +390,7 @@ impl Walk<'_> {
     async fn reconnect(&mut self) {
         let got = reconnect(self.ctx).await;
         if let Some((_, hello)) = &got {
-            self.traced = takes_traces(self.ctx, hello);
+            self.traced = !self.trace_refused && takes_traces(self.ctx, hello);
         }
         self.client = got.map(|(c, _)| c);
     }
@@ -535,9 +537,10 @@ fn record_reply(ctx: &StopCtx, rows: &[usize], began: Instant, reply: &StepReply
         // The app's text is data: escaped here, once, so logs (human ones too), `ctl status` and the
         // termination message never carry a raw newline or escape sequence from it.
         let (outcome, duration, counts, detail) = match sub {
+            // No sub-step took longer than the whole verb: an app's figure beyond that is not believed.
             Some(s) => (
                 s.outcome,
-                Duration::from_millis(s.duration_ms),
+                Duration::from_millis(s.duration_ms).min(began.elapsed()),
                 s.counts
                     .iter()
                     .map(|(k, v)| (crate::report::escape_controls(k), *v))
@@ -567,7 +570,7 @@ fn record_reply(ctx: &StopCtx, rows: &[usize], began: Instant, reply: &StepReply
         };
         tracing::info!(step = %r.name, outcome = r.outcome.as_str(), duration_ms = r.duration_ms, counts = %serde_json::to_string(&r.counts).unwrap_or_default(), detail = %r.detail, "step end");
         ctx.shared.record(r);
-        offset += duration;
+        offset = offset.checked_add(duration).unwrap_or(offset);
     }
 }
 

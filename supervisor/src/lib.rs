@@ -137,6 +137,9 @@ fn run_inner(cfg: Config, mask: nix::sys::signal::SigSet) -> Result<runloop::Exi
     if let Some(own) = own_socket {
         own.remove();
     }
+    // Never wait for a blocking task at the exit (a collector's name still being resolved when the export's
+    // time ran out): dropping the runtime would, without a limit.
+    rt.shutdown_background();
     result
 }
 

@@ -496,10 +496,7 @@ fn shutdown_attributes(cfg: &Config, trigger: Option<&Trigger>) -> Vec<trace::ot
     use trace::otlp::KeyValue;
     let mut out = vec![
         KeyValue::text("quiesce.mode", cfg.mode().to_string()),
-        KeyValue::int(
-            "quiesce.window_ms",
-            i64::try_from(ms(cfg.stop_window())).unwrap_or(i64::MAX),
-        ),
+        KeyValue::count("quiesce.window_ms", ms(cfg.stop_window())),
     ];
     if let Some(t) = trigger {
         out.push(KeyValue::text("quiesce.trigger", t.to_string()));

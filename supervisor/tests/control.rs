@@ -375,7 +375,18 @@ fn the_close_reply_always_arrives_before_the_app_exits() {
 /// quiesce in control mode over `raw_app.py` (an app side written from PROTOCOL.md, scriptable to
 /// misbehave in ways the Rust agent never does).
 fn start_raw(s: &Scratch, quiesce_args: &[&str], app_args: &[&str]) -> Child {
+    start_raw_env(s, quiesce_args, app_args, &[])
+}
+
+/// [`start_raw`] with extra environment for quiesce (and so for the app).
+fn start_raw_env(
+    s: &Scratch,
+    quiesce_args: &[&str],
+    app_args: &[&str],
+    env: &[(&str, &str)],
+) -> Child {
     let mut c = quiesce(s);
+    c.envs(env.iter().copied());
     c.arg("--control-socket").arg(s.path("control.sock"));
     c.args(["--control-connect-timeout", "20s"])
         .args(quiesce_args)
@@ -739,4 +750,121 @@ fn an_apps_failure_text_cannot_forge_rows_or_reach_a_terminal_through_logs_or_th
         );
         assert!(text.contains("FORGED"), "{what}: {text}");
     }
+}
+
+#[test]
+fn an_app_that_reports_absurd_durations_cannot_crash_the_supervisor() {
+    // 2^64-1 ms per sub-step: the row offsets are clock arithmetic on them.
+    let s = Scratch::new();
+    let mut sup = start_raw(&s, &[], &["--huge-durations"]);
+    let (status, msg) = stop(&s, &mut sup);
+    // Nor fill its report with them: no sub-step took longer than its verb, as measured here.
+    assert!(!msg.contains("18446744073709551"), "{msg}");
+    assert_eq!(status.code(), Some(0), "{msg}");
+    for step in SUBSTEPS {
+        assert_eq!(outcome(&msg, step), "ok", "{msg}");
+    }
+}
+
+#[test]
+fn a_malformed_extensions_list_in_hello_keeps_control_mode() {
+    for ext in ["null", "\"traceparent\"", "[1, {}]"] {
+        let s = Scratch::new();
+        let mut sup = start_raw(&s, &[], &["--extensions", ext]);
+        let (status, msg) = stop(&s, &mut sup);
+        assert_eq!(status.code(), Some(0), "{ext}: {msg}");
+        for step in SUBSTEPS {
+            assert_eq!(
+                outcome(&msg, step),
+                "ok",
+                "{ext}: the nine steps, not the stop signal:\n{msg}"
+            );
+        }
+    }
+}
+
+#[test]
+fn trace_context_goes_only_to_an_app_that_announced_it_and_a_refusal_drops_only_it() {
+    // Traced (the endpoint's collector is down: the export fails after the stop, which is fine here).
+    let traced = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")];
+    let step_lines = |s: &Scratch| -> Vec<String> {
+        raw_events(s)
+            .into_iter()
+            .filter(|e| e.starts_with("verb "))
+            .collect()
+    };
+    // No `extensions` in hello: never a traceparent.
+    let s = Scratch::new();
+    let mut sup = start_raw_env(&s, &[], &[], &traced);
+    let (status, msg) = stop(&s, &mut sup);
+    assert_eq!(status.code(), Some(0), "{msg}");
+    let lines = step_lines(&s);
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(
+        lines.iter().all(|l| !l.contains("traceparent=")),
+        "{lines:?}"
+    );
+    // Announced: every verb carries one W3C traceparent per sub-step, all in one trace.
+    let s = Scratch::new();
+    let mut sup = start_raw_env(&s, &[], &["--extensions", "[\"traceparent\"]"], &traced);
+    let (status, msg) = stop(&s, &mut sup);
+    assert_eq!(status.code(), Some(0), "{msg}");
+    let lines = step_lines(&s);
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    let mut traces = std::collections::BTreeSet::new();
+    for l in &lines {
+        let tp = l
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("traceparent="))
+            .unwrap_or_else(|| panic!("no traceparent: {l}"));
+        let verb = l.split_whitespace().nth(1).expect("verb");
+        let parts: Vec<&str> = tp.split(',').collect();
+        let want = match verb {
+            "drain" => 2,
+            "close" => 3,
+            _ => 1,
+        };
+        assert_eq!(parts.len(), want, "{l}");
+        for p in parts {
+            let f: Vec<&str> = p.split('-').collect();
+            assert_eq!(
+                (f[0], f[1].len(), f[2].len(), f[3]),
+                ("00", 32, 16, "01"),
+                "{l}"
+            );
+            traces.insert(f[1].to_string());
+        }
+    }
+    assert_eq!(traces.len(), 1, "one trace for the whole stop: {lines:?}");
+    // Announced but refused: the verb is sent once more without it (its budgets kept), never again.
+    let s = Scratch::new();
+    let mut sup = start_raw_env(
+        &s,
+        &[],
+        &["--extensions", "[\"traceparent\"]", "--refuse-traceparent"],
+        &traced,
+    );
+    let (status, msg) = stop(&s, &mut sup);
+    assert_eq!(status.code(), Some(0), "{msg}");
+    for step in SUBSTEPS {
+        assert_eq!(outcome(&msg, step), "ok", "{msg}");
+    }
+    let lines = step_lines(&s);
+    assert_eq!(lines.len(), 6, "drain twice, then one each: {lines:?}");
+    assert!(
+        lines[0].starts_with("verb drain ") && lines[0].contains("traceparent="),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("verb drain ") && !lines[1].contains("traceparent="),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1..].iter().all(|l| l.contains("budgets_ms=")),
+        "budgets kept: {lines:?}"
+    );
+    assert!(
+        lines[2..].iter().all(|l| !l.contains("traceparent=")),
+        "{lines:?}"
+    );
 }

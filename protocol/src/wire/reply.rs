@@ -147,8 +147,28 @@ pub struct HelloReply {
     /// Optional protocol extensions the app takes (PROTOCOL.md §5.5): `traceparent`. Absent
     /// (empty) from agents that take none; a supervisor sends an extension's arguments only to
     /// an app that lists it.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "lenient_extensions"
+    )]
     pub extensions: Vec<String>,
+}
+
+/// `extensions` as an app sent it: an advisory list, so a malformed one (`null`, a string, numbers
+/// among the names) never fails the whole `hello`; only its string entries count.
+fn lenient_extensions<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    Ok(match value {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .filter_map(|v| match v {
+                serde_json::Value::String(s) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    })
 }
 
 impl HelloReply {
@@ -264,6 +284,29 @@ pub struct StepReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_extensions_list_never_fails_hello() {
+        let hello = |ext: &str| {
+            let line = format!(
+                r#"{{"ok":true,"protocol":1,"app":"a","pid":1,"role":"driver","steps":[],"registered":[],"services":[]{ext}}}"#
+            );
+            serde_json::from_str::<HelloReply>(&line).map(|h| h.extensions)
+        };
+        assert_eq!(hello("").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            hello(r#","extensions":null"#).unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            hello(r#","extensions":"traceparent""#).unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            hello(r#","extensions":[1,"traceparent",{}]"#).unwrap(),
+            ["traceparent"]
+        );
+    }
 
     #[test]
     fn outcome_order_is_worst_last() {

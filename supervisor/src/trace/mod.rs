@@ -43,9 +43,9 @@ pub enum Traces {
 }
 
 impl Traces {
-    /// From the process environment.
-    pub fn from_env() -> Traces {
-        match Settings::from_env() {
+    /// From the process environment and the config's `env` (which wins, as it does for the app).
+    pub fn from_env(overrides: &std::collections::BTreeMap<String, String>) -> Traces {
+        match Settings::from_env(overrides) {
             Ok(None) => Traces::Off,
             Ok(Some(s)) => Traces::On(std::sync::Arc::new(s)),
             Err(why) => Traces::Unusable(why),
@@ -172,18 +172,18 @@ impl Shutdown {
             KeyValue::int("quiesce.step.number", i64::from(row.number)),
             KeyValue::text("quiesce.step.name", row.name.clone()),
             KeyValue::text("quiesce.step.outcome", row.outcome.as_str()),
-            KeyValue::int("quiesce.step.duration_ms", clamp(row.duration_ms)),
+            KeyValue::count("quiesce.step.duration_ms", row.duration_ms),
         ];
         if let Some(b) = budget {
-            attributes.push(KeyValue::int(
+            attributes.push(KeyValue::count(
                 "quiesce.step.budget_ms",
-                clamp(crate::state::ms(b)),
+                crate::state::ms(b),
             ));
         }
         for (key, value) in &row.counts {
-            attributes.push(KeyValue::int(
+            attributes.push(KeyValue::count(
                 &format!("quiesce.step.counts.{key}"),
-                clamp(*value),
+                *value,
             ));
         }
         if !row.detail.is_empty() {
@@ -220,7 +220,12 @@ pub async fn export(settings: &Settings, spans: Vec<Span>, trace_id: &str, until
         .map(|s| s.spans.len())
         .sum::<usize>();
     let limit = until.min(Instant::now() + settings.timeout);
-    match tokio::time::timeout_at(limit, otlp::export(&settings.endpoint, &request)).await {
+    let allowed_ms = crate::state::ms(limit.saturating_duration_since(Instant::now()));
+    if allowed_ms == 0 {
+        tracing::warn!(%trace_id, spans = n, "shutdown trace not exported: no time left before the stop's hard end");
+        return;
+    }
+    match tokio::time::timeout_at(limit, otlp::export(settings, &request)).await {
         Ok(Ok(())) => {
             tracing::debug!(%trace_id, spans = n, endpoint = %settings.endpoint.authority, "shutdown trace exported")
         }
@@ -230,15 +235,11 @@ pub async fn export(settings: &Settings, spans: Vec<Span>, trace_id: &str, until
         Err(_) => tracing::warn!(
             %trace_id,
             spans = n,
-            timeout_ms = crate::state::ms(limit.saturating_duration_since(Instant::now())),
+            timeout_ms = allowed_ms,
             endpoint = %settings.endpoint.authority,
             "shutdown trace not exported: the collector did not answer in time"
         ),
     }
-}
-
-fn clamp(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn unix_nanos(t: SystemTime) -> u64 {

@@ -2,8 +2,9 @@
 //! a shutdown trace needs, and one unary `TraceService/Export` call over HTTP/2.
 //!
 //! Written out here instead of pulling in an OpenTelemetry SDK: a supervisor exports a dozen
-//! spans once per pod lifetime, and everything it needs for that (an HTTP/2 stack, a protobuf
-//! encoder) is already linked for the probe server. Field numbers are the OTLP v1 ones
+//! spans once per pod lifetime. It adds hyper's HTTP/2 client half and prost's encoder to the
+//! HTTP/2 server and protobuf code the probe server links anyway (248 KiB of binary,
+//! docs/BENCHMARKS.md). Field numbers are the OTLP v1 ones
 //! (`trace.proto`, `common.proto`, `resource.proto`); the tests decode what this encodes with
 //! the official generated types.
 
@@ -113,6 +114,11 @@ impl KeyValue {
         KeyValue::of(key, Value::Int(value))
     }
 
+    /// An integer attribute from a count or a duration in milliseconds (at most `i64::MAX`).
+    pub fn count(key: &str, value: u64) -> KeyValue {
+        KeyValue::int(key, i64::try_from(value).unwrap_or(i64::MAX))
+    }
+
     fn of(key: &str, value: Value) -> KeyValue {
         KeyValue {
             key: key.to_owned(),
@@ -152,7 +158,8 @@ const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/
 
 /// Sends one export request; returns when the collector answered, or why it did not. The caller
 /// bounds the time.
-pub async fn export(endpoint: &Endpoint, request: &ExportRequest) -> Result<(), String> {
+pub async fn export(settings: &super::Settings, request: &ExportRequest) -> Result<(), String> {
+    let endpoint = &settings.endpoint;
     let tcp = TcpStream::connect(&endpoint.authority)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", endpoint.authority))?;
@@ -164,16 +171,17 @@ pub async fn export(endpoint: &Endpoint, request: &ExportRequest) -> Result<(), 
     .await
     .map_err(|e| format!("HTTP/2 handshake with {} failed: {e}", endpoint.authority))?;
     let driver = tokio::spawn(connection);
-    let result = call(&mut sender, endpoint, request).await;
+    let result = call(&mut sender, settings, request).await;
     driver.abort();
     result
 }
 
 async fn call(
     sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
-    endpoint: &Endpoint,
+    settings: &super::Settings,
     request: &ExportRequest,
 ) -> Result<(), String> {
+    let endpoint = &settings.endpoint;
     let message = request.encode_to_vec();
     // gRPC framing: no compression, a 4-byte big-endian length, the message.
     let mut body = Vec::with_capacity(5 + message.len());
@@ -184,7 +192,11 @@ async fn call(
             .to_be_bytes(),
     );
     body.extend_from_slice(&message);
-    let req = hyper::Request::post(format!("http://{}{EXPORT_PATH}", endpoint.authority))
+    let mut req = hyper::Request::post(format!("http://{}{EXPORT_PATH}", endpoint.authority));
+    for (name, value) in &settings.headers {
+        req = req.header(name.as_str(), value.as_str());
+    }
+    let req = req
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("user-agent", concat!("quiesce/", env!("CARGO_PKG_VERSION")))

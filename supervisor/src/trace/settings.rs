@@ -16,18 +16,39 @@ pub struct Settings {
     /// The variable the endpoint came from, for `check-config`.
     pub endpoint_from: &'static str,
     pub timeout: Duration,
+    /// Extra request headers (`OTEL_EXPORTER_OTLP_HEADERS`: a collector's credentials).
+    pub headers: Vec<(String, String)>,
     /// The resource's attributes (`service.name=quiesce` first).
     pub resource: Vec<KeyValue>,
 }
 
+/// The signal-specific variable (`OTEL_EXPORTER_OTLP_TRACES_<KEY>`) if set, else the generic one
+/// (`OTEL_EXPORTER_OTLP_<KEY>`), as the OpenTelemetry specification orders them.
+fn otlp_var(
+    get: &dyn Fn(&str) -> Option<String>,
+    traces: &'static str,
+    generic: &'static str,
+) -> Option<(&'static str, String)> {
+    get(traces)
+        .map(|v| (traces, v))
+        .or_else(|| get(generic).map(|v| (generic, v)))
+}
+
 impl Settings {
-    /// From the process environment.
-    pub fn from_env() -> Result<Option<Settings>, String> {
-        Settings::from_vars(&|name| std::env::var(name).ok())
+    /// From the process environment, where the config's `env` (what the app gets on top of it) wins.
+    pub fn from_env(
+        overrides: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<Settings>, String> {
+        Settings::from_vars(&|name| {
+            overrides
+                .get(name)
+                .cloned()
+                .or_else(|| std::env::var(name).ok())
+        })
     }
 
     /// From `var`: `Ok(None)` when traces are off (no endpoint, or turned off), `Err` naming the
-    /// variable and the fix when a value cannot be used.
+    /// variable and the fix when a value cannot be used. Enumerated values are case-insensitive.
     pub fn from_vars(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<Settings>, String> {
         let get = |name: &str| {
             var(name)
@@ -38,37 +59,50 @@ impl Settings {
             return Ok(None);
         }
         if let Some(exporter) = get("OTEL_TRACES_EXPORTER")
-            && !exporter.split(',').any(|e| e.trim() == "otlp")
+            && !exporter
+                .split(',')
+                .any(|e| e.trim().eq_ignore_ascii_case("otlp"))
         {
             return Ok(None);
         }
-        let (from, value) = match (
-            get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
-            get("OTEL_EXPORTER_OTLP_ENDPOINT"),
-        ) {
-            (Some(v), _) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", v),
-            (None, Some(v)) => ("OTEL_EXPORTER_OTLP_ENDPOINT", v),
-            (None, None) => return Ok(None),
+        let Some((from, value)) = otlp_var(
+            &get,
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ) else {
+            return Ok(None);
         };
-        for name in [
+        if let Some((name, p)) = otlp_var(
+            &get,
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
             "OTEL_EXPORTER_OTLP_PROTOCOL",
-        ] {
-            if let Some(p) = get(name) {
-                if p != "grpc" {
-                    return Err(format!(
-                        "{name}={p}: quiesce exports its shutdown trace over OTLP/gRPC only; set it to `grpc` and point {from} at the collector's gRPC port (usually 4317)"
-                    ));
-                }
-                break;
-            }
+        ) && !p.eq_ignore_ascii_case("grpc")
+        {
+            return Err(format!(
+                "{name}={p}: quiesce exports its shutdown trace over OTLP/gRPC only; set it to `grpc` and point {from} at the collector's gRPC port (usually 4317)"
+            ));
         }
-        let endpoint = parse_endpoint(&value).map_err(|why| format!("{from}={value}: {why}"))?;
-        let timeout = timeout(&get)?;
+        let insecure = otlp_var(
+            &get,
+            "OTEL_EXPORTER_OTLP_TRACES_INSECURE",
+            "OTEL_EXPORTER_OTLP_INSECURE",
+        )
+        .is_some_and(|(_, v)| v.eq_ignore_ascii_case("true"));
+        let endpoint =
+            parse_endpoint(&value, insecure).map_err(|why| format!("{from}={value}: {why}"))?;
+        let headers = match otlp_var(
+            &get,
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            "OTEL_EXPORTER_OTLP_HEADERS",
+        ) {
+            Some((name, v)) => parse_headers(&v).map_err(|why| format!("{name}: {why}"))?,
+            None => Vec::new(),
+        };
         Ok(Some(Settings {
             endpoint,
             endpoint_from: from,
-            timeout,
+            timeout: timeout(&get)?,
+            headers,
             resource: resource(get("OTEL_RESOURCE_ATTRIBUTES").as_deref()),
         }))
     }
@@ -94,7 +128,7 @@ impl Settings {
 
 /// `http://host:port[/path]` or `host:port`; the port defaults to 4317. `https` is refused: the
 /// supervisor links no TLS.
-fn parse_endpoint(value: &str) -> Result<Endpoint, String> {
+fn parse_endpoint(value: &str, insecure: bool) -> Result<Endpoint, String> {
     let rest = if let Some(rest) = value.strip_prefix("http://") {
         rest
     } else if value.starts_with("https://") {
@@ -104,18 +138,23 @@ fn parse_endpoint(value: &str) -> Result<Endpoint, String> {
         );
     } else if value.contains("://") {
         return Err("expected `http://host:port`".to_owned());
-    } else {
+    } else if insecure {
         value
+    } else {
+        return Err(
+            "without a scheme an OTLP/gRPC endpoint means TLS, which quiesce does not link; write `http://` in front (or set OTEL_EXPORTER_OTLP_INSECURE=true)"
+                .to_owned(),
+        );
     };
     let authority = rest.split('/').next().unwrap_or_default();
     if authority.is_empty() || authority.contains('@') {
         return Err("expected `http://host:port`".to_owned());
     }
-    let port = |port: &str| {
-        port.parse::<u16>()
-            .map(|_| true)
-            .map_err(|_| format!("`{port}` is not a port number"))
+    let port = |port: &str| match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(true),
+        _ => Err(format!("`{port}` is not a port number (1-65535)")),
     };
+
     let has_port = if let Some(v6) = authority.strip_prefix('[') {
         match v6.split_once(']') {
             Some((_, "")) => false,
@@ -130,6 +169,9 @@ fn parse_endpoint(value: &str) -> Result<Endpoint, String> {
             None => false,
             Some((_, p)) if p.contains(':') => {
                 return Err("an IPv6 address goes in brackets: `http://[::1]:4317`".to_owned());
+            }
+            Some(("", _)) => {
+                return Err("the host is missing: expected `http://host:port`".to_owned());
             }
             Some((_, p)) => port(p)?,
         }
@@ -153,7 +195,11 @@ fn timeout(get: &dyn Fn(&str) -> Option<String>) -> Result<Duration, String> {
             let ms: u64 = v.parse().map_err(|_| {
                 format!("{name}={v}: expected whole milliseconds, e.g. `{name}=1000`")
             })?;
-            return Ok(Duration::from_millis(ms).min(otlp::DEFAULT_TIMEOUT));
+            // 0 would fail every export; it is taken as "the default".
+            return Ok(match ms {
+                0 => otlp::DEFAULT_TIMEOUT,
+                ms => Duration::from_millis(ms).min(otlp::DEFAULT_TIMEOUT),
+            });
         }
     }
     Ok(otlp::DEFAULT_TIMEOUT)
@@ -180,6 +226,25 @@ fn resource(attributes: Option<&str>) -> Vec<KeyValue> {
     out
 }
 
+/// `OTEL_EXPORTER_OTLP_HEADERS`: `name=value` pairs, comma-separated, values percent-encoded.
+fn parse_headers(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let Some((name, value)) = pair.split_once('=') else {
+            return Err(format!("`{}` is not `name=value`", pair.trim()));
+        };
+        let name = name.trim().to_ascii_lowercase();
+        let value = percent_decode(value.trim());
+        if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+            || hyper::header::HeaderValue::from_str(&value).is_err()
+        {
+            return Err(format!("`{name}` is not a valid header name and value"));
+        }
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
 fn percent_decode(value: &str) -> String {
     let bytes = value.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -187,6 +252,7 @@ fn percent_decode(value: &str) -> String {
     while i < bytes.len() {
         let hex = bytes
             .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
             .and_then(|h| std::str::from_utf8(h).ok())
             .and_then(|h| u8::from_str_radix(h, 16).ok());
         match (bytes[i], hex) {
@@ -251,7 +317,14 @@ mod tests {
         assert_eq!(e("http://collector:4317"), "collector:4317");
         assert_eq!(e("http://collector"), "collector:4317");
         assert_eq!(e("http://127.0.0.1:9999/"), "127.0.0.1:9999");
-        assert_eq!(e("collector:4317"), "collector:4317");
+        assert_eq!(
+            authority(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+                ("OTEL_EXPORTER_OTLP_INSECURE", "TRUE"),
+            ]),
+            "collector:4317",
+            "scheme-less only when insecure is said"
+        );
         assert_eq!(e("http://[::1]:4317"), "[::1]:4317");
         assert_eq!(e("http://[::1]"), "[::1]:4317");
         assert_eq!(
@@ -273,9 +346,26 @@ mod tests {
             "{e}"
         );
         let e = err(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:http")]);
-        assert!(e.contains("`http` is not a port number"), "{e}");
+        assert!(e.contains("`http` is not a port number (1-65535)"), "{e}");
         let e = err(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://::1:4317")]);
         assert!(e.contains("brackets"), "{e}");
+        let e = err(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]);
+        assert!(
+            e.contains("without a scheme") && e.contains("http://"),
+            "{e}"
+        );
+        let e = err(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://:4317")]);
+        assert!(e.contains("the host is missing"), "{e}");
+        let e = err(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:0")]);
+        assert!(e.contains("`0` is not a port number"), "{e}");
+        let e = err(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "authorization"),
+        ]);
+        assert!(
+            e.starts_with("OTEL_EXPORTER_OTLP_HEADERS: `authorization` is not `name=value`"),
+            "{e}"
+        );
         let e = err(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
@@ -289,6 +379,51 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "5s"),
         ]);
         assert!(e.contains("expected whole milliseconds"), "{e}");
+    }
+
+    #[test]
+    fn values_are_case_insensitive_timeouts_of_0_are_the_default_and_headers_are_sent() {
+        let on = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317");
+        assert!(
+            from(&[on, ("OTEL_TRACES_EXPORTER", "OTLP")])
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            from(&[on, ("OTEL_EXPORTER_OTLP_PROTOCOL", "GRPC")])
+                .unwrap()
+                .is_some()
+        );
+        let s = from(&[
+            on,
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "0"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "Authorization=Bearer%20abc, x-tenant=t1",
+            ),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.timeout, otlp::DEFAULT_TIMEOUT);
+        assert_eq!(
+            s.headers,
+            [
+                ("authorization".to_string(), "Bearer abc".to_string()),
+                ("x-tenant".to_string(), "t1".to_string())
+            ]
+        );
+        assert_eq!(percent_decode("a%+fb%2C"), "a%+fb,");
+    }
+
+    #[test]
+    fn the_configs_env_wins_over_the_process_environment() {
+        let overrides: std::collections::BTreeMap<String, String> = [(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".to_string(),
+            "http://from-config:4317".to_string(),
+        )]
+        .into();
+        let s = Settings::from_env(&overrides).unwrap().unwrap();
+        assert_eq!(s.endpoint.authority, "from-config:4317");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 """An app side of the control protocol written from docs/PROTOCOL.md alone, with misbehaviours the
 Rust agent never shows, for the supervisor's process tests.
 
-    raw_app.py EVENTS [--garbage-once VERB] [--stay-after-close] [--services N]
+    raw_app.py EVENTS [--garbage-once VERB] [--stay-after-close] [--services N] [--extensions JSON]
+                      [--refuse-traceparent] [--huge-durations]
 
 Serves $QUIESCE_CONTROL_SOCKET: hello (one driver at a time, `driver_taken` for a second), status,
 health and the five step verbs in order; a repeated step gets its recorded reply (PROTOCOL.md 6.3).
@@ -12,6 +13,10 @@ health and the five step verbs in order; a repeated step gets its recorded reply
 --stay-after-close    do not exit after `close`; exit 0 on SIGTERM instead (an app the supervisor must
                       stop at its deadline)
 --services N          announce N health services svc.0 … in hello, plus two malformed names
+--extensions JSON     hello's `extensions` is this JSON value (well-formed or not)
+--refuse-traceparent  a step verb with `traceparent=` is refused as an unknown argument, the way an
+                      agent that does not take it would (after announcing it, with --extensions)
+--huge-durations      every step reply reports a duration of 2^64-1 ms
 
 EVENTS gets one line per event: `hello driver conn=N`, `refused driver_taken conn=N`,
 `eof conn=N`, `verb LINE conn=N`, `garbage VERB`, `sigterm`.
@@ -38,6 +43,9 @@ events_path = args.pop(0)
 garbage_once = None
 stay_after_close = False
 services = []
+extensions = None
+refuse_traceparent = False
+huge_durations = False
 while args:
     a = args.pop(0)
     if a == "--services":
@@ -46,6 +54,12 @@ while args:
         garbage_once = args.pop(0)
     elif a == "--stay-after-close":
         stay_after_close = True
+    elif a == "--extensions":
+        extensions = json.loads(args.pop(0))
+    elif a == "--refuse-traceparent":
+        refuse_traceparent = True
+    elif a == "--huge-durations":
+        huge_durations = True
     else:
         sys.exit(f"raw_app.py: unknown option {a}")
 
@@ -74,6 +88,7 @@ def hello_reply(role):
         "steps": VERBS,
         "registered": [s for v in VERBS for s in SUBSTEPS[v]],
         "services": services,
+        **({} if extensions is None else {"extensions": extensions}),
     }
 
 
@@ -85,8 +100,9 @@ def status_reply():
 
 
 def step_reply(verb):
-    subs = [{"name": s, "outcome": "ok", "duration_ms": 0, "counts": {}} for s in SUBSTEPS[verb]]
-    return {"ok": True, "step": verb, "outcome": "ok", "duration_ms": 0, "counts": {},
+    took = 2**64 - 1 if huge_durations else 0
+    subs = [{"name": s, "outcome": "ok", "duration_ms": took, "counts": {}} for s in SUBSTEPS[verb]]
+    return {"ok": True, "step": verb, "outcome": "ok", "duration_ms": took, "counts": {},
             "substeps": subs}
 
 
@@ -116,6 +132,10 @@ def answer(conn_no, line):
         event(f"verb {line} conn={conn_no}")
         if driver != conn_no:
             return reply({"ok": False, "error": "not_driver", "message": "say hello role=driver"}), False
+        if refuse_traceparent and "traceparent" in kv:
+            return reply({"ok": False, "error": "bad_argument",
+                          "message": f"unknown argument `traceparent` for `{verb}`: it takes only "
+                                     "deadline_ms, budgets_ms"}), False
         if verb not in done:
             done[verb] = step_reply(verb)
             if verb == garbage_once and not garbage_sent:
