@@ -355,15 +355,18 @@ fn changes(prev: Option<&Value>, now: &Value) -> Vec<String> {
     lines
 }
 
+/// `step 3 drain-in-flight`, or the bare name of a supervisor's own row (numbered 0).
+fn row_label(row: &Value) -> String {
+    let name = text(row, "name");
+    match row.get("number").and_then(Value::as_u64).unwrap_or(0) {
+        0 => name,
+        n => format!("step {n} {name}"),
+    }
+}
+
 /// `step 3 drain-in-flight: ok, took 812 ms (started at 1203 ms) requests=3; detail`.
 fn step_line(st: &Value) -> String {
-    let n = st.get("number").and_then(Value::as_u64).unwrap_or(0);
-    let name = text(st, "name");
-    let what = if n == 0 {
-        name
-    } else {
-        format!("step {n} {name}")
-    };
+    let what = row_label(st);
     let mut detail = String::new();
     if let Some(c) = st.get("counts").and_then(Value::as_object) {
         for (k, val) in c {
@@ -385,13 +388,7 @@ fn step_line(st: &Value) -> String {
 
 /// `step 3 drain-in-flight: running, budget 7000 ms (started at 5003 ms)`.
 fn running_line(r: &Value) -> String {
-    let n = r.get("number").and_then(Value::as_u64).unwrap_or(0);
-    let name = text(r, "name");
-    let what = if n == 0 {
-        name
-    } else {
-        format!("step {n} {name}")
-    };
+    let what = row_label(r);
     format!(
         "{what}: running, budget {} ms (started at {} ms)",
         text(r, "budget_ms"),
