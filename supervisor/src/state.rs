@@ -117,6 +117,9 @@ pub struct Status {
 pub struct Shared {
     status: Arc<Mutex<Status>>,
     pub metrics: Arc<Metrics>,
+    /// Bumped whenever a step starts or is recorded, so `quiesce ctl status --watch` shows each change
+    /// as it happens instead of at its next look.
+    steps_changed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Shared {
@@ -144,6 +147,7 @@ impl Shared {
         Shared {
             status,
             metrics: Arc::new(metrics),
+            steps_changed: Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
 
@@ -155,14 +159,23 @@ impl Shared {
     /// A step began (it stays listed as running until [`Shared::record`] records it).
     pub fn started(&self, step: RunningStep) {
         self.lock().running.push(step);
+        self.steps_changed.send_modify(|n| *n += 1);
+    }
+
+    /// Changes whenever a step starts or is recorded.
+    pub fn step_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.steps_changed.subscribe()
     }
 
     /// Appends a step to the shutdown story (and its metrics); it is no longer running.
     pub fn record(&self, r: StepRecord) {
         self.metrics.step(&r);
-        let mut st = self.lock();
-        st.running.retain(|s| s.name != r.name);
-        st.steps.push(r);
+        {
+            let mut st = self.lock();
+            st.running.retain(|s| s.name != r.name);
+            st.steps.push(r);
+        }
+        self.steps_changed.send_modify(|n| *n += 1);
     }
 
     pub fn reaped(&self, n: u64) {

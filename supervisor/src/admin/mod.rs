@@ -7,10 +7,11 @@
 //! - `shutdown`: start the shutdown sequence, as SIGTERM would (joins one already running).
 //! - `prestop`: start step 1 (or join it) and reply once the preStop delay has passed.
 //! - `watch`: the `status` reply, then again each time it changes, then the supervisor's exit code and
-//!   reason (`quiesce ctl status --watch`). It is the one verb that answers more than once: the step rows
-//!   are not announced, so the server looks at the record every [`WATCH_POLL`] instead of every client
-//!   polling over its own connection, and only the server sees the exit decided ([`publish_exit`]) in the
-//!   last moments before the process ends. A watch is exempt from the idle timeout while it streams, but it
+//!   reason (`quiesce ctl status --watch`). It is the one verb that answers more than once: the server
+//!   looks at the record whenever a step starts or is recorded or the lifecycle moves (and every
+//!   [`WATCH_POLL`] for the rest, health and the control connection), instead of every client polling
+//!   over its own connection, and only the server sees the exit decided ([`publish_exit`]) in the last
+//!   moments before the process ends. A watch is exempt from the idle timeout while it streams, but it
 //!   holds at most one line in flight (a client that stops reading is dropped after [`IDLE_TIMEOUT`]) and
 //!   at most [`MAX_WATCHERS`] of the connection slots, so watchers never take the slot `prestop` needs.
 //!
@@ -97,7 +98,7 @@ pub const MAX_CONNECTIONS: usize = 16;
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// At most this many `watch` connections at once (out of [`MAX_CONNECTIONS`]).
 pub const MAX_WATCHERS: usize = 4;
-/// How often a watch looks at the record for new step rows.
+/// How often a watch looks at the record for changes nobody announces (health, the control connection).
 pub const WATCH_POLL: Duration = Duration::from_millis(100);
 /// A watch sends a line at least this often, the same state again if nothing changed, so its client can
 /// tell a quiet stop from a supervisor that stopped answering.
@@ -323,11 +324,13 @@ async fn stream_watch<R: tokio::io::AsyncBufRead + Unpin>(
     }
     let mut outcome = OUTCOME.subscribe();
     let mut life = watches.lifecycle.clone();
+    let mut steps = shared.step_changes();
     let (mut last, mut sent) = (serde_json::Value::Null, Instant::now());
     // A half-close (`printf 'watch\n' | socat …`) only means the client has nothing more to say.
     let mut listening = true;
     loop {
         let now = life.borrow_and_update().clone();
+        steps.borrow_and_update();
         let mut v = status(shared, &now);
         v["event"] = json!("status");
         let mut key = v.clone();
@@ -346,6 +349,7 @@ async fn stream_watch<R: tokio::io::AsyncBufRead + Unpin>(
         tokio::select! {
             _ = tokio::time::sleep(WATCH_POLL) => {}
             Ok(()) = life.changed() => {}
+            Ok(()) = steps.changed() => {}
             Ok(()) = outcome.changed() => {}
             r = reader.next_line(), if listening => match r {
                 Ok(None) => listening = false,
