@@ -187,9 +187,25 @@ async fn one_control_mode_stop_is_one_trace_with_nine_steps_and_the_apps_substep
 /// `quiesce -- sleep 60` in signal mode with `env`, stopped with SIGTERM once it runs: its exit
 /// code, how long the stop took from the signal to the exit, and its stderr.
 async fn signal_mode_stop(env: &[(&str, String)]) -> (Option<i32>, Duration, String) {
+    signal_mode_stop_in(&[], env).await
+}
+
+/// [`signal_mode_stop`] with quiesce started by `wrapper` (a program and its arguments, which
+/// execs quiesce's command line given after them), so the signal still reaches quiesce itself.
+async fn signal_mode_stop_in(
+    wrapper: &[String],
+    env: &[(&str, String)],
+) -> (Option<i32>, Duration, String) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let dir = tempfile::tempdir().expect("scratch dir");
-    let mut cmd = tokio::process::Command::new(e2e::bins::quiesce());
+    let mut cmd = match wrapper.split_first() {
+        None => tokio::process::Command::new(e2e::bins::quiesce()),
+        Some((program, args)) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(args).arg(e2e::bins::quiesce());
+            c
+        }
+    };
     cmd.env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -293,6 +309,53 @@ async fn a_collector_that_is_down_silent_or_not_otlp_costs_one_line_and_a_bounde
         assert!(
             took < Duration::from_secs(3),
             "the exit waited {took:?} for a silent collector"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_collector_name_that_never_resolves_does_not_hold_the_exit() {
+    hard_timeout(Duration::from_secs(60), async {
+        // A mount namespace whose resolv.conf names a DNS server that takes every query and never
+        // answers: the collector's name lookup (a blocking thread) outlives the export's 1 s.
+        let dir = tempfile::tempdir().expect("scratch dir");
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(
+            &resolv,
+            "nameserver 127.0.0.2\noptions timeout:5 attempts:2\n",
+        )
+        .expect("write resolv.conf");
+        let _silent_dns = std::net::UdpSocket::bind("127.0.0.2:53")
+            .expect("bind a silent DNS server on 127.0.0.2:53 (the e2e tests run as root)");
+        let wrapper: Vec<String> = [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([resolv.display().to_string()])
+        .collect();
+        let (code, took, stderr) = signal_mode_stop_in(
+            &wrapper,
+            &[(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://collector.quiesce-test.internal:4317".into(),
+            )],
+        )
+        .await;
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(
+            stderr.contains("the collector did not answer in time"),
+            "{stderr}"
+        );
+        // The export's 1 s bound, with slack for a loaded machine; the lookup alone would take 10 s.
+        assert!(
+            took < Duration::from_secs(4),
+            "the exit waited {took:?} for a DNS lookup"
         );
     })
     .await;
