@@ -87,13 +87,7 @@ fn check_config(args: &quiesce::cli::CheckArgs) -> i32 {
         return e.exit_code();
     }
     out(&quiesce::cli::describe(&cfg));
-    let traces = match &cfg.traces {
-        quiesce::trace::Traces::Unusable(why) => Some(format!(
-            "the shutdown will not be exported as a trace: {why}"
-        )),
-        _ => None,
-    };
-    let warnings: Vec<String> = [quiesce::cli::budget_warning(&cfg), traces]
+    let warnings: Vec<String> = [quiesce::cli::budget_warning(&cfg), cfg.traces.problem()]
         .into_iter()
         .flatten()
         .collect();

@@ -52,6 +52,16 @@ impl Traces {
         }
     }
 
+    /// The warning for a value quiesce cannot use, as the run logs it and `check-config` prints it.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            Traces::Unusable(why) => Some(format!(
+                "the shutdown will not be exported as a trace: {why}"
+            )),
+            _ => None,
+        }
+    }
+
     pub fn settings(&self) -> Option<&std::sync::Arc<Settings>> {
         match self {
             Traces::On(s) => Some(s),
@@ -212,13 +222,8 @@ impl Shutdown {
 
 /// Exports `spans` under `settings`' resource, never past `until`; says how it went in one line.
 pub async fn export(settings: &Settings, spans: Vec<Span>, trace_id: &str, until: Instant) {
+    let n = spans.len();
     let request = settings.request(spans);
-    let n = request
-        .resource_spans
-        .iter()
-        .flat_map(|r| &r.scope_spans)
-        .map(|s| s.spans.len())
-        .sum::<usize>();
     let limit = until.min(Instant::now() + settings.timeout);
     let allowed_ms = crate::state::ms(limit.saturating_duration_since(Instant::now()));
     if allowed_ms == 0 {

@@ -187,22 +187,21 @@ fn parse_endpoint(value: &str, insecure: bool) -> Result<Endpoint, String> {
 /// `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT` / `OTEL_EXPORTER_OTLP_TIMEOUT` in milliseconds, capped by
 /// [`otlp::DEFAULT_TIMEOUT`].
 fn timeout(get: &dyn Fn(&str) -> Option<String>) -> Result<Duration, String> {
-    for name in [
+    let Some((name, v)) = otlp_var(
+        get,
         "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
         "OTEL_EXPORTER_OTLP_TIMEOUT",
-    ] {
-        if let Some(v) = get(name) {
-            let ms: u64 = v.parse().map_err(|_| {
-                format!("{name}={v}: expected whole milliseconds, e.g. `{name}=1000`")
-            })?;
-            // 0 would fail every export; it is taken as "the default".
-            return Ok(match ms {
-                0 => otlp::DEFAULT_TIMEOUT,
-                ms => Duration::from_millis(ms).min(otlp::DEFAULT_TIMEOUT),
-            });
-        }
-    }
-    Ok(otlp::DEFAULT_TIMEOUT)
+    ) else {
+        return Ok(otlp::DEFAULT_TIMEOUT);
+    };
+    let ms: u64 = v
+        .parse()
+        .map_err(|_| format!("{name}={v}: expected whole milliseconds, e.g. `{name}=1000`"))?;
+    // 0 would fail every export; it is taken as "the default".
+    Ok(match ms {
+        0 => otlp::DEFAULT_TIMEOUT,
+        ms => Duration::from_millis(ms).min(otlp::DEFAULT_TIMEOUT),
+    })
 }
 
 /// `service.name=quiesce`, the version and pid, then `OTEL_RESOURCE_ATTRIBUTES` (`k=v,k2=v2`,
@@ -213,28 +212,35 @@ fn resource(attributes: Option<&str>) -> Vec<KeyValue> {
         KeyValue::text("service.version", env!("CARGO_PKG_VERSION")),
         KeyValue::int("process.pid", i64::from(std::process::id())),
     ];
-    for pair in attributes.unwrap_or_default().split(',') {
-        let Some((key, value)) = pair.split_once('=') else {
-            continue;
-        };
-        let key = key.trim();
+    // A malformed pair is passed over: the attributes describe, they decide nothing.
+    for (key, value) in key_values(attributes.unwrap_or_default()).flatten() {
         if key.is_empty() || key == "service.name" || out.iter().any(|kv| kv.key == key) {
             continue;
         }
-        out.push(KeyValue::text(key, percent_decode(value.trim())));
+        out.push(KeyValue::text(key, value));
     }
     out
+}
+
+/// The OpenTelemetry list format of `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_EXPORTER_OTLP_HEADERS`:
+/// `key=value` pairs, comma-separated, values percent-encoded; empty entries are skipped, an entry
+/// without `=` is an `Err` holding it.
+fn key_values(text: &str) -> impl Iterator<Item = Result<(&str, String), &str>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) => Ok((key.trim(), percent_decode(value.trim()))),
+            None => Err(pair),
+        })
 }
 
 /// `OTEL_EXPORTER_OTLP_HEADERS`: `name=value` pairs, comma-separated, values percent-encoded.
 fn parse_headers(text: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
-    for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
-        let Some((name, value)) = pair.split_once('=') else {
-            return Err(format!("`{}` is not `name=value`", pair.trim()));
-        };
-        let name = name.trim().to_ascii_lowercase();
-        let value = percent_decode(value.trim());
+    for pair in key_values(text) {
+        let (name, value) = pair.map_err(|bad| format!("`{bad}` is not `name=value`"))?;
+        let name = name.to_ascii_lowercase();
         if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err()
             || hyper::header::HeaderValue::from_str(&value).is_err()
         {
