@@ -6,8 +6,9 @@
 //! without it, SIGTERM runs the same handlers in the same order through `Agent::run_local`.
 //! Either way the agent logs each sub-step's start and end (`"sub-step started"` /
 //! `"sub-step finished"`: number, verb, budget, outcome, duration, counts, note); the app adds
-//! no lines of its own to that story.
+//! no lines of its own to that story. Each sub-step also runs in a span of its own ([`traced`]).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +32,18 @@ pub fn agent(app: &Arc<App>) -> Agent {
         let app = app.clone();
         builder = builder.on(substep, move |ctx: StepCtx| {
             let app = app.clone();
-            async move { traced_substep(&app, &ctx).await }
+            async move {
+                let work = app.run_substep(ctx.substep(), ctx.deadline());
+                let result = traced(&ctx, work).await;
+                // The last step: what is still queued goes now, its own span included.
+                if ctx.substep() == SubStep::CloseDb
+                    && let Some(t) = traces::installed()
+                    && !t.flush(ctx.deadline()).await
+                {
+                    tracing::debug!("spans still queued at the close-db deadline were dropped");
+                }
+                result
+            }
         });
     }
     let (db, redis, mq) = (app.clone(), app.clone(), app.clone());
@@ -53,10 +65,14 @@ pub fn agent(app: &Arc<App>) -> Agent {
         .build()
 }
 
-/// Runs one sub-step inside its own span, a child of the supervisor's span for that shutdown step
-/// when it sent one (the protocol's `traceparent` extension), a trace of its own otherwise. The
-/// spans still queued are flushed after the last one (`close-db`) has ended, so it is exported too.
-async fn traced_substep(app: &App, ctx: &StepCtx) -> Result<Report, HandlerError> {
+/// Runs one sub-step's `work` inside its own span: a child of the supervisor's span for that
+/// shutdown step when it sent one (the protocol's `traceparent` extension), a trace of its own
+/// otherwise. A sub-step the agent cuts at its hard deadline (this future dropped) still ends its
+/// span with outcome `timeout`.
+pub async fn traced<F>(ctx: &StepCtx, work: F) -> Result<Report, HandlerError>
+where
+    F: Future<Output = Result<Report, HandlerError>>,
+{
     let substep = ctx.substep();
     let span = tracing::info_span!(
         parent: None,
@@ -72,27 +88,37 @@ async fn traced_substep(app: &App, ctx: &StepCtx) -> Result<Report, HandlerError
     );
     let parent = ctx.traceparent().map(|tp| tp.to_string());
     traces::set_parent(&span, traces::extract_traceparent(parent.as_deref()));
-    let result = app
-        .run_substep(substep, ctx.deadline())
-        .instrument(span.clone())
-        .await;
-    let outcome = match &result {
-        Ok(report) if report.is_timed_out() => "timeout",
-        Ok(_) => "ok",
-        Err(_) => "error",
-    };
+    let mut cut = Unfinished(Some(span.clone()));
+    let result = work.instrument(span.clone()).await;
+    cut.0 = None;
+    record_outcome(
+        &span,
+        match &result {
+            Ok(report) if report.is_timed_out() => "timeout",
+            Ok(_) => "ok",
+            Err(_) => "error",
+        },
+    );
+    result
+}
+
+fn record_outcome(span: &tracing::Span, outcome: &str) {
     span.record("quiesce.step.outcome", outcome);
     if outcome != "ok" {
         span.record("otel.status_code", "ERROR");
     }
-    drop(span);
-    if substep == SubStep::CloseDb
-        && let Some(traces) = traces::installed()
-        && !traces.flush(ctx.deadline()).await
-    {
-        tracing::debug!("spans still queued at the close-db deadline were dropped");
+}
+
+/// A sub-step span whose work has not finished: dropped so (the agent cut the handler at its
+/// deadline), it records `timeout` before the span closes.
+struct Unfinished(Option<tracing::Span>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(span) = self.0.take() {
+            record_outcome(&span, "timeout");
+        }
     }
-    result
 }
 
 /// Runs every remaining step in-process within `budget` (SIGTERM without a supervisor, and

@@ -335,3 +335,61 @@ async fn a_collector_that_is_down_drops_spans_and_the_service_does_not_wait() {
         .port();
     requests_unaffected_by(format!("http://127.0.0.1:{port}"), "down").await;
 }
+
+#[tokio::test]
+async fn a_substep_cut_at_its_deadline_still_ends_its_span_as_a_timeout() {
+    use quiesce_protocol::agent::{Agent, Report, StepCtx};
+    use quiesce_protocol::wire::{Outcome, StepVerb, SubStep};
+    hard_timeout(Duration::from_secs(30), async {
+        let collector = Collector::start().await;
+        install(fast(collector.endpoint()));
+        // stop-cron never returns (the agent drops it at its deadline); stop-consumer finishes.
+        let agent = Agent::builder("traced-cut")
+            .on(SubStep::StopCron, |ctx: StepCtx| async move {
+                order_service::control::traced(&ctx, std::future::pending()).await
+            })
+            .on(SubStep::StopConsumer, |ctx: StepCtx| async move {
+                order_service::control::traced(&ctx, async { Ok(Report::new()) }).await
+            })
+            .build();
+        let budget = Duration::from_millis(200);
+        agent.step(StepVerb::Drain, budget).await.expect("drain");
+        let cut = agent
+            .step(StepVerb::StopCron, budget)
+            .await
+            .expect("stop-cron");
+        assert_eq!(cut.outcome, Outcome::Timeout, "{cut:?}");
+        let done = agent
+            .step(StepVerb::StopConsumer, budget)
+            .await
+            .expect("stop-consumer");
+        assert_eq!(done.outcome, Outcome::Ok, "{done:?}");
+        let t = traces::installed().expect("traces on");
+        assert!(
+            t.flush(tokio::time::Instant::now() + Duration::from_secs(5))
+                .await
+        );
+        wait_until("both sub-step spans", Duration::from_secs(5), || async {
+            let names: Vec<String> = collector.spans().into_iter().map(|s| s.name).collect();
+            names.iter().any(|n| n == "stop-cron") && names.iter().any(|n| n == "stop-consumer")
+        })
+        .await;
+        let spans = collector.spans();
+        let cron = one(&spans, "stop-cron", |s| s.name == "stop-cron");
+        assert_eq!(
+            cron.attribute("quiesce.step.outcome"),
+            Some("timeout"),
+            "{cron:?}"
+        );
+        let consumer = one(&spans, "stop-consumer", |s| s.name == "stop-consumer");
+        assert_eq!(
+            consumer.attribute("quiesce.step.outcome"),
+            Some("ok"),
+            "{consumer:?}"
+        );
+        // No supervisor sent a context: each sub-step is a trace of its own.
+        assert_eq!(cron.parent_span_id, None);
+        assert_ne!(cron.trace_id, consumer.trace_id);
+    })
+    .await;
+}
